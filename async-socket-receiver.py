@@ -1,0 +1,795 @@
+#!/usr/bin/env python3
+"""ZeroMQ PULL server: one receive thread feeds a queue, one processor thread works it.
+
+Run it first, then async-socket-sender.py in a second terminal. Every constant
+below can also be set by a command-line flag (--help lists them).
+"""
+
+import argparse
+import enum
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+import pushpull
+from pushpull import MessageKind
+
+# ---------------------------------------------------------------------------
+# Constants: edit these to tune a run, or pass the matching flag
+# ---------------------------------------------------------------------------
+TCP_PORT = 5560  # TCP port the PULL socket binds
+BIND_ADDRESS = "*"  # interface to bind: "*" is every interface
+ENABLE_FILE_LOGGING = True  # also write the log to LOG_FILE
+LOG_FILE = "server_logs.txt"  # path of the log file
+PROCESSING_TIME = 0.1  # seconds of simulated work per message
+QUEUE_MAXSIZE = 10000  # messages waiting between the receive and processor threads
+RECEIVE_HWM = 1000  # messages ZeroMQ may buffer in the PULL socket (ZMQ_RCVHWM)
+MAX_MESSAGE_SIZE = 1048576  # bytes; ZeroMQ drops a peer that sends more (ZMQ_MAXMSGSIZE)
+HEARTBEAT_INTERVAL = 2.0  # seconds between ZMTP pings that find dead senders
+QUIET = False  # True: no per-message lines, only [STATS], [RUN] and the summary
+STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
+JSON_SUMMARY = None  # path to write the final summary as JSON, or None
+SPILL_FILE = "receiver_spill.bin"  # where a cold stop saves unprocessed messages
+RUN_IDLE_TIMEOUT = 15.0  # seconds of silence before an unfinished sender run is reported
+
+POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop events
+BATCH_MAX = 1000  # messages moved through the queue in one batch
+WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
+MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
+SPILL_MAGIC = b"ZPPSPILL1\n"  # first bytes of a spill file
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+EXIT_FAILED = 1
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Settings for one receiver process."""
+
+    port: int
+    bind: str
+    processing_time: float
+    queue_size: int
+    hwm: int
+    max_size: int
+    heartbeat_interval: float
+    log_file: "str | None"
+    quiet: bool
+    stats_interval: float
+    json_path: "str | None"
+    spill_file: str
+    run_timeout: float
+
+    @property
+    def endpoint(self):
+        """The address the PULL socket binds."""
+        return f"tcp://{self.bind}:{self.port}"
+
+
+def parse_args(argv=None):
+    """Read the command line; defaults come from the constants above."""
+    p = argparse.ArgumentParser(
+        description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--port", type=pushpull.positive(int), default=TCP_PORT,
+                   help="TCP port to bind (TCP_PORT)")
+    p.add_argument("--bind", metavar="ADDRESS", default=BIND_ADDRESS,
+                   help="interface to bind, * for all (BIND_ADDRESS)")
+    p.add_argument("--processing-time", metavar="SECONDS", type=pushpull.non_negative(float),
+                   default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
+    p.add_argument("--queue-size", metavar="N", type=pushpull.positive(int),
+                   default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
+    p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=RECEIVE_HWM,
+                   help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
+    p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
+                   default=MAX_MESSAGE_SIZE, help="largest message accepted (MAX_MESSAGE_SIZE)")
+    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=pushpull.positive(float),
+                   default=HEARTBEAT_INTERVAL, help="ZMTP ping interval (HEARTBEAT_INTERVAL)")
+    p.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
+                   help="log file (LOG_FILE)")
+    p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
+                   help="log to the console only (ENABLE_FILE_LOGGING = False)")
+    p.add_argument("--quiet", action="store_true", default=QUIET,
+                   help="no per-message lines, only stats and summary (QUIET)")
+    p.add_argument("--stats-interval", metavar="SECONDS", type=pushpull.positive(float),
+                   default=STATS_INTERVAL, help="seconds between [STATS] lines (STATS_INTERVAL)")
+    p.add_argument("--json", metavar="PATH", default=JSON_SUMMARY,
+                   help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
+                   help="where a cold stop saves unprocessed messages (SPILL_FILE)")
+    p.add_argument("--run-timeout", metavar="SECONDS", type=pushpull.positive(float),
+                   default=RUN_IDLE_TIMEOUT,
+                   help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
+    a = p.parse_args(argv)
+    return Config(port=a.port, bind=a.bind, processing_time=a.processing_time,
+                  queue_size=a.queue_size, hwm=a.hwm, max_size=a.max_size,
+                  heartbeat_interval=a.heartbeat_interval,
+                  log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
+                  stats_interval=a.stats_interval, json_path=a.json,
+                  spill_file=a.spill_file, run_timeout=a.run_timeout)
+
+
+# ---------------------------------------------------------------------------
+# The queue between the two threads, and the spill file
+# ---------------------------------------------------------------------------
+class Batch:
+    """Messages received together: decoded messages and the time they arrived."""
+
+    __slots__ = ("recv_ns", "items", "recovered")
+
+    def __init__(self, recv_ns, items, recovered=False):
+        self.recv_ns = recv_ns
+        self.items = items
+        self.recovered = recovered
+
+
+class BatchQueue(queue.Queue):
+    """A queue.Queue of batches whose size and bound count messages, not batches."""
+
+    def _init(self, maxsize):
+        super()._init(maxsize)
+        self.depth = 0
+
+    def _qsize(self):
+        return self.depth
+
+    def _put(self, batch):
+        self.queue.append(batch)
+        self.depth += len(batch.items)
+
+    def _get(self):
+        batch = self.queue.popleft()
+        self.depth -= len(batch.items)
+        return batch
+
+    def put_past_bound(self, batch):
+        """Put a batch even when the queue is full: used only while stopping."""
+        with self.mutex:
+            self._put(batch)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def take_all(self):
+        """Remove and return every queued message (for the spill file)."""
+        with self.mutex:
+            items = [msg for batch in self.queue for msg in batch.items]
+            self.queue.clear()
+            self.depth = 0
+            self.not_full.notify_all()
+            return items
+
+
+class SpillError(Exception):
+    """The spill file exists but cannot be read."""
+
+
+def load_spill(path):
+    """Read the raw frames a cold stop saved, or [] when there is no spill file."""
+    try:
+        with open(path, "rb") as spill:
+            data = spill.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise SpillError(f"cannot read spill file {path}: {exc.strerror}") from None
+    if not data.startswith(SPILL_MAGIC):
+        raise SpillError(f"spill file {path} is not a spill file (kept as it is)")
+    frames, pos = [], len(SPILL_MAGIC)
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise SpillError(f"spill file {path} is truncated (kept as it is)")
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        pos += 4
+        if pos + size > len(data):
+            raise SpillError(f"spill file {path} is truncated (kept as it is)")
+        frames.append(data[pos:pos + size])
+        pos += size
+    return frames
+
+
+def write_spill(path, frames):
+    """Save raw frames so the next start processes them; atomic via a temporary file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as spill:
+        spill.write(SPILL_MAGIC)
+        for frame in frames:
+            spill.write(len(frame).to_bytes(4, "big"))
+            spill.write(frame)
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------
+# Per-run accounting
+# ---------------------------------------------------------------------------
+class RunState:
+    """What the receiver knows of one sender run: which tasks arrived, and how fast."""
+
+    def __init__(self, info, now):
+        self.info = info
+        self.next_task = [0] * (info.workers + 1)  # per worker: all tasks below arrived
+        self.ahead = {}  # worker -> set of tasks that arrived before a missing one
+        self.received = 0
+        self.duplicates = 0
+        self.ends = {}  # worker -> tasks it says it sent (END frame)
+        self.latency = pushpull.LatencyHistogram()
+        self.last_seen = now
+        self.closed = False
+        self.reports = 0
+
+    @property
+    def planned(self):
+        """Tasks the run planned to send."""
+        return self.info.planned
+
+    def record(self, worker, task):
+        """Account one task; returns False for a duplicate."""
+        expected = self.next_task[worker]
+        if task == expected:
+            expected += 1
+            ahead = self.ahead.get(worker)
+            if ahead:
+                while expected in ahead:
+                    ahead.remove(expected)
+                    expected += 1
+            self.next_task[worker] = expected
+        elif task > expected:
+            ahead = self.ahead.setdefault(worker, set())
+            if task in ahead:
+                self.duplicates += 1
+                return False
+            ahead.add(task)
+        else:
+            self.duplicates += 1
+            return False
+        self.received += 1
+        return True
+
+    def missing_tasks(self, limit):
+        """Up to `limit` (worker, task) pairs that have not arrived, and their count."""
+        listed, count = [], 0
+        per_worker = self.info.messages_per_worker
+        for worker in range(1, self.info.workers + 1):
+            ahead = self.ahead.get(worker, ())
+            for task in range(self.next_task[worker], per_worker):
+                if task not in ahead:
+                    count += 1
+                    if len(listed) < limit:
+                        listed.append((worker, task))
+        return listed, count
+
+    @property
+    def finished(self):
+        """Every task arrived, or every worker sent its END frame."""
+        return self.received >= self.planned or len(self.ends) >= self.info.workers
+
+    def to_json(self):
+        """The run's entry in the JSON summary."""
+        listed, missing = self.missing_tasks(MISSING_LISTED)
+        sent = sum(self.ends.values()) if len(self.ends) >= self.info.workers else None
+        return {
+            "run_id": pushpull.run_label(self.info.run_id),
+            "workers": self.info.workers,
+            "planned": self.planned,
+            "sent_reported": sent,
+            "received": self.received,
+            "missing": missing if self.info.endpoints == 1 else None,
+            "missing_tasks": [f"Pusher-{w}:{t}" for w, t in listed]
+            if self.info.endpoints == 1 else [],
+            "duplicates": self.duplicates,
+            "endpoints": self.info.endpoints,
+            "complete": self.received >= self.planned,
+            "latency_ms": self.latency.summary_ms(),
+        }
+
+
+def run_line(run, reason):
+    """The one [RUN] line that reports a finished (or silent) sender run."""
+    info = run.info
+    lat = run.latency.summary_ms()
+    if info.endpoints == 1:
+        listed, missing = run.missing_tasks(MISSING_LISTED)
+        shown = ", ".join(f"Pusher-{w}:{t}" for w, t in listed)
+        more = f" ... +{missing - len(listed)}" if missing > len(listed) else ""
+        missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
+        received = f"received {run.received}/{run.planned}"
+    else:
+        missing_text = f"share of {info.endpoints} receivers"
+        received = f"received {run.received} of {run.planned} planned"
+    return (f"[RUN] run {pushpull.run_label(info.run_id)} | {received} | {missing_text}"
+            f" | duplicates {run.duplicates} | latency p50 {lat['p50']:.2f} ms"
+            f" p99 {lat['p99']:.2f} ms max {lat['max']:.2f} ms | {reason}")
+
+
+# ---------------------------------------------------------------------------
+# Counters shared by the threads: each field has exactly one writer
+# ---------------------------------------------------------------------------
+class Counters:
+    """Totals for [STATS] and the summary."""
+
+    def __init__(self):
+        self.received = 0  # receive thread: taken off the socket
+        self.recovered = 0  # main, before the threads start: read back from a spill file
+        self.invalid = 0  # receive thread
+        self.rejected_connections = 0  # receive thread: failed handshakes
+        self.peers = 0  # receive thread: connected senders
+        self.processed = 0  # processor thread
+        self.plain = 0  # processor thread: messages in no sender run
+        self.spilled = 0  # main
+
+
+class StopEvents:
+    """Warm stop (finish the backlog) and cold stop (stop now, spill the backlog)."""
+
+    def __init__(self):
+        self.warm = threading.Event()
+        self.cold = threading.Event()
+        self.receive_done = threading.Event()
+
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
+class ReceiveThread(threading.Thread):
+    """Owns the PULL socket: binds it, drains it in batches, and feeds the queue."""
+
+    def __init__(self, ctx, config, batches, counters, stops, log):
+        super().__init__(name="receiver", daemon=True)
+        self.ctx = ctx
+        self.config = config
+        self.batches = batches
+        self.counters = counters
+        self.stops = stops
+        self.log = log
+        self.warnings = pushpull.RateLimitedLog(log, WARNING_INTERVAL)
+        self.ready = threading.Event()
+        self.startup_error = None
+        self.run_cache = {}
+        self.target = f"Server:{config.bind}:{config.port}"
+
+    def run(self):
+        """Thread body: any unexpected error is logged with its traceback."""
+        try:
+            self._serve()
+        except Exception:
+            self.log.exception("[ERROR] receive thread failed")
+        finally:
+            self.ready.set()
+            self.stops.receive_done.set()
+
+    def _serve(self):
+        sock = self.ctx.socket(zmq.PULL)
+        try:
+            self._configure(sock)
+            try:
+                sock.bind(self.config.endpoint)
+            except zmq.ZMQError as exc:
+                self.startup_error = bind_error_text(self.config, exc)
+                return
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            try:
+                self.ready.set()
+                self._receive_loop(sock, monitor)
+            finally:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+        finally:
+            sock.close(linger=0)
+
+    def _configure(self, sock):
+        interval_ms = int(self.config.heartbeat_interval * 1000)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_size)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, interval_ms * 2)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, interval_ms * 2)
+
+    def _receive_loop(self, sock, monitor):
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        pending = None
+        while not self.stops.cold.is_set():
+            if pending is not None:
+                if self.stops.warm.is_set():
+                    self.batches.put_past_bound(pending)
+                    pending = None
+                else:
+                    try:
+                        self.batches.put(pending, timeout=POLL_INTERVAL / 1000)
+                        pending = None
+                    except queue.Full:
+                        continue
+            if self.stops.warm.is_set():
+                # Warm stop: take what ZeroMQ already holds, then stop reading.
+                pending = self._drain(sock, self.config.hwm + BATCH_MAX)
+                break
+            ready = dict(poller.poll(POLL_INTERVAL))
+            if monitor in ready:
+                self._connection_events(monitor)
+            if sock in ready:
+                pending = self._drain(sock, BATCH_MAX)
+        if pending is not None:
+            self.batches.put_past_bound(pending)
+
+    def _drain(self, sock, limit):
+        """Receive up to `limit` waiting messages without blocking; None if none were valid."""
+        recv_ns = time.time_ns()
+        items = []
+        counters = self.counters
+        decode = pushpull.decode
+        cache = self.run_cache
+        log_line = None if self.config.quiet else self.log.info
+        for _ in range(limit):
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if frame.more:
+                parts = 1
+                while frame.more:
+                    frame = sock.recv(copy=False)  # the rest of a message is already here
+                    parts += 1
+                self._invalid(f"{parts}-frame message (the wire format has one frame)")
+                continue
+            try:
+                msg = decode(frame.bytes, cache)
+            except pushpull.InvalidMessage as exc:
+                self._invalid(str(exc))
+                continue
+            items.append(msg)
+            if msg.kind is MessageKind.DATA:  # END frames are bookkeeping, not messages
+                counters.received += 1
+                if log_line is not None:
+                        log_line(pushpull.msg_line(counters.received, msg.client, self.target,
+                                               msg.seq, msg.text))
+        return Batch(recv_ns, items) if items else None
+
+    def _invalid(self, reason):
+        self.counters.invalid += 1
+        self.warnings.warning("invalid", f"[INVALID] message dropped: {reason}"
+                              f" (invalid so far: {self.counters.invalid})")
+
+    def _connection_events(self, monitor):
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.counters.peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.counters.peers = max(0, self.counters.peers - 1)
+            else:
+                # A failed handshake is followed by a DISCONNECTED for a peer never counted.
+                self.counters.peers += 1
+                self.counters.rejected_connections += 1
+                self.counters.invalid += 1
+                self.warnings.warning(
+                    "handshake", "[INVALID] connection dropped: not a ZeroMQ peer or handshake"
+                    f" failed ({zmq.Event(event).name})")
+
+
+def bind_error_text(config, exc):
+    """A one-line reason why the PULL socket could not bind."""
+    if exc.errno == zmq.EADDRINUSE:
+        return f"cannot bind {config.endpoint}: port {config.port} is in use by another program"
+    if exc.errno in (zmq.EINVAL, zmq.ENODEV, zmq.EADDRNOTAVAIL):
+        return f"cannot bind {config.endpoint}: bad address {config.bind!r} ({exc.strerror})"
+    return f"cannot bind {config.endpoint}: {exc.strerror}"
+
+
+class ProcessorThread(threading.Thread):
+    """Takes batches off the queue, does the simulated work, accounts each sender run."""
+
+    def __init__(self, config, batches, counters, stops, log, spill_path):
+        super().__init__(name="processor", daemon=True)
+        self.config = config
+        self.batches = batches
+        self.counters = counters
+        self.stops = stops
+        self.log = log
+        self.warnings = pushpull.RateLimitedLog(log, WARNING_INTERVAL)
+        self.spill_path = spill_path
+        self.runs = {}  # run id -> RunState
+        self.leftover = []  # messages taken off the queue but not processed (cold stop)
+        self.server = f"Server:{config.port}"
+        self._next_expiry_check = 0.0
+
+    def run(self):
+        """Thread body: any unexpected error is logged with its traceback."""
+        try:
+            self._process_loop()
+        except Exception:
+            self.log.exception("[ERROR] processor thread failed")
+
+    def _process_loop(self):
+        while not self.stops.cold.is_set():
+            try:
+                batch = self.batches.get(timeout=POLL_INTERVAL / 1000)
+            except queue.Empty:
+                if self.stops.receive_done.is_set() and self.batches.empty():
+                    break  # warm stop: everything received has been processed
+                self._report_silent_runs()
+                continue
+            self._process_batch(batch)
+            if time.monotonic() >= self._next_expiry_check:
+                self._report_silent_runs()
+
+    def _process_batch(self, batch):
+        cold = self.stops.cold
+        work = self.config.processing_time
+        log_line = None if self.config.quiet else self.log.info
+        counters = self.counters
+        recv_us = batch.recv_ns // 1000 if batch.recv_ns else None
+        for index, msg in enumerate(batch.items):
+            run = msg.run
+            if msg.kind is MessageKind.END:
+                self._account(msg, run, recv_us)
+                continue
+            if work and cold.wait(work):
+                self.leftover = batch.items[index:]
+                return
+            if run is None:
+                counters.plain += 1
+            else:
+                self._account(msg, run, recv_us)
+            counters.processed += 1
+            if log_line is not None:
+                log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
+        if batch.recovered:
+            self._remove_spill_file()
+
+    def _account(self, msg, info, recv_us):
+        now = time.monotonic()
+        run = self.runs.get(info.run_id)
+        if run is None:
+            run = self.runs[info.run_id] = RunState(info, now)
+        run.last_seen = now
+        if msg.kind is MessageKind.END:
+            run.ends[msg.worker] = msg.seq
+        else:
+            is_new = run.record(msg.worker, msg.seq)
+            if recv_us is not None:
+                run.latency.add(recv_us - msg.sent_ns // 1000)
+            if not is_new:
+                self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(info.run_id)}"
+                                             f" {msg.client} task {msg.seq} arrived again")
+            if run.closed:
+                self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
+                                              " a message arrived after the run was reported")
+        if not run.closed and run.finished:
+            self._close(run, "complete" if run.received >= run.planned else "sender finished")
+
+    def _close(self, run, reason):
+        run.closed = True
+        run.reports += 1
+        level = self.log.info if run.received >= run.planned or run.info.endpoints > 1 \
+            else self.log.warning
+        level(run_line(run, reason))
+
+    def _report_silent_runs(self):
+        now = time.monotonic()
+        self._next_expiry_check = now + 1.0
+        if self.batches.qsize():
+            return  # a backlog is not a silent sender
+        for run in self.runs.values():
+            if not run.closed and now - run.last_seen >= self.config.run_timeout:
+                self._close(run, f"sender silent for {self.config.run_timeout:g} s")
+
+    def report_open_runs(self):
+        """At shutdown: a [RUN] line for every run not yet reported."""
+        for run in self.runs.values():
+            if not run.closed:
+                self._close(run, "still open at shutdown")
+
+    def _remove_spill_file(self):
+        try:
+            os.remove(self.spill_path)
+            self.log.info(f"[SPILL] recovered messages processed; removed {self.spill_path}")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log.warning(f"[SPILL] could not remove {self.spill_path}: {exc.strerror}")
+
+
+# ---------------------------------------------------------------------------
+# Summary and main
+# ---------------------------------------------------------------------------
+class StopKind(enum.Enum):
+    """How the receiver stopped."""
+
+    WARM = "warm"  # backlog processed
+    COLD = "cold"  # backlog written to the spill file
+    FAILED = "failed"  # a thread died
+
+
+def summary_data(counters, processor, queued, started, stop_kind):
+    """The final summary, as the JSON written by --json."""
+    duration = time.monotonic() - started
+    return {
+        "received": counters.received + counters.recovered,
+        "recovered": counters.recovered,
+        "processed": counters.processed,
+        "invalid": counters.invalid,
+        "spilled": counters.spilled,
+        "unprocessed": queued,
+        "plain": counters.plain,
+        "rejected_connections": counters.rejected_connections,
+        "duration_s": round(duration, 3),
+        "processed_per_s": round(pushpull.rate(counters.processed, duration), 1),
+        "stop": stop_kind.value,
+        "runs": [run.to_json() for run in processor.runs.values()],
+    }
+
+
+def summary_table(data):
+    """The aligned table printed at exit."""
+    rows = [
+        ("received", f"{data['received']}" + (f" ({data['recovered']} recovered from spill file)"
+                                              if data["recovered"] else "")),
+        ("processed", data["processed"]),
+        ("invalid", data["invalid"]),
+        ("spilled", data["spilled"]),
+        ("duration", f"{data['duration_s']:.2f} s"),
+        ("rate", f"{data['processed_per_s']:.1f} msg/s processed"),
+        ("stop", data["stop"]),
+    ]
+    if data["unprocessed"]:
+        rows.append(("LOST", f"{data['unprocessed']} received but neither processed nor spilled"))
+    for run in data["runs"]:
+        lat = run["latency_ms"]
+        missing = "n/a (several receivers)" if run["missing"] is None else run["missing"]
+        rows.append((f"run {run['run_id']}",
+                     f"{run['received']}/{run['planned']} received, missing {missing},"
+                     f" duplicates {run['duplicates']}, p50 {lat['p50']:.2f} ms,"
+                     f" p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms"))
+    return pushpull.format_table("Receiver summary", rows)
+
+
+def stats_line(counters, batches, last, elapsed):
+    """One [STATS] line; `last` holds the counts of the previous line."""
+    received_rate = pushpull.rate(counters.received - last[0], elapsed)
+    processed_rate = pushpull.rate(counters.processed - last[1], elapsed)
+    return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
+            f" {counters.processed} ({processed_rate:.1f}/s) | queue {batches.qsize()}"
+            f" | invalid {counters.invalid} | senders {counters.peers}")
+
+
+def wait_for_stop(signals, counters, batches, config, log, receiver):
+    """Block until Ctrl+C/SIGTERM or a dead receive thread, printing [STATS] while busy."""
+    last = (counters.received, counters.processed)
+    last_time = time.monotonic()
+    while not signals.first.wait(POLL_INTERVAL / 1000):
+        if not receiver.is_alive():
+            return False
+        now = time.monotonic()
+        if now - last_time >= config.stats_interval:
+            current = (counters.received, counters.processed)
+            if current != last or batches.qsize():
+                log.info(stats_line(counters, batches, last, now - last_time))
+            last, last_time = current, now
+    return True
+
+
+def finish_backlog(signals, stops, batches, processor, log):
+    """Warm stop: let the processor work the backlog, unless a second signal makes it cold."""
+    log.info(f"[STOP] stopping: no new messages; processing the {batches.qsize()} queued"
+             " (Ctrl+C again to stop at once and save them to the spill file)")
+    next_progress = time.monotonic() + 1.0
+    while processor.is_alive():
+        if signals.second.is_set() and not stops.cold.is_set():
+            stops.cold.set()
+            log.warning("[STOP] second signal: stopping at once")
+        processor.join(POLL_INTERVAL / 1000)
+        if time.monotonic() >= next_progress and processor.is_alive():
+            log.info(f"[STOP] backlog: {batches.qsize()} messages left to process")
+            next_progress += 1.0
+
+
+def main(argv=None):
+    """Run the receiver until Ctrl+C or SIGTERM; returns the exit status."""
+    config = parse_args(argv)
+    signals = pushpull.StopSignals()
+    signals.install()
+    try:
+        log, listener = pushpull.start_logging("receiver", config.log_file)
+    except pushpull.LogSetupError as exc:
+        print(f"async-socket-receiver: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    try:
+        return serve(config, signals, log)
+    finally:
+        listener.stop()
+
+
+def serve(config, signals, log):
+    """Start both threads, wait for a stop, shut down in order, report."""
+    counters = Counters()
+    try:
+        recovered = recover(load_spill(config.spill_file), counters)
+    except SpillError as exc:
+        log.error(f"[ERROR] {exc}")
+        return EXIT_STARTUP_FAILED
+    started = time.monotonic()
+    stops = StopEvents()
+    batches = BatchQueue(config.queue_size)
+    ctx = zmq.Context()
+    try:
+        receiver = ReceiveThread(ctx, config, batches, counters, stops, log)
+        processor = ProcessorThread(config, batches, counters, stops, log, config.spill_file)
+        receiver.start()
+        receiver.ready.wait()
+        if receiver.startup_error or not receiver.is_alive():
+            log.error(f"[ERROR] {receiver.startup_error or 'receive thread failed to start'}")
+            receiver.join()
+            return EXIT_STARTUP_FAILED
+        if recovered:
+            batches.put_past_bound(Batch(None, recovered, recovered=True))
+            log.info(f"[SPILL] {len(recovered)} messages recovered from {config.spill_file};"
+                     " processing them first")
+        processor.start()
+        log.info(f"[START] PULL socket bound to {config.endpoint} | processing time"
+                 f" {config.processing_time:g} s | queue {config.queue_size} messages"
+                 f"{' | log file ' + config.log_file if config.log_file else ''}")
+        log.info("Server is running. Press Ctrl+C to stop.")
+        stopped_by_signal = wait_for_stop(signals, counters, batches, config, log, receiver)
+        stops.warm.set()
+        receiver.join()
+        if stopped_by_signal:
+            finish_backlog(signals, stops, batches, processor, log)
+        else:
+            log.error("[ERROR] the receive thread stopped; processing what was received")
+            finish_backlog(signals, stops, batches, processor, log)
+        processor.join()
+        unprocessed = processor.leftover + batches.take_all()
+        if unprocessed:
+            spill(unprocessed, config.spill_file, counters, log)
+        processor.report_open_runs()
+    finally:
+        ctx.term()
+    stop_kind = (StopKind.FAILED if not stopped_by_signal
+                 else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)
+    lost = counters.received + counters.recovered - counters.processed - counters.spilled
+    data = summary_data(counters, processor, lost, started, stop_kind)
+    log.info("\n" + summary_table(data))
+    if config.json_path:
+        pushpull.write_json(config.json_path, data)
+    return EXIT_OK if stop_kind is not StopKind.FAILED and not lost else EXIT_FAILED
+
+
+def recover(frames, counters):
+    """Decode the frames of a spill file; they are processed ahead of anything new."""
+    items, run_cache = [], {}
+    for frame in frames:
+        try:
+            items.append(pushpull.decode(frame, run_cache))
+        except pushpull.InvalidMessage:
+            counters.invalid += 1
+    counters.recovered = sum(1 for msg in items if msg.kind is MessageKind.DATA)
+    return items
+
+
+def spill(messages, path, counters, log):
+    """Cold stop: save what was received but not processed, and say how many."""
+    try:
+        write_spill(path, [msg.raw for msg in messages])
+    except OSError as exc:
+        log.error(f"[SPILL] could not write {path}: {exc.strerror}; messages LOST")
+        return
+    counters.spilled = sum(1 for msg in messages if msg.kind is MessageKind.DATA)
+    log.warning(f"[SPILL] {counters.spilled} received but unprocessed messages saved to {path};"
+                " the next start processes them first")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,577 @@
+#!/usr/bin/env python3
+"""ZeroMQ PUSH client: NUM_WORKERS threads send tasks; a heartbeat monitor watches the receiver.
+
+Start async-socket-receiver.py first. Every constant below can also be set by a
+command-line flag (--help lists them).
+"""
+
+import argparse
+import enum
+import itertools
+import os
+import random
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+import pushpull
+
+# ---------------------------------------------------------------------------
+# Constants: edit these to tune a run, or pass the matching flag
+# ---------------------------------------------------------------------------
+NUM_WORKERS = 20  # worker threads, each with its own PUSH socket
+MESSAGES_PER_WORKER = 10  # tasks each worker sends
+MESSAGE_DELAY = 0.5  # seconds between a worker's messages
+SERVER_ENDPOINTS = ["tcp://localhost:5560"]  # receivers to connect to
+SERVER_TIMEOUT = 3.0  # seconds a send waits for an absent receiver before a retry; flush bound
+CONNECTION_RETRY_ATTEMPTS = 2  # further waits of SERVER_TIMEOUT before a worker gives up
+HEARTBEAT_INTERVAL = 2.0  # seconds; a dead or hung receiver is seen within this + 1 s
+ENABLE_FILE_LOGGING = False  # also write the log to LOG_FILE
+LOG_FILE = "sender_logs.txt"  # path of the log file when file logging is on
+QUIET = False  # True: no per-message lines, only [STATS] and the summary
+STATS_INTERVAL = 5.0  # seconds between [STATS] lines
+JSON_SUMMARY = None  # path to write the final summary as JSON, or None
+MESSAGE_SIZE = 0  # bytes; pad each message to at least this size (0: no padding)
+MAX_MESSAGE_SIZE = 1048576  # bytes; larger messages are refused (the receiver would drop them)
+SEND_HWM = 1000  # messages ZeroMQ may queue per worker socket (ZMQ_SNDHWM)
+
+POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop event
+RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
+WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
+
+EXIT_OK = 0
+EXIT_NOT_ALL_SENT = 1
+EXIT_INTERRUPTED = 130
+ENDPOINT_PATTERN = re.compile(r"^(tcp|ipc|inproc)://\S+$")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Settings for one sender run."""
+
+    workers: int
+    messages: int
+    delay: float
+    endpoints: tuple
+    timeout: float
+    retries: int
+    heartbeat_interval: float
+    log_file: "str | None"
+    quiet: bool
+    stats_interval: float
+    json_path: "str | None"
+    size: int
+    max_size: int
+    hwm: int
+
+    @property
+    def planned(self):
+        """Messages this run plans to send."""
+        return self.workers * self.messages
+
+    @property
+    def target(self):
+        """The receiver column of the [MSG] lines."""
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        return f"{len(self.endpoints)} receivers"
+
+
+def endpoint(text):
+    """An argparse type: a ZeroMQ endpoint such as tcp://host:port."""
+    if not ENDPOINT_PATTERN.match(text):
+        raise ValueError(text)
+    return text
+
+
+def parse_args(argv=None):
+    """Read the command line; defaults come from the constants above."""
+    p = argparse.ArgumentParser(
+        description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workers", type=pushpull.positive(int), default=NUM_WORKERS,
+                   help="worker threads (NUM_WORKERS)")
+    p.add_argument("--messages", type=pushpull.non_negative(int), default=MESSAGES_PER_WORKER,
+                   help="messages per worker (MESSAGES_PER_WORKER)")
+    p.add_argument("--delay", metavar="SECONDS", type=pushpull.non_negative(float),
+                   default=MESSAGE_DELAY, help="pause between a worker's messages (MESSAGE_DELAY)")
+    p.add_argument("--connect", metavar="ENDPOINT", type=endpoint, action="append",
+                   help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS; default:"
+                        f" {' '.join(SERVER_ENDPOINTS)})")
+    p.add_argument("--timeout", metavar="SECONDS", type=pushpull.positive(float),
+                   default=SERVER_TIMEOUT,
+                   help="wait for an absent receiver before a retry; flush bound (SERVER_TIMEOUT)")
+    p.add_argument("--retries", type=pushpull.non_negative(int),
+                   default=CONNECTION_RETRY_ATTEMPTS,
+                   help="retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)")
+    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=pushpull.positive(float),
+                   default=HEARTBEAT_INTERVAL, help="receiver health checks (HEARTBEAT_INTERVAL)")
+    p.add_argument("--log-file", metavar="PATH",
+                   default=LOG_FILE if ENABLE_FILE_LOGGING else None,
+                   help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
+    p.add_argument("--quiet", action="store_true", default=QUIET,
+                   help="no per-message lines, only stats and summary (QUIET)")
+    p.add_argument("--stats-interval", metavar="SECONDS", type=pushpull.positive(float),
+                   default=STATS_INTERVAL, help="seconds between [STATS] lines (STATS_INTERVAL)")
+    p.add_argument("--json", metavar="PATH", default=JSON_SUMMARY,
+                   help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    p.add_argument("--size", metavar="BYTES", type=pushpull.non_negative(int),
+                   default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
+    p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
+                   default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
+    p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=SEND_HWM,
+                   help="ZeroMQ send high-water mark per worker (SEND_HWM)")
+    a = p.parse_args(argv)
+    return Config(workers=a.workers, messages=a.messages, delay=a.delay,
+                  endpoints=tuple(a.connect or SERVER_ENDPOINTS), timeout=a.timeout,
+                  retries=a.retries, heartbeat_interval=a.heartbeat_interval,
+                  log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
+                  json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm)
+
+
+# ---------------------------------------------------------------------------
+# Outcomes and shared state
+# ---------------------------------------------------------------------------
+class Outcome(enum.Enum):
+    """What became of one planned message."""
+
+    SENT = "sent"  # accepted by ZeroMQ while the receiver was connected
+    RECEIVER_DOWN = "receiver_down"  # gave up after SERVER_TIMEOUT x (1 + retries)
+    INTERRUPTED = "interrupted"  # Ctrl+C or SIGTERM came first
+    TOO_LARGE = "too_large"  # over MAX_MESSAGE_SIZE, refused before sending
+    WORKER_ERROR = "worker_error"  # the worker thread failed (traceback in the log)
+
+
+class LinkState(enum.Enum):
+    """The heartbeat monitor's view of one receiver endpoint."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+class ReceiverHealth:
+    """Written by the heartbeat monitor only; read by workers and main."""
+
+    def __init__(self, endpoints):
+        self.states = {ep: LinkState.UNKNOWN for ep in endpoints}
+        self.down_transitions = 0
+        self._any_up = threading.Event()
+
+    def is_up(self):
+        """True while at least one receiver is connected and answering."""
+        return self._any_up.is_set()
+
+    def set_state(self, ep, state):
+        """Record a new state; returns True when it changed."""
+        old = self.states[ep]
+        if old is state:
+            return False
+        self.states[ep] = state
+        if state is LinkState.DOWN and old is LinkState.UP:
+            self.down_transitions += 1
+        if any(s is LinkState.UP for s in self.states.values()):
+            self._any_up.set()
+        else:
+            self._any_up.clear()
+        return True
+
+    def describe(self):
+        """'up', 'down', or one word per endpoint when there are several."""
+        if len(self.states) == 1:
+            return next(iter(self.states.values())).value
+        return " ".join(f"{ep}={s.value}" for ep, s in self.states.items())
+
+
+@dataclass
+class WorkerTally:
+    """One worker's counts; only that worker writes them."""
+
+    outcomes: dict = field(default_factory=lambda: {o: 0 for o in Outcome})
+    waiting: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
+class HeartbeatMonitor(threading.Thread):
+    """Watches each receiver through a probe socket that never sends.
+
+    ZMTP heartbeats find a hung receiver, the socket monitor reports connects and
+    disconnects, and ZMQ_HANDSHAKE_IVL stops a hung listener from looking connected.
+    """
+
+    def __init__(self, ctx, config, health, log, stop):
+        super().__init__(name="heartbeat-monitor", daemon=True)
+        self.ctx = ctx
+        self.config = config
+        self.health = health
+        self.log = log
+        self.stop = stop
+
+    def run(self):
+        """Thread body: any unexpected error is logged with its traceback."""
+        try:
+            self._watch()
+        except Exception:
+            self.log.exception("[ERROR] heartbeat monitor failed")
+
+    def _watch(self):
+        probe = self.ctx.socket(zmq.PUSH)
+        try:
+            configure_link(probe, self.config)
+            monitor = probe.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            try:
+                for ep in self.config.endpoints:
+                    probe.connect(ep)
+                self._loop(monitor)
+            finally:
+                probe.disable_monitor()
+                monitor.close(linger=0)
+        finally:
+            probe.close(linger=0)
+
+    def _loop(self, monitor):
+        first_verdict = time.monotonic() + self.config.heartbeat_interval
+        while not self.stop.is_set():
+            if monitor.poll(POLL_INTERVAL):
+                event = recv_monitor_message(monitor)
+                self._on_event(event["event"], event["endpoint"].decode())
+            if time.monotonic() >= first_verdict:
+                for ep, state in self.health.states.items():
+                    if state is LinkState.UNKNOWN:
+                        self._transition(ep, LinkState.DOWN, "not reachable")
+
+    def _on_event(self, event, ep):
+        if ep not in self.health.states:
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._transition(ep, LinkState.UP, "connected")
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._transition(ep, LinkState.DOWN, "connection lost or heartbeat timed out")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self._transition(ep, LinkState.DOWN, "not reachable")
+        else:
+            self._transition(ep, LinkState.DOWN, f"handshake failed ({zmq.Event(event).name})")
+
+    def _transition(self, ep, state, reason):
+        if self.health.set_state(ep, state):
+            log = self.log.info if state is LinkState.UP else self.log.warning
+            log(f"[HEARTBEAT] receiver {ep} {state.value}: {reason}")
+
+
+def configure_link(sock, config):
+    """Options every PUSH socket here shares: no silent queueing, fast failure detection."""
+    interval_ms = int(config.heartbeat_interval * 1000)
+    # Queue only toward a connected receiver, never toward an absent one.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    # Detection worst case is IVL + TIMEOUT = HEARTBEAT_INTERVAL + 0.5 s.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, interval_ms // 2))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(50, interval_ms // 2) + 500)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, interval_ms * 2)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, interval_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
+    sock.setsockopt(zmq.SNDHWM, config.hwm)
+
+
+class PushWorker(threading.Thread):
+    """Sends one worker's tasks on its own PUSH socket, then flushes and closes it."""
+
+    def __init__(self, ctx, config, run, number, health, log, stop, counter):
+        super().__init__(name=f"Pusher-{number}", daemon=True)
+        self.ctx = ctx
+        self.config = config
+        self.run_info = run
+        self.number = number
+        self.health = health
+        self.log = log
+        self.stop = stop
+        self.counter = counter
+        self.tally = WorkerTally()
+
+    def run(self):
+        """Thread body: an unexpected error counts the unsent tasks and logs the traceback."""
+        try:
+            self._send_all()
+        except Exception:
+            self.log.exception(f"[ERROR] {self.name} failed")
+            done = sum(self.tally.outcomes.values())
+            self.tally.outcomes[Outcome.WORKER_ERROR] += self.config.messages - done
+
+    def _send_all(self):
+        config = self.config
+        sock = self.ctx.socket(zmq.PUSH)
+        try:
+            configure_link(sock, config)
+            # Messages ZeroMQ accepted get SERVER_TIMEOUT to leave at close (LINGER 0 loses them).
+            sock.setsockopt(zmq.LINGER, int(config.timeout * 1000))
+            for ep in config.endpoints:
+                sock.connect(ep)
+            sent = self._send_tasks(sock)
+            if sent and not self.stop.is_set():
+                end = self._encoder.end(sent)
+                self._send(sock, end, None)  # best effort: lets the receiver close the run
+        finally:
+            sock.close()
+
+    def _send_tasks(self, sock):
+        config = self.config
+        outcomes = self.tally.outcomes
+        encoder = self._encoder = pushpull.MessageEncoder(
+            self.run_info, self.number, os.getpid(), threading.get_ident(), config.size)
+        log_line = None if config.quiet else self.log.info
+        for task in range(config.messages):
+            if self.stop.is_set():
+                outcomes[Outcome.INTERRUPTED] += config.messages - task
+                break
+            text = encoder.text(task)
+            frame = encoder.data(task, text.encode())
+            if len(frame) > config.max_size:
+                outcomes[Outcome.TOO_LARGE] += 1
+                self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
+                                 f" the {config.max_size}-byte limit; not sent")
+                continue
+            outcome = self._send(sock, frame, task)
+            outcomes[outcome] += 1
+            if outcome is Outcome.SENT:
+                if log_line is not None:
+                    log_line(pushpull.msg_line(next(self.counter), self.name, config.target,
+                                               task, text))
+            else:
+                outcomes[outcome] += config.messages - task - 1
+                break
+            if config.delay and self.stop.wait(config.delay):
+                continue  # the loop's stop check counts what is left
+        return outcomes[Outcome.SENT]
+
+    def _send(self, sock, frame, task):
+        """Send one frame; wait while the receiver is busy, give up after it stays down."""
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+            return Outcome.SENT
+        except zmq.Again:
+            pass
+        config = self.config
+        down_since = None
+        retries_used = 0
+        wait_started = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if sock.poll(POLL_INTERVAL, zmq.POLLOUT):
+                    try:
+                        sock.send(frame, zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
+                    if self.tally.waiting:
+                        self.log.info(f"[WAIT] {self.name} resumed after"
+                                      f" {time.monotonic() - wait_started:.1f} s")
+                    return Outcome.SENT
+                now = time.monotonic()
+                if self.health.is_up():
+                    down_since = None  # backpressure: a slow receiver is not a dead one
+                    if not self.tally.waiting and now - wait_started >= WAIT_LOG_AFTER:
+                        self.tally.waiting = True
+                        self.log.info(f"[WAIT] {self.name} waiting: receiver is up but busy"
+                                      " (backpressure)")
+                    continue
+                if not self.tally.waiting:
+                    self.tally.waiting = True
+                    self.log.warning(f"[WAIT] {self.name} paused: receiver is down")
+                if down_since is None:
+                    down_since = now
+                elif now - down_since >= config.timeout:
+                    if retries_used >= config.retries:
+                        what = f"task {task}" if task is not None else "end-of-run marker"
+                        self.log.error(f"[FAIL] {self.name} gives up at {what}: receiver down"
+                                       f" for {config.timeout * (retries_used + 1):g} s")
+                        return Outcome.RECEIVER_DOWN
+                    retries_used += 1
+                    down_since = now
+                    self.log.warning(f"[RETRY] {self.name}: receiver still down after"
+                                     f" {config.timeout:g} s, retry {retries_used}/{config.retries}")
+            return Outcome.INTERRUPTED
+        finally:
+            self.tally.waiting = False
+
+
+# ---------------------------------------------------------------------------
+# Summary and main
+# ---------------------------------------------------------------------------
+def totals(workers):
+    """Outcome -> count, summed over the workers."""
+    result = {o: 0 for o in Outcome}
+    for worker in workers:
+        for outcome, count in worker.tally.outcomes.items():
+            result[outcome] += count
+    return result
+
+
+def stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
+    """One [STATS] line; returns it with the sent count for the next one."""
+    counts = totals(workers)
+    sent = counts[Outcome.SENT]
+    failed = sum(counts.values()) - sent
+    recent = pushpull.rate(sent - last_sent, elapsed)
+    remaining = config.planned - sent - failed
+    overall = pushpull.rate(sent, total_elapsed)
+    eta = f"{remaining / overall:.1f} s" if overall > 0 else "-"
+    waiting = sum(1 for w in workers if w.tally.waiting)
+    return (f"[STATS] sent {sent}/{config.planned} ({100 * sent / max(1, config.planned):.1f}%)"
+            f" | {recent:.1f} msg/s | failed {failed} | waiting {waiting}"
+            f" | receiver {health.describe()} | ETA {eta}"), sent
+
+
+def summary_data(config, run, counts, health, duration, flush):
+    """The final summary, as the JSON written by --json."""
+    sent = counts[Outcome.SENT]
+    failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
+    return {
+        "run_id": pushpull.run_label(run.run_id),
+        "planned": config.planned,
+        "sent": sent,
+        "failed": sum(failed.values()),
+        "failed_by_reason": failed,
+        "flush_complete": flush.complete,
+        "unflushed_at_most": flush.unflushed_at_most,
+        "flush_s": round(flush.seconds, 3),
+        "receiver_down_events": health.down_transitions,
+        "endpoints": list(config.endpoints),
+        "workers": config.workers,
+        "duration_s": round(duration, 3),
+        "sent_per_s": round(pushpull.rate(sent, duration), 1),
+    }
+
+
+def summary_table(data):
+    """The aligned table printed at exit."""
+    rows = [("run", data["run_id"]), ("planned", data["planned"]), ("sent", data["sent"]),
+            ("failed", data["failed"])]
+    rows += [(f"  {reason}", n) for reason, n in data["failed_by_reason"].items() if n]
+    rows.append(("flush", "complete" if data["flush_complete"] else
+                 f"TIMED OUT: up to {data['unflushed_at_most']} queued messages discarded"))
+    rows.append(("duration", f"{data['duration_s']:.2f} s"))
+    rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"))
+    rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
+    rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
+                         " receiver that dies before reading them loses them"))
+    return pushpull.format_table("Sender summary", rows)
+
+
+@dataclass
+class FlushResult:
+    """Whether closing the context flushed every queued message in time."""
+
+    complete: bool
+    unflushed_at_most: int
+    seconds: float
+
+
+def flush(ctx, config, counts):
+    """Terminate the context: blocks until queued messages leave, at most SERVER_TIMEOUT."""
+    started = time.monotonic()
+    ctx.term()
+    seconds = time.monotonic() - started
+    # Every socket lingers at most SERVER_TIMEOUT; a term that took that long hit the limit.
+    complete = seconds < config.timeout - 0.05
+    bound = 0 if complete else min(counts[Outcome.SENT], config.workers * config.hwm)
+    return FlushResult(complete, bound, seconds)
+
+
+def exit_reason(counts, config, flush_result, interrupted):
+    """Exit status and a one-line reason when not every planned message was sent."""
+    sent = counts[Outcome.SENT]
+    if interrupted:
+        return EXIT_INTERRUPTED, f"interrupted: {sent} of {config.planned} messages sent"
+    if sent < config.planned:
+        reasons = ", ".join(f"{n} {o.value}" for o, n in counts.items()
+                            if n and o is not Outcome.SENT)
+        return EXIT_NOT_ALL_SENT, f"only {sent} of {config.planned} messages sent ({reasons})"
+    if not flush_result.complete:
+        return EXIT_NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
+                                   f" {flush_result.unflushed_at_most} messages not delivered")
+    return EXIT_OK, None
+
+
+def main(argv=None):
+    """Run the workers to the end of the run; returns the exit status."""
+    config = parse_args(argv)
+    signals = pushpull.StopSignals(exit_on_second=True)
+    signals.install()
+    try:
+        log, listener = pushpull.start_logging("sender", config.log_file)
+    except pushpull.LogSetupError as exc:
+        print(f"async-socket-sender: {exc}", file=sys.stderr)
+        return EXIT_NOT_ALL_SENT
+    try:
+        return send_run(config, signals, log)
+    finally:
+        listener.stop()
+
+
+def send_run(config, signals, log):
+    """Start the monitor and the workers, wait for them, flush, report."""
+    run = pushpull.RunInfo(random.getrandbits(63), config.workers, config.messages,
+                           len(config.endpoints))
+    health = ReceiverHealth(config.endpoints)
+    stop = threading.Event()
+    started = time.monotonic()
+    ctx = zmq.Context()
+    try:
+        monitor = HeartbeatMonitor(ctx, config, health, log, stop)
+        monitor.start()
+        counter = itertools.count(1)
+        workers = [PushWorker(ctx, config, run, n, health, log, stop, counter)
+                   for n in range(1, config.workers + 1)]
+        log.info(f"[START] run {pushpull.run_label(run.run_id)}: {config.workers} workers x"
+                 f" {config.messages} messages -> {', '.join(config.endpoints)}")
+        for worker in workers:
+            worker.start()
+        wait_for_workers(config, workers, health, signals, stop, log)
+        stop.set()
+        monitor.join()
+    finally:
+        flush_result = flush(ctx, config, totals(workers))
+    counts = totals(workers)
+    duration = time.monotonic() - started
+    data = summary_data(config, run, counts, health, duration, flush_result)
+    log.info("\n" + summary_table(data))
+    if config.json_path:
+        pushpull.write_json(config.json_path, data)
+    status, reason = exit_reason(counts, config, flush_result, signals.first.is_set())
+    if reason:
+        log.error(f"[EXIT] {reason}")
+    return status
+
+
+def wait_for_workers(config, workers, health, signals, stop, log):
+    """Join the workers, printing [STATS]; the first Ctrl+C stops them, the second exits."""
+    started = last_time = time.monotonic()
+    last_sent = 0
+    for worker in workers:
+        while worker.is_alive():
+            worker.join(POLL_INTERVAL / 1000)
+            if signals.first.is_set() and not stop.is_set():
+                stop.set()
+                log.warning("[STOP] interrupted: stopping workers, flushing what was sent"
+                            " (Ctrl+C again to exit at once)")
+            now = time.monotonic()
+            if now - last_time >= config.stats_interval:
+                line, last_sent = stats_line(config, workers, health, last_sent,
+                                             now - last_time, now - started)
+                log.info(line)
+                last_time = now
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Code both scripts share: the wire format, the log format, latency stats, summaries.
+
+Kept to the standard library and pyzmq, so each script still runs from a plain
+checkout with only requirements.txt installed.
+"""
+
+import enum
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------
+# Wire format
+# ---------------------------------------------------------------------------
+# One ZeroMQ frame per message:  HEADER (38 bytes) + UTF-8 text + padding.
+# The first byte 0xFF can never start valid UTF-8 text, so a frame from any
+# other PUSH client (plain text) is never mistaken for one of ours.
+WIRE_MAGIC = b"\xff\x01"  # 0xFF, then format version 1
+HEADER = struct.Struct("!2sBBIIIIQqH")
+# magic, kind, endpoints, worker, seq, workers, messages per worker, run id,
+# sent time (ns since the epoch), text length
+HEADER_SIZE = HEADER.size
+MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
+PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>\d+)$")
+
+
+class MessageKind(enum.IntEnum):
+    """What a wire-format frame carries."""
+
+    DATA = 0  # one task
+    END = 1  # a worker's last frame: seq holds how many tasks it sent
+
+
+class InvalidMessage(ValueError):
+    """A frame that is neither in the wire format nor readable as plain text."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every frame of one sender run says about the run."""
+
+    run_id: int
+    workers: int
+    messages_per_worker: int
+    endpoints: int
+
+    @property
+    def planned(self):
+        """Messages this run plans to send in all."""
+        return self.workers * self.messages_per_worker
+
+
+def run_label(run_id):
+    """The short form of a run id used in logs."""
+    return f"{run_id & 0xFFFFFFFF:08x}"
+
+
+class MessageEncoder:
+    """Builds the frames of one sender worker; what never changes is computed once."""
+
+    def __init__(self, run, worker, pid, tid, pad_to=0):
+        self.run = run
+        self.worker = worker
+        self.pad_to = pad_to
+        self.text_prefix = MESSAGE_TEXT.format(worker=worker, pid=pid, tid=tid, task="")
+
+    def text(self, task):
+        """The human-readable text of task number `task`."""
+        return f"{self.text_prefix}{task}"
+
+    def data(self, task, text_bytes):
+        """A DATA frame for `task`, stamped with the current time."""
+        run = self.run
+        frame = HEADER.pack(WIRE_MAGIC, MessageKind.DATA, run.endpoints, self.worker, task,
+                            run.workers, run.messages_per_worker, run.run_id,
+                            time.time_ns(), len(text_bytes)) + text_bytes
+        if len(frame) < self.pad_to:
+            frame += b" " * (self.pad_to - len(frame))
+        return frame
+
+    def end(self, sent):
+        """The END frame a worker sends last, saying how many tasks it sent."""
+        run = self.run
+        return HEADER.pack(WIRE_MAGIC, MessageKind.END, run.endpoints, self.worker, sent,
+                           run.workers, run.messages_per_worker, run.run_id, time.time_ns(), 0)
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One decoded frame. `run` is None for plain text from other clients."""
+
+    raw: bytes
+    kind: MessageKind
+    run: "RunInfo | None"
+    worker: int
+    seq: int
+    sent_ns: int
+    text: str
+    client: str
+
+
+def decode(frame, run_cache):
+    """Decode one frame; raise InvalidMessage for bad input.
+
+    run_cache maps a header's run fields to a shared RunInfo, so a run costs one
+    object, not one per message.
+    """
+    if not frame:
+        raise InvalidMessage("empty message")
+    if frame[0] == 0xFF:
+        if len(frame) < HEADER_SIZE:
+            raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
+        (magic, kind, endpoints, worker, seq, workers, per_worker, run_id, sent_ns,
+         text_len) = HEADER.unpack_from(frame)
+        if magic != WIRE_MAGIC or kind > MessageKind.END or HEADER_SIZE + text_len > len(frame):
+            raise InvalidMessage("bad header")
+        if not 1 <= worker <= workers or (kind == MessageKind.DATA and seq >= per_worker):
+            raise InvalidMessage(f"worker {worker} or task {seq} outside its run")
+        key = (run_id, workers, per_worker, endpoints)
+        run = run_cache.get(key)
+        if run is None:
+            run = run_cache[key] = RunInfo(run_id, workers, per_worker, endpoints)
+        try:
+            text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
+        return Decoded(frame, MessageKind(kind), run, worker, seq, sent_ns, text,
+                       f"Pusher-{worker}")
+    try:
+        text = frame.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.isprintable():
+        raise InvalidMessage("text has control characters")
+    match = PLAIN_TEXT_PATTERN.match(text)
+    if match:
+        return Decoded(frame, MessageKind.DATA, None, 0, int(match["task"]), 0, text,
+                       match["client"])
+    return Decoded(frame, MessageKind.DATA, None, 0, -1, 0, text, "plain")
+
+
+# ---------------------------------------------------------------------------
+# Log format
+# ---------------------------------------------------------------------------
+# Fixed column widths keep every "|" at the same offset for any run a user can
+# configure: up to 99999 workers, a million tasks and ten million messages.
+COUNTER_WIDTH = 7  # digits of [MSG #nnnnnnn]
+CLIENT_WIDTH = 12  # "Pusher-99999"
+TASK_WIDTH = 6  # task numbers up to 999999
+LOG_FORMAT = "%(asctime)s - %(levelname)-7s - %(message)s"
+
+
+def msg_line(counter, client, target, task, text):
+    """The seed's [MSG] line, columns fixed."""
+    return (f"[MSG #{counter:0{COUNTER_WIDTH}d}] ZMQ [{client:<{CLIENT_WIDTH}}] -> [{target}]"
+            f" | Task {task_cell(task)} | {text}")
+
+
+def proc_line(server, client, task, text):
+    """The seed's [PROC] line, columns fixed."""
+    return (f"[PROC] {server} | {client:<{CLIENT_WIDTH}} | Task {task_cell(task)}"
+            f" | Processing: {text}")
+
+
+def task_cell(task):
+    """A task number right-aligned in its column, or '-' when the message has none."""
+    return f"{task:>{TASK_WIDTH}}" if task >= 0 else f"{'-':>{TASK_WIDTH}}"
+
+
+class CentisecondFormatter(logging.Formatter):
+    """Timestamps with two decimals, as in the seed: 2025-10-06 13:08:22.15."""
+
+    def __init__(self):
+        super().__init__(LOG_FORMAT)
+        self._second = None
+        self._second_text = ""
+
+    def formatTime(self, record, datefmt=None):
+        """Format the record's time, reusing the strftime of the current second."""
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._second_text}.{int(record.msecs) // 10:02d}"
+
+
+class EnqueueOnlyHandler(logging.handlers.QueueHandler):
+    """A QueueHandler that leaves all formatting to the listener thread."""
+
+    def prepare(self, record):
+        """Pass the record on untouched: messages here are already plain strings."""
+        return record
+
+
+class LogSetupError(OSError):
+    """The log file cannot be opened."""
+
+
+def start_logging(name, log_file, console=sys.stdout):
+    """Log to the console and optionally a file, formatting and writing on a listener thread.
+
+    The calling threads only enqueue records (QueueHandler), so per-message logging
+    costs the hot loops one queue put. Returns (logger, listener); stop the
+    listener last, it flushes what is left.
+    """
+    # Per-record bookkeeping nobody reads here; the logging HOWTO's own optimisations.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    formatter = CentisecondFormatter()
+    handlers = []
+    console_handler = logging.StreamHandler(console)
+    console_handler.setFormatter(formatter)
+    handlers.append(console_handler)
+    if log_file:
+        try:
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise LogSetupError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        file_handler.setFormatter(formatter)
+        handlers.append(file_handler)
+    records = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *handlers)
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [EnqueueOnlyHandler(records)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    listener.start()
+    return logger, listener
+
+
+class RateLimitedLog:
+    """Logs a kind of warning at most once per interval, counting what it held back."""
+
+    def __init__(self, log, interval):
+        self.log = log
+        self.interval = interval
+        self._last = {}
+        self._held = {}
+
+    def warning(self, key, message):
+        """Log `message` unless one with this key was logged less than an interval ago."""
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        suffix = f" (+{held} more like this not shown)" if held else ""
+        self._last[key] = now
+        self.log.warning(message + suffix)
+
+
+# ---------------------------------------------------------------------------
+# Latency
+# ---------------------------------------------------------------------------
+class LatencyHistogram:
+    """Log-linear histogram of microseconds: constant memory, about 1.5 % resolution."""
+
+    SUB_BUCKETS = 64
+
+    def __init__(self):
+        self.counts = {}
+        self.count = 0
+        self.max_us = 0
+
+    def add(self, micros):
+        """Record one latency in microseconds."""
+        if micros < 0:
+            micros = 0  # clocks of two processes on one host; never report negative time
+        if micros > self.max_us:
+            self.max_us = micros
+        if micros < 2 * self.SUB_BUCKETS:
+            bucket = micros
+        else:
+            shift = micros.bit_length() - 7
+            bucket = shift * self.SUB_BUCKETS + (micros >> shift)
+        counts = self.counts
+        counts[bucket] = counts.get(bucket, 0) + 1
+        self.count += 1
+
+    def percentile(self, fraction):
+        """The latency (µs) below which `fraction` of the samples lie."""
+        if not self.count:
+            return 0
+        rank = max(1, int(fraction * self.count + 0.999999))
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return min(self._upper_bound(bucket), self.max_us)
+        return self.max_us
+
+    def _upper_bound(self, bucket):
+        if bucket < 2 * self.SUB_BUCKETS:
+            return bucket
+        shift = bucket // self.SUB_BUCKETS - 1
+        return ((bucket - shift * self.SUB_BUCKETS + 1) << shift) - 1
+
+    def summary_ms(self):
+        """p50, p99 and max in milliseconds, for the JSON summary."""
+        return {
+            "p50": round(self.percentile(0.50) / 1000, 3),
+            "p99": round(self.percentile(0.99) / 1000, 3),
+            "max": round(self.max_us / 1000, 3),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Summaries, stop signals, small helpers
+# ---------------------------------------------------------------------------
+def format_table(title, rows):
+    """An aligned two-column table: rows are (label, value) pairs."""
+    width = max(len(label) for label, _ in rows)
+    lines = [f"==== {title} ===="]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def write_json(path, data):
+    """Write `data` to `path` as JSON, atomically, so no reader sees half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(data, out, indent=2)
+        out.write("\n")
+    os.replace(temporary, path)
+
+
+def rate(count, seconds):
+    """Messages per second, safe for a zero duration."""
+    return count / seconds if seconds > 0 else 0.0
+
+
+class StopSignals:
+    """Counts Ctrl+C / SIGTERM: the first sets `first`, the second `second`, a third exits.
+
+    With exit_on_second the second signal exits at once, even while the main
+    thread is blocked in a flush.
+    """
+
+    def __init__(self, exit_on_second=False):
+        self.first = threading.Event()
+        self.second = threading.Event()
+        self.exit_on_second = exit_on_second
+        self.count = 0
+
+    def install(self):
+        """Handle SIGINT, and SIGTERM where the platform has it."""
+        signal.signal(signal.SIGINT, self._handle)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            self.first.set()
+        elif self.count == 2 and not self.exit_on_second:
+            self.second.set()
+        else:
+            sys.stderr.write("interrupted again: exiting at once\n")
+            os._exit(130)
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) that is > 0."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def non_negative(kind):
+    """An argparse type: a number of `kind` (int or float) that is >= 0."""
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse

@@ -1,0 +1,150 @@
+"""Shared fixtures: the real scripts run as processes on 127.0.0.1, on free ports."""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECEIVER = ROOT / "async-socket-receiver.py"
+SENDER = ROOT / "async-socket-sender.py"
+READY_LINE = "Server is running"
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, timeout, what="condition"):
+    """Poll `predicate` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def load_script(name):
+    """Import a hyphenated script (e.g. 'async-socket-receiver') as a module."""
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Proc:
+    """A script running as a child process, its console captured to a file."""
+
+    def __init__(self, script, args, cwd, name):
+        self.out_path = Path(cwd) / f"{name}.out"
+        self.json_path = Path(cwd) / f"{name}.json"
+        self.args = list(args)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.out_path, "wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, str(script), *self.args, "--json", str(self.json_path)],
+                cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self):
+        """The child's process id."""
+        return self.popen.pid
+
+    def output(self):
+        """Everything the process printed so far."""
+        return self.out_path.read_text(encoding="utf-8", errors="replace")
+
+    def lines(self, pattern):
+        """Lines of output matching the regular expression `pattern`."""
+        rx = re.compile(pattern)
+        return [line for line in self.output().splitlines() if rx.search(line)]
+
+    def wait_for_output(self, pattern, timeout=10, count=1):
+        """Wait until `count` lines match `pattern`; returns them."""
+        def found():
+            hits = self.lines(pattern)
+            return hits if len(hits) >= count else None
+        if self.popen.poll() is not None and not found():
+            raise AssertionError(f"process exited ({self.popen.returncode}) before printing"
+                                 f" {pattern!r}:\n{self.output()[-3000:]}")
+        return wait_until(found, timeout, f"{pattern!r} in output:\n{self.output()[-2000:]}")
+
+    def signal(self, sig):
+        """Send a signal (signal.SIGINT, SIGTERM, SIGKILL, SIGSTOP, SIGCONT)."""
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout=30):
+        """Wait for exit; returns the exit status."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process still running after {timeout} s:\n"
+                                 f"{self.output()[-3000:]}") from None
+
+    def summary(self):
+        """The --json summary the process wrote at exit."""
+        return json.loads(self.json_path.read_text(encoding="utf-8"))
+
+    def stop(self, timeout=30):
+        """Ctrl+C (warm stop), then wait; returns the exit status."""
+        self.signal(signal.SIGINT)
+        return self.wait(timeout)
+
+    def cleanup(self):
+        """Make sure the process is gone (test teardown)."""
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Factory for receivers and senders; every process is killed at teardown."""
+    started = []
+
+    class Factory:
+        workdir = tmp_path
+
+        def receiver(self, *args, port=None, wait_ready=True, name=None, cwd=None):
+            """Start a receiver on `port` (a free one by default), quiet-free and fast."""
+            port = port or free_port()
+            name = name or f"receiver{len(started)}"
+            proc = Proc(RECEIVER, ["--port", str(port), "--bind", "127.0.0.1", *args],
+                        cwd or tmp_path, name)
+            proc.port = port
+            proc.endpoint = f"tcp://127.0.0.1:{port}"
+            started.append(proc)
+            if wait_ready:
+                proc.wait_for_output(READY_LINE)
+            return proc
+
+        def sender(self, *args, endpoints=(), name=None, cwd=None):
+            """Start a sender connected to `endpoints` (a list of tcp://... strings)."""
+            name = name or f"sender{len(started)}"
+            connect = [a for ep in endpoints for a in ("--connect", ep)]
+            proc = Proc(SENDER, [*connect, *args], cwd or tmp_path, name)
+            started.append(proc)
+            return proc
+
+    yield Factory()
+    for proc in started:
+        proc.cleanup()
