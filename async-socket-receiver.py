@@ -31,7 +31,6 @@ PROCESSING_TIME = 0.1  # seconds of simulated work per message
 QUEUE_MAXSIZE = 10000  # messages waiting between the receive and processor threads
 RECEIVE_HWM = 1000  # messages ZeroMQ may buffer in the PULL socket (ZMQ_RCVHWM)
 MAX_MESSAGE_SIZE = 1048576  # bytes; ZeroMQ drops a peer that sends more (ZMQ_MAXMSGSIZE)
-HEARTBEAT_INTERVAL = 2.0  # seconds between ZMTP pings that find dead senders
 QUIET = False  # True: no per-message lines, only [STATS], [RUN] and the summary
 STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
 JSON_SUMMARY = None  # path to write the final summary as JSON, or None
@@ -40,6 +39,8 @@ RUN_IDLE_TIMEOUT = 15.0  # seconds of silence before an unfinished sender run is
 
 POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop events
 BATCH_MAX = 1000  # messages moved through the queue in one batch
+STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
+STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
 SPILL_MAGIC = b"ZPPSPILL1\n"  # first bytes of a spill file
@@ -62,7 +63,6 @@ class Config:
     queue_size: int
     hwm: int
     max_size: int
-    heartbeat_interval: float
     log_file: "str | None"
     quiet: bool
     stats_interval: float
@@ -93,8 +93,6 @@ def parse_args(argv=None):
                    help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
     p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
                    default=MAX_MESSAGE_SIZE, help="largest message accepted (MAX_MESSAGE_SIZE)")
-    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=pushpull.positive(float),
-                   default=HEARTBEAT_INTERVAL, help="ZMTP ping interval (HEARTBEAT_INTERVAL)")
     p.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
                    help="log file (LOG_FILE)")
     p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
@@ -113,7 +111,6 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     return Config(port=a.port, bind=a.bind, processing_time=a.processing_time,
                   queue_size=a.queue_size, hwm=a.hwm, max_size=a.max_size,
-                  heartbeat_interval=a.heartbeat_interval,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
                   spill_file=a.spill_file, run_timeout=a.run_timeout)
@@ -389,12 +386,12 @@ class ReceiveThread(threading.Thread):
             sock.close(linger=0)
 
     def _configure(self, sock):
-        interval_ms = int(self.config.heartbeat_interval * 1000)
+        # No ZMTP heartbeats on this data socket: libzmq 4.3.5 aborts
+        # (stream_engine_base.cpp:310, !_io_error) when a heartbeat fires on a
+        # connection whose input is stopped at the high-water mark. The senders
+        # watch the receiver's health instead, from a socket that carries no data.
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_size)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, interval_ms * 2)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, interval_ms * 2)
 
     def _receive_loop(self, sock, monitor):
         poller = zmq.Poller()
@@ -413,8 +410,7 @@ class ReceiveThread(threading.Thread):
                     except queue.Full:
                         continue
             if self.stops.warm.is_set():
-                # Warm stop: take what ZeroMQ already holds, then stop reading.
-                pending = self._drain(sock, self.config.hwm + BATCH_MAX)
+                self._drain_for_stop(sock)
                 break
             ready = dict(poller.poll(POLL_INTERVAL))
             if monitor in ready:
@@ -423,6 +419,19 @@ class ReceiveThread(threading.Thread):
                 pending = self._drain(sock, BATCH_MAX)
         if pending is not None:
             self.batches.put_past_bound(pending)
+
+    def _drain_for_stop(self, sock):
+        """Warm stop: take what is already on its way (socket and TCP buffers), then stop."""
+        deadline = time.monotonic() + STOP_DRAIN_LIMIT
+        while time.monotonic() < deadline and not self.stops.cold.is_set():
+            if not sock.poll(STOP_DRAIN_QUIET):
+                return
+            batch = self._drain(sock, BATCH_MAX)
+            if batch is not None:
+                self.batches.put_past_bound(batch)
+        if sock.poll(0):
+            self.log.warning(f"[STOP] senders still sending after {STOP_DRAIN_LIMIT:g} s;"
+                             " what they send from now on is not received")
 
     def _drain(self, sock, limit):
         """Receive up to `limit` waiting messages without blocking; None if none were valid."""

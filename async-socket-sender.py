@@ -228,6 +228,7 @@ class HeartbeatMonitor(threading.Thread):
         probe = self.ctx.socket(zmq.PUSH)
         try:
             configure_link(probe, self.config)
+            configure_heartbeat(probe, self.config)
             monitor = probe.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                 | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -272,17 +273,29 @@ class HeartbeatMonitor(threading.Thread):
 
 
 def configure_link(sock, config):
-    """Options every PUSH socket here shares: no silent queueing, fast failure detection."""
-    interval_ms = int(config.heartbeat_interval * 1000)
+    """Options every PUSH socket here shares: no silent queueing, no fake connections."""
     # Queue only toward a connected receiver, never toward an absent one.
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    # A hung listener's port still accepts TCP; without a handshake limit it
+    # would look connected for 30 s after a reconnect.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
+    sock.setsockopt(zmq.SNDHWM, config.hwm)
+
+
+def configure_heartbeat(sock, config):
+    """ZMTP heartbeats, for the probe socket only: they find a hung receiver.
+
+    Data sockets go without: a heartbeat timeout would drop the connection and
+    every message queued on it, where a receiver that was only paused (SIGSTOP)
+    should get them all once it resumes. libzmq 4.3.5 can also abort when a
+    heartbeat fires on a connection stopped at its high-water mark.
+    """
+    interval_ms = int(config.heartbeat_interval * 1000)
     # Detection worst case is IVL + TIMEOUT = HEARTBEAT_INTERVAL + 0.5 s.
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, interval_ms // 2))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(50, interval_ms // 2) + 500)
     sock.setsockopt(zmq.HEARTBEAT_TTL, interval_ms * 2)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, interval_ms)
-    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
-    sock.setsockopt(zmq.SNDHWM, config.hwm)
 
 
 class PushWorker(threading.Thread):
