@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 import pushpull
@@ -36,6 +38,10 @@ STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
 JSON_SUMMARY = None  # path to write the final summary as JSON, or None
 SPILL_FILE = "receiver_spill.bin"  # where a cold stop saves unprocessed messages
 RUN_IDLE_TIMEOUT = 15.0  # seconds of silence before an unfinished sender run is reported
+CURVE_SERVER_KEY = None  # path of the receiver's secret certificate; None: no encryption
+CURVE_ALLOW_DIR = None  # directory of allowed clients' public certificates; None: any key
+ALLOWED_IPS = []  # client addresses allowed in (ZAP); empty: every address
+ZAP_DOMAIN = "global"  # the ZAP domain the PULL socket and the authenticator share
 
 POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop events
 BATCH_MAX = 1000  # messages moved through the queue in one batch
@@ -69,11 +75,20 @@ class Config:
     json_path: "str | None"
     spill_file: str
     run_timeout: float
+    curve_server_key: "str | None"
+    curve_allow: "str | None"
+    allow_ips: tuple
+    generate_keys: "str | None"
 
     @property
     def endpoint(self):
         """The address the PULL socket binds."""
         return f"tcp://{self.bind}:{self.port}"
+
+    @property
+    def uses_zap(self):
+        """Whether a ZAP authenticator decides who gets in."""
+        return bool(self.curve_server_key or self.allow_ips)
 
 
 def parse_args(argv=None):
@@ -108,12 +123,24 @@ def parse_args(argv=None):
     p.add_argument("--run-timeout", metavar="SECONDS", type=pushpull.positive(float),
                    default=RUN_IDLE_TIMEOUT,
                    help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
+    p.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
+                   help="receiver's secret certificate: turns CURVE on (CURVE_SERVER_KEY)")
+    p.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
+                   help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
+    p.add_argument("--allow-ip", metavar="ADDRESS", action="append",
+                   help="client address allowed in, repeatable (ALLOWED_IPS; none: all)")
+    p.add_argument("--generate-keys", metavar="DIR",
+                   help="write server and client certificates into DIR, then exit")
     a = p.parse_args(argv)
+    if a.curve_allow and not a.curve_server_key:
+        p.error("--curve-allow needs --curve-server-key")
     return Config(port=a.port, bind=a.bind, processing_time=a.processing_time,
                   queue_size=a.queue_size, hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
-                  spill_file=a.spill_file, run_timeout=a.run_timeout)
+                  spill_file=a.spill_file, run_timeout=a.run_timeout,
+                  curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
+                  allow_ips=tuple(a.allow_ip or ALLOWED_IPS), generate_keys=a.generate_keys)
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +344,8 @@ class Counters:
         self.received = 0  # receive thread: taken off the socket
         self.recovered = 0  # main, before the threads start: read back from a spill file
         self.invalid = 0  # receive thread
-        self.rejected_connections = 0  # receive thread: failed handshakes
+        self.rejected = 0  # receive thread: peers refused by CURVE or the IP allow list
+        self.rejected_connections = 0  # receive thread: handshakes of non-ZeroMQ peers
         self.peers = 0  # receive thread: connected senders
         self.processed = 0  # processor thread
         self.plain = 0  # processor thread: messages in no sender run
@@ -339,9 +367,10 @@ class StopEvents:
 class ReceiveThread(threading.Thread):
     """Owns the PULL socket: binds it, drains it in batches, and feeds the queue."""
 
-    def __init__(self, ctx, config, batches, counters, stops, log):
+    def __init__(self, ctx, config, batches, counters, stops, log, server_keys=None):
         super().__init__(name="receiver", daemon=True)
         self.ctx = ctx
+        self.server_keys = server_keys
         self.config = config
         self.batches = batches
         self.counters = counters
@@ -392,6 +421,13 @@ class ReceiveThread(threading.Thread):
         # watch the receiver's health instead, from a socket that carries no data.
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_size)
+        if self.config.uses_zap:
+            sock.zap_domain = ZAP_DOMAIN.encode()  # makes ZAP check NULL peers too
+        if self.server_keys:
+            public, secret = self.server_keys
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            sock.curve_server = True
 
     def _receive_loop(self, sock, monitor):
         poller = zmq.Poller()
@@ -478,6 +514,15 @@ class ReceiveThread(threading.Thread):
                 self.counters.peers += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self.counters.peers = max(0, self.counters.peers - 1)
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
+                    event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.server_keys):
+                # Refused by ZAP (logged with its address by the authenticator), or a
+                # peer without CURVE talking to a CURVE receiver.
+                self.counters.peers += 1
+                self.counters.rejected += 1
+                if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                    self.warnings.warning("auth-protocol", "[AUTH] rejected a peer that does"
+                                                           " not speak CURVE (no client key)")
             else:
                 # A failed handshake is followed by a DISCONNECTED for a peer never counted.
                 self.counters.peers += 1
@@ -633,6 +678,7 @@ def summary_data(counters, processor, queued, started, stop_kind):
         "spilled": counters.spilled,
         "unprocessed": queued,
         "plain": counters.plain,
+        "rejected": counters.rejected,
         "rejected_connections": counters.rejected_connections,
         "duration_s": round(duration, 3),
         "processed_per_s": round(pushpull.rate(counters.processed, duration), 1),
@@ -649,6 +695,7 @@ def summary_table(data):
         ("processed", data["processed"]),
         ("invalid", data["invalid"]),
         ("spilled", data["spilled"]),
+        ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
         ("duration", f"{data['duration_s']:.2f} s"),
         ("rate", f"{data['processed_per_s']:.1f} msg/s processed"),
         ("stop", data["stop"]),
@@ -705,9 +752,62 @@ def finish_backlog(signals, stops, batches, processor, log):
             next_progress += 1.0
 
 
+class Gatekeeper(ThreadAuthenticator):
+    """pyzmq's ZAP authenticator thread, logging each refused peer once as [AUTH]."""
+
+    def __init__(self, ctx, log):
+        super().__init__(ctx)
+        self.app_log = log
+        self._address = "?"
+        self._refused = set()
+
+    async def handle_zap_message(self, msg):
+        """Remember the peer's address for the reply, then authenticate as pyzmq does."""
+        if len(msg) >= 6:
+            self._address = msg[3].decode("utf-8", "replace")
+        await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous"):
+        if status_code != b"200":
+            peer = (self._address, status_text)
+            if peer not in self._refused:
+                self._refused.add(peer)
+                self.app_log.warning(f"[AUTH] refused peer {self._address}:"
+                                     f" {status_text.decode('utf-8', 'replace')}")
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def start_gatekeeper(ctx, config, log):
+    """Start ZAP authentication when CURVE or an IP allow list is on; None otherwise."""
+    if not config.uses_zap:
+        return None
+    gatekeeper = Gatekeeper(ctx, log)
+    gatekeeper.start()
+    if config.allow_ips:
+        gatekeeper.allow(*config.allow_ips)
+    if config.curve_server_key:
+        location = config.curve_allow or zmq.auth.CURVE_ALLOW_ANY
+        gatekeeper.configure_curve(domain=ZAP_DOMAIN, location=location)
+    return gatekeeper
+
+
+def security_warnings(config, log):
+    """Say plainly when the receiver is open to anyone who can reach it."""
+    if config.bind in ("*", "0.0.0.0", "::") and not config.curve_server_key:
+        log.warning(f"[AUTH] bound to every interface without CURVE: anyone who can reach"
+                    f" port {config.port} can send (see README, Running across machines)")
+    elif config.curve_server_key and not config.curve_allow:
+        log.warning("[AUTH] CURVE on without --curve-allow: traffic is encrypted, but any"
+                    " client key is accepted")
+
+
 def main(argv=None):
     """Run the receiver until Ctrl+C or SIGTERM; returns the exit status."""
     config = parse_args(argv)
+    if config.generate_keys:
+        for path in pushpull.generate_keys(config.generate_keys):
+            print(f"wrote {path}")
+        return EXIT_OK
     signals = pushpull.StopSignals()
     signals.install()
     try:
@@ -729,12 +829,23 @@ def serve(config, signals, log):
     except SpillError as exc:
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
+    try:
+        server_keys = (pushpull.load_secret_certificate(config.curve_server_key)
+                       if config.curve_server_key else None)
+        if config.curve_allow and not os.path.isdir(config.curve_allow):
+            raise pushpull.KeyFileError(f"--curve-allow {config.curve_allow} is not a directory")
+    except pushpull.KeyFileError as exc:
+        log.error(f"[ERROR] {exc}")
+        return EXIT_STARTUP_FAILED
+    security_warnings(config, log)
     started = time.monotonic()
     stops = StopEvents()
     batches = BatchQueue(config.queue_size)
     ctx = zmq.Context()
+    gatekeeper = None
     try:
-        receiver = ReceiveThread(ctx, config, batches, counters, stops, log)
+        gatekeeper = start_gatekeeper(ctx, config, log)
+        receiver = ReceiveThread(ctx, config, batches, counters, stops, log, server_keys)
         processor = ProcessorThread(config, batches, counters, stops, log, config.spill_file)
         receiver.start()
         receiver.ready.wait()
@@ -754,17 +865,17 @@ def serve(config, signals, log):
         stopped_by_signal = wait_for_stop(signals, counters, batches, config, log, receiver)
         stops.warm.set()
         receiver.join()
-        if stopped_by_signal:
-            finish_backlog(signals, stops, batches, processor, log)
-        else:
+        if not stopped_by_signal:
             log.error("[ERROR] the receive thread stopped; processing what was received")
-            finish_backlog(signals, stops, batches, processor, log)
+        finish_backlog(signals, stops, batches, processor, log)
         processor.join()
         unprocessed = processor.leftover + batches.take_all()
         if unprocessed:
             spill(unprocessed, config.spill_file, counters, log)
         processor.report_open_runs()
     finally:
+        if gatekeeper is not None:
+            gatekeeper.stop()
         ctx.term()
     stop_kind = (StopKind.FAILED if not stopped_by_signal
                  else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)

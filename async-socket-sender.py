@@ -6,6 +6,7 @@ command-line flag (--help lists them).
 """
 
 import argparse
+import dataclasses
 import enum
 import itertools
 import os
@@ -39,6 +40,8 @@ JSON_SUMMARY = None  # path to write the final summary as JSON, or None
 MESSAGE_SIZE = 0  # bytes; pad each message to at least this size (0: no padding)
 MAX_MESSAGE_SIZE = 1048576  # bytes; larger messages are refused (the receiver would drop them)
 SEND_HWM = 1000  # messages ZeroMQ may queue per worker socket (ZMQ_SNDHWM)
+CURVE_CLIENT_KEY = None  # path of this sender's secret certificate; None: no CURVE
+CURVE_SERVER_PUBLIC = None  # path of the receiver's public certificate
 
 POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop event
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
@@ -71,6 +74,10 @@ class Config:
     size: int
     max_size: int
     hwm: int
+    curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
+    curve_client_key: "str | None"
+    curve_server_public: "str | None"
+    generate_keys: "str | None"
 
     @property
     def planned(self):
@@ -129,12 +136,22 @@ def parse_args(argv=None):
                    default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
     p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
+    p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
+                   help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
+    p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
+                   help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
+    p.add_argument("--generate-keys", metavar="DIR",
+                   help="write server and client certificates into DIR, then exit")
     a = p.parse_args(argv)
+    if bool(a.curve_client_key) != bool(a.curve_server_public):
+        p.error("CURVE needs both --curve-client-key and --curve-server-public")
     return Config(workers=a.workers, messages=a.messages, delay=a.delay,
                   endpoints=tuple(a.connect or SERVER_ENDPOINTS), timeout=a.timeout,
                   retries=a.retries, heartbeat_interval=a.heartbeat_interval,
                   log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
-                  json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm)
+                  json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm,
+                  curve_keys=None, curve_client_key=a.curve_client_key,
+                  curve_server_public=a.curve_server_public, generate_keys=a.generate_keys)
 
 
 # ---------------------------------------------------------------------------
@@ -147,6 +164,7 @@ class Outcome(enum.Enum):
     RECEIVER_DOWN = "receiver_down"  # gave up after SERVER_TIMEOUT x (1 + retries)
     INTERRUPTED = "interrupted"  # Ctrl+C or SIGTERM came first
     TOO_LARGE = "too_large"  # over MAX_MESSAGE_SIZE, refused before sending
+    REJECTED = "rejected"  # every receiver refused this sender's CURVE key / address
     WORKER_ERROR = "worker_error"  # the worker thread failed (traceback in the log)
 
 
@@ -156,6 +174,7 @@ class LinkState(enum.Enum):
     UNKNOWN = "unknown"
     UP = "up"
     DOWN = "down"
+    REJECTED = "rejected"  # the receiver refused us: libzmq will not retry
 
 
 class ReceiverHealth:
@@ -169,6 +188,10 @@ class ReceiverHealth:
     def is_up(self):
         """True while at least one receiver is connected and answering."""
         return self._any_up.is_set()
+
+    def all_rejected(self):
+        """True when every receiver refused this sender's handshake."""
+        return all(s is LinkState.REJECTED for s in self.states.values())
 
     def set_state(self, ep, state):
         """Record a new state; returns True when it changed."""
@@ -255,20 +278,35 @@ class HeartbeatMonitor(threading.Thread):
                         self._transition(ep, LinkState.DOWN, "not reachable")
 
     def _on_event(self, event, ep):
-        if ep not in self.health.states:
+        state = self.health.states.get(ep)
+        if state is None:
             return
+        if state is LinkState.REJECTED and event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return  # the refusal stands until a handshake succeeds
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._transition(ep, LinkState.UP, "connected")
         elif event == zmq.EVENT_DISCONNECTED:
             self._transition(ep, LinkState.DOWN, "connection lost or heartbeat timed out")
         elif event == zmq.EVENT_CONNECT_RETRIED:
             self._transition(ep, LinkState.DOWN, "not reachable")
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            # libzmq does not reconnect after these: waiting would be in vain.
+            self._transition(ep, LinkState.REJECTED,
+                             "refused our CURVE key or address" if event ==
+                             zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                             "handshake refused (CURVE on one side only?)")
+        elif self.config.curve_keys:
+            # A wrong server key fails every handshake while libzmq retries forever.
+            self._transition(ep, LinkState.REJECTED,
+                             "CURVE handshake failed (wrong --curve-server-public?)")
         else:
             self._transition(ep, LinkState.DOWN, f"handshake failed ({zmq.Event(event).name})")
 
     def _transition(self, ep, state, reason):
         if self.health.set_state(ep, state):
             log = self.log.info if state is LinkState.UP else self.log.warning
+            if state is LinkState.REJECTED:
+                log = self.log.error
             log(f"[HEARTBEAT] receiver {ep} {state.value}: {reason}")
 
 
@@ -281,6 +319,11 @@ def configure_link(sock, config):
     sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
     sock.setsockopt(zmq.SNDHWM, config.hwm)
+    if config.curve_keys:
+        public, secret, server_public = config.curve_keys
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_serverkey = server_public
 
 
 def configure_heartbeat(sock, config):
@@ -329,14 +372,42 @@ class PushWorker(threading.Thread):
             configure_link(sock, config)
             # Messages ZeroMQ accepted get SERVER_TIMEOUT to leave at close (LINGER 0 loses them).
             sock.setsockopt(zmq.LINGER, int(config.timeout * 1000))
-            for ep in config.endpoints:
-                sock.connect(ep)
+            if len(config.endpoints) > 1:
+                self._connect_all(sock)
+            else:
+                sock.connect(config.endpoints[0])
             sent = self._send_tasks(sock)
             if sent and not self.stop.is_set():
+                # Best effort, uncounted: lets each receiver close its share of the run
+                # at once. PUSH deals consecutive frames to consecutive receivers.
                 end = self._encoder.end(sent)
-                self._send(sock, end, None)  # best effort: lets the receiver close the run
+                for _ in config.endpoints:
+                    if self._send(sock, end, None) is not Outcome.SENT:
+                        break
         finally:
             sock.close()
+
+    def _connect_all(self, sock):
+        """Connect to every receiver and wait (bounded) for each live one to shake hands.
+
+        PUSH deals only to connected receivers, so without the wait the first to
+        connect would take the whole opening burst of a fast run.
+        """
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            for ep in self.config.endpoints:
+                sock.connect(ep)
+            connected = set()
+            deadline = time.monotonic() + self.config.heartbeat_interval
+            while time.monotonic() < deadline and not self.stop.is_set():
+                live = {ep for ep, st in self.health.states.items() if st is LinkState.UP}
+                if live and live <= connected:
+                    return
+                if monitor.poll(POLL_INTERVAL // 10):
+                    connected.add(recv_monitor_message(monitor)["endpoint"].decode())
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
 
     def _send_tasks(self, sock):
         config = self.config
@@ -391,6 +462,10 @@ class PushWorker(threading.Thread):
                                       f" {time.monotonic() - wait_started:.1f} s")
                     return Outcome.SENT
                 now = time.monotonic()
+                if self.health.all_rejected():
+                    self.log.error(f"[FAIL] {self.name} gives up: every receiver refused"
+                                   " this sender's handshake")
+                    return Outcome.REJECTED
                 if self.health.is_up():
                     down_since = None  # backpressure: a slow receiver is not a dead one
                     if not self.tally.waiting and now - wait_started >= WAIT_LOG_AFTER:
@@ -519,6 +594,18 @@ def exit_reason(counts, config, flush_result, interrupted):
 def main(argv=None):
     """Run the workers to the end of the run; returns the exit status."""
     config = parse_args(argv)
+    if config.generate_keys:
+        for path in pushpull.generate_keys(config.generate_keys):
+            print(f"wrote {path}")
+        return EXIT_OK
+    if config.curve_client_key:
+        try:
+            public, secret = pushpull.load_secret_certificate(config.curve_client_key)
+            server_public = pushpull.load_public_key(config.curve_server_public)
+        except pushpull.KeyFileError as exc:
+            print(f"async-socket-sender: {exc}", file=sys.stderr)
+            return EXIT_NOT_ALL_SENT
+        config = dataclasses.replace(config, curve_keys=(public, secret, server_public))
     signals = pushpull.StopSignals(exit_on_second=True)
     signals.install()
     try:
