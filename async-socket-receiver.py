@@ -38,6 +38,7 @@ STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
 JSON_SUMMARY = None  # path to write the final summary as JSON, or None
 SPILL_FILE = "receiver_spill.bin"  # where a cold stop saves unprocessed messages
 RUN_IDLE_TIMEOUT = 15.0  # seconds of silence before an unfinished sender run is reported
+CONFIRM_PORT = None  # TCP port of the confirmation PUB socket; None: TCP_PORT + 1
 CURVE_SERVER_KEY = None  # path of the receiver's secret certificate; None: no encryption
 CURVE_ALLOW_DIR = None  # directory of allowed clients' public certificates; None: any key
 ALLOWED_IPS = []  # client addresses allowed in (ZAP); empty: every address
@@ -47,6 +48,7 @@ POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
 STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
+CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
 SPILL_MAGIC = b"ZPPSPILL1\n"  # first bytes of a spill file
@@ -64,6 +66,7 @@ class Config:
     """Settings for one receiver process."""
 
     port: int
+    confirm_port: int
     bind: str
     processing_time: float
     queue_size: int
@@ -86,6 +89,11 @@ class Config:
         return f"tcp://{self.bind}:{self.port}"
 
     @property
+    def confirm_endpoint(self):
+        """The address of the PUB socket that confirms processed tasks to senders."""
+        return f"tcp://{self.bind}:{self.confirm_port}"
+
+    @property
     def uses_zap(self):
         """Whether a ZAP authenticator decides who gets in."""
         return bool(self.curve_server_key or self.allow_ips)
@@ -98,6 +106,9 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--port", type=pushpull.positive(int), default=TCP_PORT,
                    help="TCP port to bind (TCP_PORT)")
+    p.add_argument("--confirm-port", metavar="PORT", type=pushpull.positive(int),
+                   default=CONFIRM_PORT,
+                   help="port of the confirmation socket; default: --port + 1 (CONFIRM_PORT)")
     p.add_argument("--bind", metavar="ADDRESS", default=BIND_ADDRESS,
                    help="interface to bind, * for all (BIND_ADDRESS)")
     p.add_argument("--processing-time", metavar="SECONDS", type=pushpull.non_negative(float),
@@ -134,7 +145,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.curve_allow and not a.curve_server_key:
         p.error("--curve-allow needs --curve-server-key")
-    return Config(port=a.port, bind=a.bind, processing_time=a.processing_time,
+    return Config(port=a.port, confirm_port=a.confirm_port or a.port + 1, bind=a.bind, processing_time=a.processing_time,
                   queue_size=a.queue_size, hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
@@ -244,6 +255,7 @@ class RunState:
         self.ahead = {}  # worker -> set of tasks that arrived before a missing one
         self.received = 0
         self.duplicates = 0
+        self.resent = 0  # tasks marked as resends by a --confirm sender
         self.ends = {}  # worker -> tasks it says it sent (END frame)
         self.latency = pushpull.LatencyHistogram()
         self.last_seen = now
@@ -310,6 +322,8 @@ class RunState:
             "missing_tasks": [f"Pusher-{w}:{t}" for w, t in listed]
             if self.info.endpoints == 1 else [],
             "duplicates": self.duplicates,
+            "resent": self.resent,
+            "confirm": self.info.confirm,
             "endpoints": self.info.endpoints,
             "complete": self.received >= self.planned,
             "latency_ms": self.latency.summary_ms(),
@@ -329,8 +343,9 @@ def run_line(run, reason):
     else:
         missing_text = f"share of {info.endpoints} receivers"
         received = f"received {run.received} of {run.planned} planned"
+    resent = f" | resent {run.resent}" if info.confirm else ""
     return (f"[RUN] run {pushpull.run_label(info.run_id)} | {received} | {missing_text}"
-            f" | duplicates {run.duplicates} | latency p50 {lat['p50']:.2f} ms"
+            f" | duplicates {run.duplicates}{resent} | latency p50 {lat['p50']:.2f} ms"
             f" p99 {lat['p99']:.2f} ms max {lat['max']:.2f} ms | {reason}")
 
 
@@ -348,6 +363,7 @@ class Counters:
         self.rejected_connections = 0  # receive thread: handshakes of non-ZeroMQ peers
         self.peers = 0  # receive thread: connected senders
         self.processed = 0  # processor thread
+        self.duplicates = 0  # processor thread: tasks processed before, dropped
         self.plain = 0  # processor thread: messages in no sender run
         self.spilled = 0  # main
 
@@ -421,13 +437,7 @@ class ReceiveThread(threading.Thread):
         # watch the receiver's health instead, from a socket that carries no data.
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_size)
-        if self.config.uses_zap:
-            sock.zap_domain = ZAP_DOMAIN.encode()  # makes ZAP check NULL peers too
-        if self.server_keys:
-            public, secret = self.server_keys
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            sock.curve_server = True
+        secure(sock, self.config, self.server_keys)
 
     def _receive_loop(self, sock, monitor):
         poller = zmq.Poller()
@@ -533,20 +543,40 @@ class ReceiveThread(threading.Thread):
                     f" failed ({zmq.Event(event).name})")
 
 
-def bind_error_text(config, exc):
-    """A one-line reason why the PULL socket could not bind."""
+def secure(sock, config, server_keys):
+    """CURVE server keys and the ZAP domain, when the receiver uses them."""
+    if config.uses_zap:
+        sock.zap_domain = ZAP_DOMAIN.encode()  # makes ZAP check NULL peers too
+    if server_keys:
+        public, secret = server_keys
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_server = True
+
+
+def bind_error_text(config, exc, confirm=False):
+    """A one-line reason why the PULL (or the confirmation PUB) socket could not bind."""
+    endpoint, port = ((config.confirm_endpoint, config.confirm_port) if confirm
+                      else (config.endpoint, config.port))
+    what = "confirmation port" if confirm else "port"
     if exc.errno == zmq.EADDRINUSE:
-        return f"cannot bind {config.endpoint}: port {config.port} is in use by another program"
+        return f"cannot bind {endpoint}: {what} {port} is in use by another program"
     if exc.errno in (zmq.EINVAL, zmq.ENODEV, zmq.EADDRNOTAVAIL):
-        return f"cannot bind {config.endpoint}: bad address {config.bind!r} ({exc.strerror})"
-    return f"cannot bind {config.endpoint}: {exc.strerror}"
+        return f"cannot bind {endpoint}: bad address {config.bind!r} ({exc.strerror})"
+    return f"cannot bind {endpoint}: {exc.strerror}"
 
 
 class ProcessorThread(threading.Thread):
-    """Takes batches off the queue, does the simulated work, accounts each sender run."""
+    """Takes batches off the queue, does the simulated work, accounts each sender run.
 
-    def __init__(self, config, batches, counters, stops, log, spill_path):
+    It also owns the confirmation socket: a PUB that tells --confirm senders which
+    of their tasks were processed (incrementally, as task ranges).
+    """
+
+    def __init__(self, ctx, config, batches, counters, stops, log, spill_path, server_keys=None):
         super().__init__(name="processor", daemon=True)
+        self.ctx = ctx
+        self.server_keys = server_keys
         self.config = config
         self.batches = batches
         self.counters = counters
@@ -554,73 +584,132 @@ class ProcessorThread(threading.Thread):
         self.log = log
         self.warnings = pushpull.RateLimitedLog(log, WARNING_INTERVAL)
         self.spill_path = spill_path
+        self.ready = threading.Event()
+        self.startup_error = None
         self.runs = {}  # run id -> RunState
         self.leftover = []  # messages taken off the queue but not processed (cold stop)
         self.server = f"Server:{config.port}"
+        self._to_confirm = {}  # run id -> {worker: [tasks processed, not yet published]}
+        self._next_publish = 0.0
         self._next_expiry_check = 0.0
 
     def run(self):
         """Thread body: any unexpected error is logged with its traceback."""
         try:
-            self._process_loop()
+            self._serve()
         except Exception:
             self.log.exception("[ERROR] processor thread failed")
+        finally:
+            self.ready.set()
 
-    def _process_loop(self):
+    def _serve(self):
+        confirms = self.ctx.socket(zmq.PUB)
+        try:
+            secure(confirms, self.config, self.server_keys)
+            try:
+                confirms.bind(self.config.confirm_endpoint)
+            except zmq.ZMQError as exc:
+                self.startup_error = bind_error_text(self.config, exc, confirm=True)
+                return
+            self.ready.set()
+            self._process_loop(confirms)
+            self._publish(confirms)
+        finally:
+            # A moment for the last confirmations to leave; senders resend what they miss.
+            confirms.close(linger=int(CONFIRM_INTERVAL * 1000) * 4)
+
+    def _process_loop(self, confirms):
         while not self.stops.cold.is_set():
             try:
                 batch = self.batches.get(timeout=POLL_INTERVAL / 1000)
             except queue.Empty:
+                self._publish(confirms)
                 if self.stops.receive_done.is_set() and self.batches.empty():
                     break  # warm stop: everything received has been processed
                 self._report_silent_runs()
                 continue
-            self._process_batch(batch)
+            self._process_batch(batch, confirms)
             if time.monotonic() >= self._next_expiry_check:
                 self._report_silent_runs()
 
-    def _process_batch(self, batch):
+    def _process_batch(self, batch, confirms):
         cold = self.stops.cold
         work = self.config.processing_time
         log_line = None if self.config.quiet else self.log.info
         counters = self.counters
         recv_us = batch.recv_ns // 1000 if batch.recv_ns else None
         for index, msg in enumerate(batch.items):
-            run = msg.run
-            if msg.kind is MessageKind.END:
-                self._account(msg, run, recv_us)
-                continue
+            info = msg.run
+            if info is None:
+                run = None
+            else:
+                run = self._run_state(info)
+                if msg.kind is MessageKind.END:
+                    run.ends[msg.worker] = msg.seq
+                    self._close_if_finished(run)
+                    continue
+                if not run.record(msg.worker, msg.seq):
+                    self._duplicate(run, msg)
+                    continue
+                if msg.resent:
+                    run.resent += 1
+                if recv_us is not None:
+                    run.latency.add(recv_us - msg.sent_ns // 1000)
             if work and cold.wait(work):
                 self.leftover = batch.items[index:]
                 return
+            counters.processed += 1
             if run is None:
                 counters.plain += 1
             else:
-                self._account(msg, run, recv_us)
-            counters.processed += 1
+                if info.confirm:
+                    self._confirm_later(run, msg.worker, msg.seq, confirms)
+                self._close_if_finished(run)
             if log_line is not None:
                 log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
         if batch.recovered:
             self._remove_spill_file()
 
-    def _account(self, msg, info, recv_us):
-        now = time.monotonic()
+    def _run_state(self, info):
         run = self.runs.get(info.run_id)
         if run is None:
-            run = self.runs[info.run_id] = RunState(info, now)
-        run.last_seen = now
-        if msg.kind is MessageKind.END:
-            run.ends[msg.worker] = msg.seq
+            run = self.runs[info.run_id] = RunState(info, time.monotonic())
         else:
-            is_new = run.record(msg.worker, msg.seq)
-            if recv_us is not None:
-                run.latency.add(recv_us - msg.sent_ns // 1000)
-            if not is_new:
-                self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(info.run_id)}"
-                                             f" {msg.client} task {msg.seq} arrived again")
+            run.last_seen = time.monotonic()
             if run.closed:
                 self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
                                               " a message arrived after the run was reported")
+        return run
+
+    def _duplicate(self, run, msg):
+        """A task processed before in this receiver's lifetime: dropped, not worked again."""
+        self.counters.duplicates += 1
+        if run.info.confirm:
+            # Its confirmation may have been lost: confirm it again.
+            self._to_confirm.setdefault(run.info.run_id, {}).setdefault(
+                msg.worker, []).append(msg.seq)
+        self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(run.info.run_id)}"
+                                     f" {msg.client} task {msg.seq} arrived again; dropped")
+
+    def _confirm_later(self, run, worker, task, confirms):
+        self._to_confirm.setdefault(run.info.run_id, {}).setdefault(worker, []).append(task)
+        if time.monotonic() >= self._next_publish:
+            self._publish(confirms)
+
+    def _publish(self, confirms):
+        """Send what was processed since the last publication, one frame pair per run."""
+        self._next_publish = time.monotonic() + CONFIRM_INTERVAL
+        if not self._to_confirm:
+            return
+        for run_id, per_worker in self._to_confirm.items():
+            try:
+                confirms.send_multipart(pushpull.encode_confirmations(run_id, per_worker),
+                                        zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # PUB never blocks; a sender that misses this resends, and is re-confirmed
+        self._to_confirm = {}
+
+    def _close_if_finished(self, run):
         if not run.closed and run.finished:
             self._close(run, "complete" if run.received >= run.planned else "sender finished")
 
@@ -674,6 +763,7 @@ def summary_data(counters, processor, queued, started, stop_kind):
         "received": counters.received + counters.recovered,
         "recovered": counters.recovered,
         "processed": counters.processed,
+        "duplicates": counters.duplicates,
         "invalid": counters.invalid,
         "spilled": counters.spilled,
         "unprocessed": queued,
@@ -693,6 +783,7 @@ def summary_table(data):
         ("received", f"{data['received']}" + (f" ({data['recovered']} recovered from spill file)"
                                               if data["recovered"] else "")),
         ("processed", data["processed"]),
+        ("duplicates", f"{data['duplicates']} (dropped: processed before)"),
         ("invalid", data["invalid"]),
         ("spilled", data["spilled"]),
         ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
@@ -846,7 +937,8 @@ def serve(config, signals, log):
     try:
         gatekeeper = start_gatekeeper(ctx, config, log)
         receiver = ReceiveThread(ctx, config, batches, counters, stops, log, server_keys)
-        processor = ProcessorThread(config, batches, counters, stops, log, config.spill_file)
+        processor = ProcessorThread(ctx, config, batches, counters, stops, log,
+                                    config.spill_file, server_keys)
         receiver.start()
         receiver.ready.wait()
         if receiver.startup_error or not receiver.is_alive():
@@ -858,6 +950,13 @@ def serve(config, signals, log):
             log.info(f"[SPILL] {len(recovered)} messages recovered from {config.spill_file};"
                      " processing them first")
         processor.start()
+        processor.ready.wait()
+        if processor.startup_error or not processor.is_alive():
+            log.error(f"[ERROR] {processor.startup_error or 'processor failed to start'}")
+            stops.cold.set()
+            receiver.join()
+            processor.join()
+            return EXIT_STARTUP_FAILED
         log.info(f"[START] PULL socket bound to {config.endpoint} | processing time"
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
@@ -879,7 +978,8 @@ def serve(config, signals, log):
         ctx.term()
     stop_kind = (StopKind.FAILED if not stopped_by_signal
                  else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)
-    lost = counters.received + counters.recovered - counters.processed - counters.spilled
+    lost = (counters.received + counters.recovered - counters.processed - counters.duplicates
+            - counters.spilled)
     data = summary_data(counters, processor, lost, started, stop_kind)
     log.info("\n" + summary_table(data))
     if config.json_path:

@@ -40,12 +40,15 @@ JSON_SUMMARY = None  # path to write the final summary as JSON, or None
 MESSAGE_SIZE = 0  # bytes; pad each message to at least this size (0: no padding)
 MAX_MESSAGE_SIZE = 1048576  # bytes; larger messages are refused (the receiver would drop them)
 SEND_HWM = 1000  # messages ZeroMQ may queue per worker socket (ZMQ_SNDHWM)
+CONFIRM_DELIVERY = False  # True: resend until the receiver confirms every task processed
+CONFIRM_WINDOW = 1000  # unconfirmed messages one worker may hold before it waits
 CURVE_CLIENT_KEY = None  # path of this sender's secret certificate; None: no CURVE
 CURVE_SERVER_PUBLIC = None  # path of the receiver's public certificate
 
 POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop event
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
+UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
 
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
@@ -74,6 +77,8 @@ class Config:
     size: int
     max_size: int
     hwm: int
+    confirm: bool
+    window: int
     curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
     curve_client_key: "str | None"
     curve_server_public: "str | None"
@@ -136,6 +141,10 @@ def parse_args(argv=None):
                    default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
     p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
+    p.add_argument("--confirm", action="store_true", default=CONFIRM_DELIVERY,
+                   help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
+    p.add_argument("--window", metavar="N", type=pushpull.positive(int), default=CONFIRM_WINDOW,
+                   help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
@@ -145,11 +154,18 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if bool(a.curve_client_key) != bool(a.curve_server_public):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
+    if a.confirm:
+        try:
+            for ep in a.connect or SERVER_ENDPOINTS:
+                pushpull.confirm_endpoint(ep)
+        except ValueError as exc:
+            p.error(str(exc))
     return Config(workers=a.workers, messages=a.messages, delay=a.delay,
                   endpoints=tuple(a.connect or SERVER_ENDPOINTS), timeout=a.timeout,
                   retries=a.retries, heartbeat_interval=a.heartbeat_interval,
                   log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
                   json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm,
+                  confirm=a.confirm, window=a.window,
                   curve_keys=None, curve_client_key=a.curve_client_key,
                   curve_server_public=a.curve_server_public, generate_keys=a.generate_keys)
 
@@ -220,6 +236,58 @@ class WorkerTally:
 
     outcomes: dict = field(default_factory=lambda: {o: 0 for o in Outcome})
     waiting: bool = False
+    resent: int = 0
+    not_sent: list = field(default_factory=list)  # task numbers never handed to ZeroMQ
+
+
+class UnconfirmedWindow:
+    """One worker's sent-but-unconfirmed frames: the worker adds, confirmations remove."""
+
+    def __init__(self, size):
+        self.size = size
+        self.frames = {}  # task -> frame, in the order sent
+        self.confirmed = 0
+        self.changed = threading.Condition()
+
+    def __len__(self):
+        return len(self.frames)
+
+    def add(self, task, frame):
+        """Hold a frame until the receiver confirms it."""
+        with self.changed:
+            self.frames[task] = frame
+
+    def confirm(self, first, count):
+        """Drop confirmed tasks; returns how many were waiting for it."""
+        with self.changed:
+            pop = self.frames.pop
+            hits = sum(1 for task in range(first, first + count) if pop(task, None) is not None)
+            if hits:
+                self.confirmed += hits
+                self.changed.notify_all()
+            return hits
+
+    def wait_for_room(self, timeout):
+        """Wait until the window has room; False after `timeout` seconds without."""
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.frames) < self.size, timeout)
+
+    def wait_for_change(self, timeout):
+        """Wait for a confirmation, at most `timeout` seconds."""
+        with self.changed:
+            self.changed.wait(timeout)
+
+    def unconfirmed(self):
+        """A snapshot of (task, frame) pairs still waiting, oldest first."""
+        with self.changed:
+            return list(self.frames.items())
+
+
+class ConfirmProgress:
+    """When any confirmation last arrived; written by the confirm listener only."""
+
+    def __init__(self):
+        self.last = time.monotonic()
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +387,11 @@ def configure_link(sock, config):
     sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
     sock.setsockopt(zmq.SNDHWM, config.hwm)
+    configure_curve(sock, config)
+
+
+def configure_curve(sock, config):
+    """CURVE client keys, when the run uses CURVE."""
     if config.curve_keys:
         public, secret, server_public = config.curve_keys
         sock.curve_publickey = public
@@ -341,11 +414,54 @@ def configure_heartbeat(sock, config):
     sock.setsockopt(zmq.HEARTBEAT_TTL, interval_ms * 2)
 
 
+class ConfirmListener(threading.Thread):
+    """Subscribes to each receiver's confirmations for this run and empties the windows."""
+
+    def __init__(self, ctx, config, run, windows, progress, log, stop):
+        super().__init__(name="confirm-listener", daemon=True)
+        self.ctx = ctx
+        self.config = config
+        self.run_info = run
+        self.windows = windows
+        self.progress = progress
+        self.log = log
+        self.stop = stop
+
+    def run(self):
+        """Thread body: any unexpected error is logged with its traceback."""
+        try:
+            self._listen()
+        except Exception:
+            self.log.exception("[ERROR] confirm listener failed")
+
+    def _listen(self):
+        sub = self.ctx.socket(zmq.SUB)
+        try:
+            configure_curve(sub, self.config)
+            sub.setsockopt(zmq.SUBSCRIBE, pushpull.CONFIRM_TOPIC.pack(self.run_info.run_id))
+            for ep in self.config.endpoints:
+                sub.connect(pushpull.confirm_endpoint(ep))
+            windows = self.windows
+            while not self.stop.is_set():
+                if not sub.poll(POLL_INTERVAL):
+                    continue
+                _, body = sub.recv_multipart()
+                for worker, first, count in pushpull.decode_confirmations(body):
+                    if 1 <= worker <= len(windows) and windows[worker - 1].confirm(first, count):
+                        self.progress.last = time.monotonic()
+        finally:
+            sub.close(linger=0)
+
+
 class PushWorker(threading.Thread):
     """Sends one worker's tasks on its own PUSH socket, then flushes and closes it."""
 
-    def __init__(self, ctx, config, run, number, health, log, stop, counter):
+    def __init__(self, ctx, config, run, number, health, log, stop, counter, window=None,
+                 progress=None):
         super().__init__(name=f"Pusher-{number}", daemon=True)
+        self.window = window  # None unless --confirm
+        self.progress = progress
+        self._downs_seen = 0
         self.ctx = ctx
         self.config = config
         self.run_info = run
@@ -415,29 +531,93 @@ class PushWorker(threading.Thread):
         encoder = self._encoder = pushpull.MessageEncoder(
             self.run_info, self.number, os.getpid(), threading.get_ident(), config.size)
         log_line = None if config.quiet else self.log.info
+        window = self.window
         for task in range(config.messages):
             if self.stop.is_set():
                 outcomes[Outcome.INTERRUPTED] += config.messages - task
+                self.tally.not_sent.extend(range(task, config.messages))
                 break
+            if window is not None:
+                outcome = self._make_room(sock)
+                if outcome is not Outcome.SENT:
+                    outcomes[outcome] += config.messages - task
+                    self.tally.not_sent.extend(range(task, config.messages))
+                    break
             text = encoder.text(task)
             frame = encoder.data(task, text.encode())
             if len(frame) > config.max_size:
                 outcomes[Outcome.TOO_LARGE] += 1
+                self.tally.not_sent.append(task)
                 self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
                                  f" the {config.max_size}-byte limit; not sent")
                 continue
             outcome = self._send(sock, frame, task)
             outcomes[outcome] += 1
             if outcome is Outcome.SENT:
+                if window is not None:
+                    window.add(task, frame)
                 if log_line is not None:
                     log_line(pushpull.msg_line(next(self.counter), self.name, config.target,
                                                task, text))
             else:
                 outcomes[outcome] += config.messages - task - 1
+                self.tally.not_sent.extend(range(task, config.messages))
                 break
             if config.delay and self.stop.wait(config.delay):
                 continue  # the loop's stop check counts what is left
+        if window is not None:
+            self._await_confirmations(sock)
         return outcomes[Outcome.SENT]
+
+    def _make_room(self, sock):
+        """--confirm: wait until the window has room, resending when a receiver was lost."""
+        waited = False
+        while not self.window.wait_for_room(POLL_INTERVAL / 1000):
+            if self.stop.is_set():
+                return Outcome.INTERRUPTED
+            outcome = self._resend_if_lost(sock)
+            if outcome is not Outcome.SENT:
+                return outcome
+            if not waited:
+                waited = True
+                self.log.info(f"[WAIT] {self.name} waiting: {len(self.window)} messages"
+                              " unconfirmed, window full (backpressure)")
+        return self._resend_if_lost(sock)
+
+    def _await_confirmations(self, sock):
+        """--confirm: after the last task, wait until every sent task is confirmed."""
+        window = self.window
+        while len(window) and not self.stop.is_set():
+            if self.health.all_rejected():
+                return
+            if self._resend_if_lost(sock) is not Outcome.SENT:
+                return
+            window.wait_for_change(POLL_INTERVAL / 1000)
+
+    def _resend_if_lost(self, sock):
+        """Resend every unconfirmed task after a receiver went down, or when confirmations stall.
+
+        A receiver that dies takes what it had not processed with it; a confirmation
+        can be missed. Resent tasks it did process are dropped as duplicates.
+        """
+        downs = self.health.down_transitions
+        stalled = (len(self.window) and self.health.is_up()
+                   and time.monotonic() - self.progress.last >= self.config.timeout)
+        if downs == self._downs_seen and not stalled:
+            return Outcome.SENT
+        self._downs_seen = downs
+        pending = self.window.unconfirmed()
+        if pending:
+            why = "a receiver went down" if not stalled else "confirmations stalled"
+            self.log.warning(f"[RESEND] {self.name}: {why}; resending {len(pending)}"
+                             " unconfirmed messages")
+        for task, frame in pending:
+            outcome = self._send(sock, pushpull.mark_resent(frame), task)
+            if outcome is not Outcome.SENT:
+                return outcome
+            self.tally.resent += 1
+        self.progress.last = time.monotonic()
+        return Outcome.SENT
 
     def _send(self, sock, frame, task):
         """Send one frame; wait while the receiver is busy, give up after it stays down."""
@@ -520,11 +700,23 @@ def stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
             f" | receiver {health.describe()} | ETA {eta}"), sent
 
 
-def summary_data(config, run, counts, health, duration, flush):
+def confirmation_data(config, workers):
+    """--confirm results: what was confirmed, resent, and which tasks never were."""
+    confirmed = sum(w.window.confirmed for w in workers)
+    never = {w.name: sorted(set(w.tally.not_sent) | set(w.window.frames)) for w in workers}
+    return {
+        "confirmed": confirmed,
+        "resent": sum(w.tally.resent for w in workers),
+        "unconfirmed": config.planned - confirmed,
+        "unconfirmed_tasks": {name: tasks for name, tasks in never.items() if tasks},
+    }
+
+
+def summary_data(config, run, counts, health, duration, flush, confirmation):
     """The final summary, as the JSON written by --json."""
     sent = counts[Outcome.SENT]
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
-    return {
+    return {**(confirmation or {}),
         "run_id": pushpull.run_label(run.run_id),
         "planned": config.planned,
         "sent": sent,
@@ -546,13 +738,27 @@ def summary_table(data):
     rows = [("run", data["run_id"]), ("planned", data["planned"]), ("sent", data["sent"]),
             ("failed", data["failed"])]
     rows += [(f"  {reason}", n) for reason, n in data["failed_by_reason"].items() if n]
+    if "confirmed" in data:
+        rows.append(("confirmed", f"{data['confirmed']}/{data['planned']} processed by a"
+                                  " receiver (--confirm)"))
+        rows.append(("resent", data["resent"]))
+        rows.append(("unconfirmed", data["unconfirmed"]))
+        for name, tasks in list(data["unconfirmed_tasks"].items())[:UNCONFIRMED_LISTED]:
+            shown = ", ".join(map(str, tasks[:UNCONFIRMED_LISTED]))
+            more = f" ... +{len(tasks) - UNCONFIRMED_LISTED}" if len(tasks) > UNCONFIRMED_LISTED \
+                else ""
+            rows.append((f"  {name}", f"tasks {shown}{more}"))
+        if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
+            rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
     rows.append(("flush", "complete" if data["flush_complete"] else
                  f"TIMED OUT: up to {data['unflushed_at_most']} queued messages discarded"))
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
     rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"))
     rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
-    rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
-                         " receiver that dies before reading them loses them"))
+    if "confirmed" not in data:
+        rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
+                             " receiver that dies before reading them loses them (--confirm"
+                             " knows)"))
     return pushpull.format_table("Sender summary", rows)
 
 
@@ -576,11 +782,16 @@ def flush(ctx, config, counts):
     return FlushResult(complete, bound, seconds)
 
 
-def exit_reason(counts, config, flush_result, interrupted):
+def exit_reason(counts, config, flush_result, interrupted, confirmation):
     """Exit status and a one-line reason when not every planned message was sent."""
     sent = counts[Outcome.SENT]
     if interrupted:
         return EXIT_INTERRUPTED, f"interrupted: {sent} of {config.planned} messages sent"
+    if confirmation is not None:
+        if confirmation["confirmed"] < config.planned:
+            return EXIT_NOT_ALL_SENT, (f"only {confirmation['confirmed']} of {config.planned}"
+                                       " messages confirmed processed; see unconfirmed tasks")
+        return EXIT_OK, None
     if sent < config.planned:
         reasons = ", ".join(f"{n} {o.value}" for o, n in counts.items()
                             if n and o is not Outcome.SENT)
@@ -622,16 +833,25 @@ def main(argv=None):
 def send_run(config, signals, log):
     """Start the monitor and the workers, wait for them, flush, report."""
     run = pushpull.RunInfo(random.getrandbits(63), config.workers, config.messages,
-                           len(config.endpoints))
+                           len(config.endpoints), config.confirm)
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     started = time.monotonic()
+    workers = []
     ctx = zmq.Context()
     try:
         monitor = HeartbeatMonitor(ctx, config, health, log, stop)
         monitor.start()
         counter = itertools.count(1)
-        workers = [PushWorker(ctx, config, run, n, health, log, stop, counter)
+        progress = ConfirmProgress()
+        windows = [UnconfirmedWindow(config.window) if config.confirm else None
+                   for _ in range(config.workers)]
+        listener = None
+        if config.confirm:
+            listener = ConfirmListener(ctx, config, run, windows, progress, log, stop)
+            listener.start()
+        workers = [PushWorker(ctx, config, run, n, health, log, stop, counter,
+                              windows[n - 1], progress)
                    for n in range(1, config.workers + 1)]
         log.info(f"[START] run {pushpull.run_label(run.run_id)}: {config.workers} workers x"
                  f" {config.messages} messages -> {', '.join(config.endpoints)}")
@@ -640,15 +860,19 @@ def send_run(config, signals, log):
         wait_for_workers(config, workers, health, signals, stop, log)
         stop.set()
         monitor.join()
+        if listener is not None:
+            listener.join()
     finally:
         flush_result = flush(ctx, config, totals(workers))
     counts = totals(workers)
     duration = time.monotonic() - started
-    data = summary_data(config, run, counts, health, duration, flush_result)
+    confirmation = confirmation_data(config, workers) if config.confirm else None
+    data = summary_data(config, run, counts, health, duration, flush_result, confirmation)
     log.info("\n" + summary_table(data))
     if config.json_path:
         pushpull.write_json(config.json_path, data)
-    status, reason = exit_reason(counts, config, flush_result, signals.first.is_set())
+    status, reason = exit_reason(counts, config, flush_result, signals.first.is_set(),
+                                 confirmation)
     if reason:
         log.error(f"[EXIT] {reason}")
     return status

@@ -21,14 +21,22 @@ from dataclasses import dataclass
 # ---------------------------------------------------------------------------
 # Wire format
 # ---------------------------------------------------------------------------
-# One ZeroMQ frame per message:  HEADER (38 bytes) + UTF-8 text + padding.
+# One ZeroMQ frame per message:  HEADER (39 bytes) + UTF-8 text + padding.
 # The first byte 0xFF can never start valid UTF-8 text, so a frame from any
 # other PUSH client (plain text) is never mistaken for one of ours.
 WIRE_MAGIC = b"\xff\x01"  # 0xFF, then format version 1
-HEADER = struct.Struct("!2sBBIIIIQqH")
-# magic, kind, endpoints, worker, seq, workers, messages per worker, run id,
-# sent time (ns since the epoch), text length
+HEADER = struct.Struct("!2sBBBIIIIQqH")
+# magic, kind, flags, endpoints, worker, seq, workers, messages per worker,
+# run id, sent time (ns since the epoch), text length
 HEADER_SIZE = HEADER.size
+FLAGS_OFFSET = 3  # byte offset of the flags in the header
+FLAG_CONFIRM = 0x01  # the sender wants confirmations (--confirm)
+FLAG_RESENT = 0x02  # a resend of a task that was not confirmed in time
+
+# Confirmations (receiver PUB -> sender SUB): topic = run id (8 bytes), then
+# (worker, first task, count) triples for tasks processed since the last one.
+CONFIRM_TOPIC = struct.Struct("!Q")
+CONFIRM_RANGE = struct.Struct("!III")
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
 PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>\d+)$")
 
@@ -52,6 +60,7 @@ class RunInfo:
     workers: int
     messages_per_worker: int
     endpoints: int
+    confirm: bool = False
 
     @property
     def planned(self):
@@ -71,6 +80,7 @@ class MessageEncoder:
         self.run = run
         self.worker = worker
         self.pad_to = pad_to
+        self.flags = FLAG_CONFIRM if run.confirm else 0
         self.text_prefix = MESSAGE_TEXT.format(worker=worker, pid=pid, tid=tid, task="")
 
     def text(self, task):
@@ -80,9 +90,9 @@ class MessageEncoder:
     def data(self, task, text_bytes):
         """A DATA frame for `task`, stamped with the current time."""
         run = self.run
-        frame = HEADER.pack(WIRE_MAGIC, MessageKind.DATA, run.endpoints, self.worker, task,
-                            run.workers, run.messages_per_worker, run.run_id,
-                            time.time_ns(), len(text_bytes)) + text_bytes
+        frame = HEADER.pack(WIRE_MAGIC, MessageKind.DATA, self.flags, run.endpoints,
+                            self.worker, task, run.workers, run.messages_per_worker,
+                            run.run_id, time.time_ns(), len(text_bytes)) + text_bytes
         if len(frame) < self.pad_to:
             frame += b" " * (self.pad_to - len(frame))
         return frame
@@ -90,8 +100,15 @@ class MessageEncoder:
     def end(self, sent):
         """The END frame a worker sends last, saying how many tasks it sent."""
         run = self.run
-        return HEADER.pack(WIRE_MAGIC, MessageKind.END, run.endpoints, self.worker, sent,
-                           run.workers, run.messages_per_worker, run.run_id, time.time_ns(), 0)
+        return HEADER.pack(WIRE_MAGIC, MessageKind.END, self.flags, run.endpoints, self.worker,
+                           sent, run.workers, run.messages_per_worker, run.run_id,
+                           time.time_ns(), 0)
+
+
+def mark_resent(frame):
+    """The same frame with FLAG_RESENT set, so the receiver can count resends."""
+    return b"%b%c%b" % (frame[:FLAGS_OFFSET], frame[FLAGS_OFFSET] | FLAG_RESENT,
+                        frame[FLAGS_OFFSET + 1:])
 
 
 @dataclass(slots=True)
@@ -106,6 +123,7 @@ class Decoded:
     sent_ns: int
     text: str
     client: str
+    resent: bool = False
 
 
 def decode(frame, run_cache):
@@ -119,22 +137,23 @@ def decode(frame, run_cache):
     if frame[0] == 0xFF:
         if len(frame) < HEADER_SIZE:
             raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
-        (magic, kind, endpoints, worker, seq, workers, per_worker, run_id, sent_ns,
+        (magic, kind, flags, endpoints, worker, seq, workers, per_worker, run_id, sent_ns,
          text_len) = HEADER.unpack_from(frame)
         if magic != WIRE_MAGIC or kind > MessageKind.END or HEADER_SIZE + text_len > len(frame):
             raise InvalidMessage("bad header")
         if not 1 <= worker <= workers or (kind == MessageKind.DATA and seq >= per_worker):
             raise InvalidMessage(f"worker {worker} or task {seq} outside its run")
-        key = (run_id, workers, per_worker, endpoints)
+        confirm = bool(flags & FLAG_CONFIRM)
+        key = (run_id, workers, per_worker, endpoints, confirm)
         run = run_cache.get(key)
         if run is None:
-            run = run_cache[key] = RunInfo(run_id, workers, per_worker, endpoints)
+            run = run_cache[key] = RunInfo(run_id, workers, per_worker, endpoints, confirm)
         try:
             text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
         except UnicodeDecodeError as exc:
             raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
         return Decoded(frame, MessageKind(kind), run, worker, seq, sent_ns, text,
-                       f"Pusher-{worker}")
+                       f"Pusher-{worker}", bool(flags & FLAG_RESENT))
     try:
         text = frame.decode()
     except UnicodeDecodeError as exc:
@@ -146,6 +165,40 @@ def decode(frame, run_cache):
         return Decoded(frame, MessageKind.DATA, None, 0, int(match["task"]), 0, text,
                        match["client"])
     return Decoded(frame, MessageKind.DATA, None, 0, -1, 0, text, "plain")
+
+
+def task_ranges(tasks):
+    """Sorted (first, count) runs covering the task numbers in `tasks`."""
+    ranges = []
+    for task in sorted(tasks):
+        if ranges and ranges[-1][0] + ranges[-1][1] == task:
+            ranges[-1][1] += 1
+        elif not ranges or ranges[-1][0] + ranges[-1][1] < task:
+            ranges.append([task, 1])
+    return ranges
+
+
+def encode_confirmations(run_id, per_worker):
+    """One confirmation frame pair: [topic, ranges] for {worker: tasks processed}."""
+    body = b"".join(CONFIRM_RANGE.pack(worker, first, count)
+                    for worker, tasks in per_worker.items()
+                    for first, count in task_ranges(tasks))
+    return [CONFIRM_TOPIC.pack(run_id), body]
+
+
+def decode_confirmations(body):
+    """(worker, first task, count) triples from a confirmation body."""
+    usable = len(body) - len(body) % CONFIRM_RANGE.size
+    return [CONFIRM_RANGE.unpack_from(body, offset)
+            for offset in range(0, usable, CONFIRM_RANGE.size)]
+
+
+def confirm_endpoint(endpoint):
+    """Where a receiver's confirmations come from: the same host, data port + 1."""
+    match = re.match(r"^tcp://(.+):(\d+)$", endpoint)
+    if not match:
+        raise ValueError(f"--confirm needs tcp://HOST:PORT endpoints, not {endpoint}")
+    return f"tcp://{match[1]}:{int(match[2]) + 1}"
 
 
 # ---------------------------------------------------------------------------

@@ -20,10 +20,17 @@ READY_LINE = "Server is running"
 
 
 def free_port():
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free, and so is the next (the confirmation port)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with socket.socket() as confirm:
+            try:
+                confirm.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 def wait_until(predicate, timeout, what="condition"):
