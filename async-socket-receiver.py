@@ -251,6 +251,7 @@ class RunState:
 
     def __init__(self, info, now):
         self.info = info
+        self.planned = info.planned
         self.next_task = [0] * (info.workers + 1)  # per worker: all tasks below arrived
         self.ahead = {}  # worker -> set of tasks that arrived before a missing one
         self.received = 0
@@ -261,11 +262,6 @@ class RunState:
         self.last_seen = now
         self.closed = False
         self.reports = 0
-
-    @property
-    def planned(self):
-        """Tasks the run planned to send."""
-        return self.info.planned
 
     def record(self, worker, task):
         """Account one task; returns False for a duplicate."""
@@ -483,34 +479,42 @@ class ReceiveThread(threading.Thread):
         """Receive up to `limit` waiting messages without blocking; None if none were valid."""
         recv_ns = time.time_ns()
         items = []
-        counters = self.counters
+        append = items.append
+        recv = sock.recv
         decode = pushpull.decode
         cache = self.run_cache
+        end = MessageKind.END
+        ends = 0
+        number = self.counters.received
         log_line = None if self.config.quiet else self.log.info
         for _ in range(limit):
             try:
-                frame = sock.recv(zmq.NOBLOCK, copy=False)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             if frame.more:
-                parts = 1
-                while frame.more:
-                    frame = sock.recv(copy=False)  # the rest of a message is already here
-                    parts += 1
-                self._invalid(f"{parts}-frame message (the wire format has one frame)")
+                self._skip_multipart(sock)
                 continue
             try:
                 msg = decode(frame.bytes, cache)
             except pushpull.InvalidMessage as exc:
                 self._invalid(str(exc))
                 continue
-            items.append(msg)
-            if msg.kind is MessageKind.DATA:  # END frames are bookkeeping, not messages
-                counters.received += 1
-                if log_line is not None:
-                        log_line(pushpull.msg_line(counters.received, msg.client, self.target,
-                                               msg.seq, msg.text))
+            append(msg)
+            if msg.kind is end:
+                ends += 1  # END frames are bookkeeping, not messages
+            elif log_line is not None:
+                number += 1
+                log_line(pushpull.msg_line(number, msg.client, self.target, msg.seq, msg.text))
+        self.counters.received += len(items) - ends
         return Batch(recv_ns, items) if items else None
+
+    def _skip_multipart(self, sock):
+        parts = 1
+        while sock.rcvmore:
+            sock.recv(copy=False)  # the rest of a message is already here
+            parts += 1
+        self._invalid(f"{parts}-frame message (the wire format has one frame)")
 
     def _invalid(self, reason):
         self.counters.invalid += 1
@@ -637,13 +641,17 @@ class ProcessorThread(threading.Thread):
         work = self.config.processing_time
         log_line = None if self.config.quiet else self.log.info
         counters = self.counters
+        monotonic = time.monotonic
         recv_us = batch.recv_ns // 1000 if batch.recv_ns else None
+        last_info = run = None
         for index, msg in enumerate(batch.items):
             info = msg.run
             if info is None:
                 run = None
             else:
-                run = self._run_state(info)
+                if info is not last_info:
+                    last_info, run = info, self._run_state(info)
+                run.last_seen = monotonic()
                 if msg.kind is MessageKind.END:
                     run.ends[msg.worker] = msg.seq
                     self._close_if_finished(run)
@@ -664,7 +672,8 @@ class ProcessorThread(threading.Thread):
             else:
                 if info.confirm:
                     self._confirm_later(run, msg.worker, msg.seq, confirms)
-                self._close_if_finished(run)
+                if run.received >= run.planned and not run.closed:
+                    self._close(run, "complete")
             if log_line is not None:
                 log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
         if batch.recovered:
@@ -674,11 +683,9 @@ class ProcessorThread(threading.Thread):
         run = self.runs.get(info.run_id)
         if run is None:
             run = self.runs[info.run_id] = RunState(info, time.monotonic())
-        else:
-            run.last_seen = time.monotonic()
-            if run.closed:
-                self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
-                                              " a message arrived after the run was reported")
+        elif run.closed:
+            self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
+                                          " a message arrived after the run was reported")
         return run
 
     def _duplicate(self, run, msg):

@@ -234,7 +234,8 @@ class ReceiverHealth:
 class WorkerTally:
     """One worker's counts; only that worker writes them."""
 
-    outcomes: dict = field(default_factory=lambda: {o: 0 for o in Outcome})
+    sent: int = 0  # a plain int: counted once per message, on the hot path
+    failed: dict = field(default_factory=lambda: {o: 0 for o in Outcome if o is not Outcome.SENT})
     waiting: bool = False
     resent: int = 0
     not_sent: list = field(default_factory=list)  # task numbers never handed to ZeroMQ
@@ -478,8 +479,8 @@ class PushWorker(threading.Thread):
             self._send_all()
         except Exception:
             self.log.exception(f"[ERROR] {self.name} failed")
-            done = sum(self.tally.outcomes.values())
-            self.tally.outcomes[Outcome.WORKER_ERROR] += self.config.messages - done
+            done = self.tally.sent + sum(self.tally.failed.values())
+            self.tally.failed[Outcome.WORKER_ERROR] += self.config.messages - done
 
     def _send_all(self):
         config = self.config
@@ -527,7 +528,9 @@ class PushWorker(threading.Thread):
 
     def _send_tasks(self, sock):
         config = self.config
-        outcomes = self.tally.outcomes
+        tally = self.tally
+        outcomes = tally.failed
+        sent_ok = Outcome.SENT
         encoder = self._encoder = pushpull.MessageEncoder(
             self.run_info, self.number, os.getpid(), threading.get_ident(), config.size)
         log_line = None if config.quiet else self.log.info
@@ -543,8 +546,7 @@ class PushWorker(threading.Thread):
                     outcomes[outcome] += config.messages - task
                     self.tally.not_sent.extend(range(task, config.messages))
                     break
-            text = encoder.text(task)
-            frame = encoder.data(task, text.encode())
+            frame = encoder.data(task)
             if len(frame) > config.max_size:
                 outcomes[Outcome.TOO_LARGE] += 1
                 self.tally.not_sent.append(task)
@@ -552,22 +554,22 @@ class PushWorker(threading.Thread):
                                  f" the {config.max_size}-byte limit; not sent")
                 continue
             outcome = self._send(sock, frame, task)
-            outcomes[outcome] += 1
-            if outcome is Outcome.SENT:
+            if outcome is sent_ok:
+                tally.sent += 1
                 if window is not None:
                     window.add(task, frame)
                 if log_line is not None:
                     log_line(pushpull.msg_line(next(self.counter), self.name, config.target,
-                                               task, text))
+                                               task, encoder.text(task)))
             else:
-                outcomes[outcome] += config.messages - task - 1
+                outcomes[outcome] += config.messages - task
                 self.tally.not_sent.extend(range(task, config.messages))
                 break
             if config.delay and self.stop.wait(config.delay):
                 continue  # the loop's stop check counts what is left
         if window is not None:
             self._await_confirmations(sock)
-        return outcomes[Outcome.SENT]
+        return tally.sent
 
     def _make_room(self, sock):
         """--confirm: wait until the window has room, resending when a receiver was lost."""
@@ -680,7 +682,8 @@ def totals(workers):
     """Outcome -> count, summed over the workers."""
     result = {o: 0 for o in Outcome}
     for worker in workers:
-        for outcome, count in worker.tally.outcomes.items():
+        result[Outcome.SENT] += worker.tally.sent
+        for outcome, count in worker.tally.failed.items():
             result[outcome] += count
     return result
 

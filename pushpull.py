@@ -21,23 +21,30 @@ from dataclasses import dataclass
 # ---------------------------------------------------------------------------
 # Wire format
 # ---------------------------------------------------------------------------
-# One ZeroMQ frame per message:  HEADER (39 bytes) + UTF-8 text + padding.
+# One ZeroMQ frame per message:  HEADER (40 bytes) + UTF-8 text + padding.
 # The first byte 0xFF can never start valid UTF-8 text, so a frame from any
 # other PUSH client (plain text) is never mistaken for one of ours.
+# The header's first 20 bytes are the same in every frame of a run, so the
+# receiver looks the run up by those bytes instead of parsing them each time.
 WIRE_MAGIC = b"\xff\x01"  # 0xFF, then format version 1
-HEADER = struct.Struct("!2sBBBIIIIQqH")
-# magic, kind, flags, endpoints, worker, seq, workers, messages per worker,
-# run id, sent time (ns since the epoch), text length
+RUN_FIELDS = struct.Struct("!2sBBIIQ")
+# magic, run flags, endpoints, workers, messages per worker, run id
+MESSAGE_FIELDS = struct.Struct("!BBIIqH")
+# kind, message flags, worker, task, sent time (ns since the epoch), text length
+HEADER = struct.Struct("!2sBBIIQBBIIqH")  # RUN_FIELDS then MESSAGE_FIELDS
+MESSAGE_TAIL = struct.Struct("!IqH")  # task, sent time, text length: what a worker varies
 HEADER_SIZE = HEADER.size
-FLAGS_OFFSET = 3  # byte offset of the flags in the header
-FLAG_CONFIRM = 0x01  # the sender wants confirmations (--confirm)
-FLAG_RESENT = 0x02  # a resend of a task that was not confirmed in time
+RUN_KEY_SIZE = RUN_FIELDS.size
+RESENT_OFFSET = RUN_KEY_SIZE + 1  # byte offset of the message flags
+FLAG_CONFIRM = 0x01  # run flag: the sender wants confirmations (--confirm)
+FLAG_RESENT = 0x01  # message flag: a resend of a task that was not confirmed in time
 
 # Confirmations (receiver PUB -> sender SUB): topic = run id (8 bytes), then
 # (worker, first task, count) triples for tasks processed since the last one.
 CONFIRM_TOPIC = struct.Struct("!Q")
 CONFIRM_RANGE = struct.Struct("!III")
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
+RUN_CACHE_SIZE = 1024  # runs remembered by decode() before the cache starts over
 PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>\d+)$")
 
 
@@ -46,6 +53,9 @@ class MessageKind(enum.IntEnum):
 
     DATA = 0  # one task
     END = 1  # a worker's last frame: seq holds how many tasks it sent
+
+
+KINDS = tuple(MessageKind)  # indexing a tuple is cheaper than calling the enum
 
 
 class InvalidMessage(ValueError):
@@ -80,35 +90,36 @@ class MessageEncoder:
         self.run = run
         self.worker = worker
         self.pad_to = pad_to
-        self.flags = FLAG_CONFIRM if run.confirm else 0
+        flags = FLAG_CONFIRM if run.confirm else 0
         self.text_prefix = MESSAGE_TEXT.format(worker=worker, pid=pid, tid=tid, task="")
+        self._text_prefix = self.text_prefix.encode()
+        run_bytes = RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
+                                    run.messages_per_worker, run.run_id)
+        self._data_prefix = run_bytes + bytes([MessageKind.DATA, 0]) + worker.to_bytes(4, "big")
+        self._end_prefix = run_bytes + bytes([MessageKind.END, 0]) + worker.to_bytes(4, "big")
 
     def text(self, task):
         """The human-readable text of task number `task`."""
         return f"{self.text_prefix}{task}"
 
-    def data(self, task, text_bytes):
+    def data(self, task):
         """A DATA frame for `task`, stamped with the current time."""
-        run = self.run
-        frame = HEADER.pack(WIRE_MAGIC, MessageKind.DATA, self.flags, run.endpoints,
-                            self.worker, task, run.workers, run.messages_per_worker,
-                            run.run_id, time.time_ns(), len(text_bytes)) + text_bytes
+        text = b"%b%d" % (self._text_prefix, task)
+        frame = b"%b%b%b" % (self._data_prefix,
+                             MESSAGE_TAIL.pack(task, time.time_ns(), len(text)), text)
         if len(frame) < self.pad_to:
             frame += b" " * (self.pad_to - len(frame))
         return frame
 
     def end(self, sent):
         """The END frame a worker sends last, saying how many tasks it sent."""
-        run = self.run
-        return HEADER.pack(WIRE_MAGIC, MessageKind.END, self.flags, run.endpoints, self.worker,
-                           sent, run.workers, run.messages_per_worker, run.run_id,
-                           time.time_ns(), 0)
+        return self._end_prefix + MESSAGE_TAIL.pack(sent, time.time_ns(), 0)
 
 
 def mark_resent(frame):
     """The same frame with FLAG_RESENT set, so the receiver can count resends."""
-    return b"%b%c%b" % (frame[:FLAGS_OFFSET], frame[FLAGS_OFFSET] | FLAG_RESENT,
-                        frame[FLAGS_OFFSET + 1:])
+    return b"%b%c%b" % (frame[:RESENT_OFFSET], frame[RESENT_OFFSET] | FLAG_RESENT,
+                        frame[RESENT_OFFSET + 1:])
 
 
 @dataclass(slots=True)
@@ -122,38 +133,59 @@ class Decoded:
     seq: int
     sent_ns: int
     text: str
-    client: str
     resent: bool = False
+    plain_client: str = ""
+
+    @property
+    def client(self):
+        """Who sent it: Pusher-N, or the name read from a plain message."""
+        return self.plain_client or f"Pusher-{self.worker}"
 
 
 def decode(frame, run_cache):
     """Decode one frame; raise InvalidMessage for bad input.
 
-    run_cache maps a header's run fields to a shared RunInfo, so a run costs one
-    object, not one per message.
+    run_cache maps the header's run bytes to a shared RunInfo, so a run costs one
+    object and one parse, not one per message.
     """
-    if not frame:
-        raise InvalidMessage("empty message")
-    if frame[0] == 0xFF:
-        if len(frame) < HEADER_SIZE:
-            raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
-        (magic, kind, flags, endpoints, worker, seq, workers, per_worker, run_id, sent_ns,
-         text_len) = HEADER.unpack_from(frame)
-        if magic != WIRE_MAGIC or kind > MessageKind.END or HEADER_SIZE + text_len > len(frame):
-            raise InvalidMessage("bad header")
-        if not 1 <= worker <= workers or (kind == MessageKind.DATA and seq >= per_worker):
-            raise InvalidMessage(f"worker {worker} or task {seq} outside its run")
-        confirm = bool(flags & FLAG_CONFIRM)
-        key = (run_id, workers, per_worker, endpoints, confirm)
-        run = run_cache.get(key)
-        if run is None:
-            run = run_cache[key] = RunInfo(run_id, workers, per_worker, endpoints, confirm)
-        try:
-            text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
-        except UnicodeDecodeError as exc:
-            raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
-        return Decoded(frame, MessageKind(kind), run, worker, seq, sent_ns, text,
-                       f"Pusher-{worker}", bool(flags & FLAG_RESENT))
+    run = run_cache.get(frame[:RUN_KEY_SIZE])
+    if run is None:
+        if not frame:
+            raise InvalidMessage("empty message")
+        if frame[0] != 0xFF:
+            return decode_plain(frame)
+        run = new_run(frame, run_cache)
+    if len(frame) < HEADER_SIZE:
+        raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
+    kind, flags, worker, seq, sent_ns, text_len = MESSAGE_FIELDS.unpack_from(frame, RUN_KEY_SIZE)
+    if kind > MessageKind.END or HEADER_SIZE + text_len > len(frame):
+        raise InvalidMessage("bad header")
+    if not 1 <= worker <= run.workers or (kind == MessageKind.DATA
+                                          and seq >= run.messages_per_worker):
+        raise InvalidMessage(f"worker {worker} or task {seq} outside its run")
+    try:
+        text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
+    return Decoded(frame, KINDS[kind], run, worker, seq, sent_ns, text, flags & FLAG_RESENT == 1)
+
+
+def new_run(frame, run_cache):
+    """Parse and remember the run fields of the first frame seen from a run."""
+    if len(frame) < HEADER_SIZE:
+        raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
+    magic, flags, endpoints, workers, per_worker, run_id = RUN_FIELDS.unpack_from(frame)
+    if magic != WIRE_MAGIC or not workers:
+        raise InvalidMessage("bad header")
+    run = RunInfo(run_id, workers, per_worker, endpoints, bool(flags & FLAG_CONFIRM))
+    if len(run_cache) >= RUN_CACHE_SIZE:
+        run_cache.clear()  # bounded: garbage with random run ids must not grow it forever
+    run_cache[frame[:RUN_KEY_SIZE]] = run
+    return run
+
+
+def decode_plain(frame):
+    """A single-frame text message from another PUSH client."""
     try:
         text = frame.decode()
     except UnicodeDecodeError as exc:
@@ -163,8 +195,8 @@ def decode(frame, run_cache):
     match = PLAIN_TEXT_PATTERN.match(text)
     if match:
         return Decoded(frame, MessageKind.DATA, None, 0, int(match["task"]), 0, text,
-                       match["client"])
-    return Decoded(frame, MessageKind.DATA, None, 0, -1, 0, text, "plain")
+                       plain_client=match["client"])
+    return Decoded(frame, MessageKind.DATA, None, 0, -1, 0, text, plain_client="plain")
 
 
 def task_ranges(tasks):
