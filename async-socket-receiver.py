@@ -901,22 +901,8 @@ def security_warnings(config, log):
 
 def main(argv=None):
     """Run the receiver until Ctrl+C or SIGTERM; returns the exit status."""
-    config = parse_args(argv)
-    if config.generate_keys:
-        for path in pushpull.generate_keys(config.generate_keys):
-            print(f"wrote {path}")
-        return EXIT_OK
-    signals = pushpull.StopSignals()
-    signals.install()
-    try:
-        log, listener = pushpull.start_logging("receiver", config.log_file)
-    except pushpull.LogSetupError as exc:
-        print(f"async-socket-receiver: {exc}", file=sys.stderr)
-        return EXIT_STARTUP_FAILED
-    try:
-        return serve(config, signals, log)
-    finally:
-        listener.stop()
+    return pushpull.run_script("async-socket-receiver", parse_args(argv), serve,
+                               EXIT_STARTUP_FAILED)
 
 
 def serve(config, signals, log):

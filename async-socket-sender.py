@@ -808,10 +808,6 @@ def exit_reason(counts, config, flush_result, interrupted, confirmation):
 def main(argv=None):
     """Run the workers to the end of the run; returns the exit status."""
     config = parse_args(argv)
-    if config.generate_keys:
-        for path in pushpull.generate_keys(config.generate_keys):
-            print(f"wrote {path}")
-        return EXIT_OK
     if config.curve_client_key:
         try:
             public, secret = pushpull.load_secret_certificate(config.curve_client_key)
@@ -820,17 +816,8 @@ def main(argv=None):
             print(f"async-socket-sender: {exc}", file=sys.stderr)
             return EXIT_NOT_ALL_SENT
         config = dataclasses.replace(config, curve_keys=(public, secret, server_public))
-    signals = pushpull.StopSignals(exit_on_second=True)
-    signals.install()
-    try:
-        log, listener = pushpull.start_logging("sender", config.log_file)
-    except pushpull.LogSetupError as exc:
-        print(f"async-socket-sender: {exc}", file=sys.stderr)
-        return EXIT_NOT_ALL_SENT
-    try:
-        return send_run(config, signals, log)
-    finally:
-        listener.stop()
+    return pushpull.run_script("async-socket-sender", config, send_run, EXIT_NOT_ALL_SENT,
+                               exit_on_second=True)
 
 
 def send_run(config, signals, log):

@@ -491,6 +491,29 @@ class StopSignals:
             os._exit(130)
 
 
+def run_script(name, config, body, startup_failed, exit_on_second=False):
+    """What both scripts' main() do around their work: keys, signals, logging.
+
+    --generate-keys writes certificates and returns 0. Otherwise `body(config,
+    signals, log)` runs with the log listener stopped (flushed) afterwards.
+    """
+    if config.generate_keys:
+        for path in generate_keys(config.generate_keys):
+            print(f"wrote {path}")
+        return 0
+    signals = StopSignals(exit_on_second)
+    signals.install()
+    try:
+        log, listener = start_logging(name, config.log_file)
+    except LogSetupError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return startup_failed
+    try:
+        return body(config, signals, log)
+    finally:
+        listener.stop()
+
+
 def positive(kind):
     """An argparse type: a number of `kind` (int or float) that is > 0."""
     def parse(text):
