@@ -138,8 +138,9 @@ def parse_args(argv=None):
                    help="receiver's secret certificate: turns CURVE on (CURVE_SERVER_KEY)")
     p.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
                    help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
-    p.add_argument("--allow-ip", metavar="ADDRESS", action="append",
-                   help="client address allowed in, repeatable (ALLOWED_IPS; none: all)")
+    p.add_argument("--allow-ip", metavar="ADDRESS", action="append", default=argparse.SUPPRESS,
+                   help=f"client address allowed in, repeatable (ALLOWED_IPS) (default:"
+                        f" {' '.join(ALLOWED_IPS) or 'any address'})")
     p.add_argument("--generate-keys", metavar="DIR",
                    help="write server and client certificates into DIR, then exit")
     a = p.parse_args(argv)
@@ -151,7 +152,7 @@ def parse_args(argv=None):
                   stats_interval=a.stats_interval, json_path=a.json,
                   spill_file=a.spill_file, run_timeout=a.run_timeout,
                   curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
-                  allow_ips=tuple(a.allow_ip or ALLOWED_IPS), generate_keys=a.generate_keys)
+                  allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)), generate_keys=a.generate_keys)
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +187,12 @@ class BatchQueue(queue.Queue):
         batch = self.queue.popleft()
         self.depth -= len(batch.items)
         return batch
+
+    def wait_for_room(self, timeout):
+        """Wait until the queue has room; returns how many messages fit (0 on timeout)."""
+        with self.not_full:
+            self.not_full.wait_for(lambda: self.depth < self.maxsize, timeout)
+            return max(0, self.maxsize - self.depth)
 
     def put_past_bound(self, batch):
         """Put a batch even when the queue is full: used only while stopping."""
@@ -257,6 +264,7 @@ class RunState:
         self.received = 0
         self.duplicates = 0
         self.resent = 0  # tasks marked as resends by a --confirm sender
+        self.spilled = 0  # received tasks saved to the spill file by a cold stop
         self.ends = {}  # worker -> tasks it says it sent (END frame)
         self.latency = pushpull.LatencyHistogram()
         self.last_seen = now
@@ -285,6 +293,17 @@ class RunState:
             return False
         self.received += 1
         return True
+
+    def forget(self, worker, task):
+        """Undo record() for a task that was not processed after all (cold stop)."""
+        ahead = self.ahead.setdefault(worker, set())
+        if task in ahead:
+            ahead.remove(task)
+        else:
+            # Tasks after it that were contiguous become "ahead" of the gap it leaves.
+            ahead.update(range(task + 1, self.next_task[worker]))
+            self.next_task[worker] = task
+        self.received -= 1
 
     def missing_tasks(self, limit):
         """Up to `limit` (worker, task) pairs that have not arrived, and their count."""
@@ -318,6 +337,7 @@ class RunState:
             "missing_tasks": [f"Pusher-{w}:{t}" for w, t in listed]
             if self.info.endpoints == 1 else [],
             "duplicates": self.duplicates,
+            "spilled": self.spilled,
             "resent": self.resent,
             "confirm": self.info.confirm,
             "endpoints": self.info.endpoints,
@@ -335,6 +355,8 @@ def run_line(run, reason):
         shown = ", ".join(f"Pusher-{w}:{t}" for w, t in listed)
         more = f" ... +{missing - len(listed)}" if missing > len(listed) else ""
         missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
+        if run.spilled:
+            missing_text += f", {run.spilled} of them in the spill file"
         received = f"received {run.received}/{run.planned}"
     else:
         missing_text = f"share of {info.endpoints} receivers"
@@ -357,7 +379,7 @@ class Counters:
         self.invalid = 0  # receive thread
         self.rejected = 0  # receive thread: peers refused by CURVE or the IP allow list
         self.rejected_connections = 0  # receive thread: handshakes of non-ZeroMQ peers
-        self.peers = 0  # receive thread: connected senders
+        self.peers = 0  # receive thread: connected peers (sender sockets and health probes)
         self.processed = 0  # processor thread
         self.duplicates = 0  # processor thread: tasks processed before, dropped
         self.plain = 0  # processor thread: messages in no sender run
@@ -458,7 +480,11 @@ class ReceiveThread(threading.Thread):
             if monitor in ready:
                 self._connection_events(monitor)
             if sock in ready:
-                pending = self._drain(sock, BATCH_MAX)
+                # Take no more than the queue has room for: its bound is exact, and
+                # what stays in the socket pushes back on the senders.
+                room = self.batches.wait_for_room(POLL_INTERVAL / 1000)
+                if room:
+                    pending = self._drain(sock, min(BATCH_MAX, room))
         if pending is not None:
             self.batches.put_past_bound(pending)
 
@@ -541,6 +567,8 @@ class ReceiveThread(threading.Thread):
                 # A failed handshake is followed by a DISCONNECTED for a peer never counted.
                 self.counters.peers += 1
                 self.counters.rejected_connections += 1
+                if self.server_keys:
+                    continue  # with CURVE, the AUTH or PROTOCOL event counts the refusal
                 self.counters.invalid += 1
                 self.warnings.warning(
                     "handshake", "[INVALID] connection dropped: not a ZeroMQ peer or handshake"
@@ -652,6 +680,9 @@ class ProcessorThread(threading.Thread):
                 if info is not last_info:
                     last_info, run = info, self._run_state(info)
                 run.last_seen = monotonic()
+                if run.closed and msg.kind is not MessageKind.END:
+                    self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
+                                                  " a message arrived after the run was reported")
                 if msg.kind is MessageKind.END:
                     run.ends[msg.worker] = msg.seq
                     self._close_if_finished(run)
@@ -664,9 +695,13 @@ class ProcessorThread(threading.Thread):
                 if recv_us is not None:
                     run.latency.add(recv_us - msg.sent_ns // 1000)
             if work and cold.wait(work):
+                if run is not None:
+                    run.forget(msg.worker, msg.seq)  # it goes to the spill file instead
                 self.leftover = batch.items[index:]
                 return
             counters.processed += 1
+            if log_line is not None:
+                log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
             if run is None:
                 counters.plain += 1
             else:
@@ -674,8 +709,6 @@ class ProcessorThread(threading.Thread):
                     self._confirm_later(run, msg.worker, msg.seq, confirms)
                 if run.received >= run.planned and not run.closed:
                     self._close(run, "complete")
-            if log_line is not None:
-                log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
         if batch.recovered:
             self._remove_spill_file()
 
@@ -683,9 +716,6 @@ class ProcessorThread(threading.Thread):
         run = self.runs.get(info.run_id)
         if run is None:
             run = self.runs[info.run_id] = RunState(info, time.monotonic())
-        elif run.closed:
-            self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
-                                          " a message arrived after the run was reported")
         return run
 
     def _duplicate(self, run, msg):
@@ -816,7 +846,7 @@ def stats_line(counters, batches, last, elapsed):
     processed_rate = pushpull.rate(counters.processed - last[1], elapsed)
     return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
             f" {counters.processed} ({processed_rate:.1f}/s) | queue {batches.qsize()}"
-            f" | invalid {counters.invalid} | senders {counters.peers}")
+            f" | invalid {counters.invalid} | connections {counters.peers}")
 
 
 def wait_for_stop(signals, counters, batches, config, log, receiver):
@@ -940,8 +970,8 @@ def serve(config, signals, log):
             return EXIT_STARTUP_FAILED
         if recovered:
             batches.put_past_bound(Batch(None, recovered, recovered=True))
-            log.info(f"[SPILL] {len(recovered)} messages recovered from {config.spill_file};"
-                     " processing them first")
+            log.info(f"[SPILL] {counters.recovered} messages recovered from"
+                     f" {config.spill_file}; processing them first")
         processor.start()
         processor.ready.wait()
         if processor.startup_error or not processor.is_alive():
@@ -963,7 +993,7 @@ def serve(config, signals, log):
         processor.join()
         unprocessed = processor.leftover + batches.take_all()
         if unprocessed:
-            spill(unprocessed, config.spill_file, counters, log)
+            spill(unprocessed, config.spill_file, counters, log, processor.runs)
         processor.report_open_runs()
     finally:
         if gatekeeper is not None:
@@ -992,8 +1022,11 @@ def recover(frames, counters):
     return items
 
 
-def spill(messages, path, counters, log):
+def spill(messages, path, counters, log, runs):
     """Cold stop: save what was received but not processed, and say how many."""
+    for msg in messages:
+        if msg.run is not None and msg.kind is MessageKind.DATA and msg.run.run_id in runs:
+            runs[msg.run.run_id].spilled += 1
     try:
         write_spill(path, [msg.raw for msg in messages])
     except OSError as exc:

@@ -115,8 +115,10 @@ def parse_args(argv=None):
                    help="messages per worker (MESSAGES_PER_WORKER)")
     p.add_argument("--delay", metavar="SECONDS", type=pushpull.non_negative(float),
                    default=MESSAGE_DELAY, help="pause between a worker's messages (MESSAGE_DELAY)")
+    # SUPPRESS: "append" would add to a default list instead of replacing it.
     p.add_argument("--connect", metavar="ENDPOINT", type=endpoint, action="append",
-                   help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS; default:"
+                   default=argparse.SUPPRESS,
+                   help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS) (default:"
                         f" {' '.join(SERVER_ENDPOINTS)})")
     p.add_argument("--timeout", metavar="SECONDS", type=pushpull.positive(float),
                    default=SERVER_TIMEOUT,
@@ -156,12 +158,12 @@ def parse_args(argv=None):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
     if a.confirm:
         try:
-            for ep in a.connect or SERVER_ENDPOINTS:
+            for ep in getattr(a, "connect", SERVER_ENDPOINTS):
                 pushpull.confirm_endpoint(ep)
         except ValueError as exc:
             p.error(str(exc))
     return Config(workers=a.workers, messages=a.messages, delay=a.delay,
-                  endpoints=tuple(a.connect or SERVER_ENDPOINTS), timeout=a.timeout,
+                  endpoints=tuple(getattr(a, "connect", SERVER_ENDPOINTS)), timeout=a.timeout,
                   retries=a.retries, heartbeat_interval=a.heartbeat_interval,
                   log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
                   json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm,
@@ -494,7 +496,8 @@ class PushWorker(threading.Thread):
             else:
                 sock.connect(config.endpoints[0])
             sent = self._send_tasks(sock)
-            if sent and not self.stop.is_set():
+            gave_up = any(self.tally.failed[o] for o in (Outcome.RECEIVER_DOWN, Outcome.REJECTED))
+            if sent and not gave_up and not self.stop.is_set() and self.health.is_up():
                 # Best effort, uncounted: lets each receiver close its share of the run
                 # at once. PUSH deals consecutive frames to consecutive receivers.
                 end = self._encoder.end(sent)

@@ -50,6 +50,7 @@ def load_script(name):
     sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(name.replace("-", "_"), ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 

@@ -1,7 +1,22 @@
-"""The pair end to end with the seed's shape: counts, [RUN] line, exit codes."""
+"""The pair end to end with the seed's shape: counts, [RUN] line, exit codes, logs."""
+
+import re
+import socket
+import time
+
+import zmq
+
+from conftest import free_port, load_script
+from helpers import (MESSAGE_COLUMN, Tail, alignment_report, bad_prefixes, log_lines,
+                     pipe_offsets)
+
+FAST_RECEIVER = ("--processing-time", "0.001")
+PER_WORKER = 120
+TOTAL = 120 * PER_WORKER
 
 
 def test_seed_shaped_run_is_fully_accounted(procs):
+    """5 workers x 4 messages: [RUN] 20/20, missing 0, JSON counts on both sides."""
     receiver = procs.receiver("--processing-time", "0.001")
     sender = procs.sender("--workers", "5", "--messages", "4", "--delay", "0.01",
                           endpoints=[receiver.endpoint])
@@ -13,3 +28,217 @@ def test_seed_shaped_run_is_fully_accounted(procs):
     assert (summary["received"], summary["processed"], summary["spilled"]) == (20, 20, 0)
     assert summary["runs"][0]["planned"] == 20 and summary["runs"][0]["missing"] == 0
     assert sender.summary()["sent"] == 20
+
+
+def test_seed_defaults_shape_200_messages(procs):
+    """20 workers x 10 messages: 200 received/processed, one [RUN] 200/200, sender 200/200/0."""
+    receiver = procs.receiver(*FAST_RECEIVER)
+    sender = procs.sender("--delay", "0.01", endpoints=[receiver.endpoint])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    receiver.wait_for_output(r"\[RUN\]")
+    receiver.wait_for_output(r"\[PROC\]", count=200)
+    assert receiver.stop() == 0
+    run_lines = receiver.lines(r"\[RUN\]")
+    assert len(run_lines) == 1, "expected exactly one [RUN] line:\n" + "\n".join(run_lines)
+    assert "received 200/200" in run_lines[0] and "missing 0" in run_lines[0]
+    summary = receiver.summary()
+    assert (summary["received"], summary["processed"], summary["invalid"]) == (200, 200, 0)
+    assert [(r["planned"], r["received"], r["missing"]) for r in summary["runs"]] == \
+        [(200, 200, 0)]
+    result = sender.summary()
+    assert (result["planned"], result["sent"], result["failed"]) == (200, 200, 0)
+    assert len(sender.lines(r"\[MSG #")) == 200
+    assert len(receiver.lines(r"\[MSG #")) == 200
+
+
+def check_alignment(name, text, tags=("[MSG #", "[PROC]")):
+    """Assert the seed's fixed-width format on every log line of `text`; returns the lines."""
+    lines = log_lines(text)
+    assert lines, f"{name}: no log lines"
+    bad = bad_prefixes(lines)
+    assert not bad, f"{name}: lines not in 'YYYY-MM-DD HH:MM:SS.cc - LEVEL   - ':\n{bad[:3]}"
+    for tag in tags:
+        count, kinds = alignment_report(lines, tag)
+        assert count, f"{name}: no {tag} lines"
+        assert len(kinds) == 1, f"{name}: {tag} '|' columns differ:\n" + "\n".join(
+            f"{offsets}: {line}" for offsets, line in list(kinds.items())[:4])
+    return lines
+
+
+def test_logs_stay_aligned_at_120_workers_x_120_messages(procs, tmp_path):
+    """Every [MSG]/[PROC] '|' column fixed in both consoles and server_logs.txt, past the
+    seed's breaking points (Pusher-100, Task 100, MSG #1000), WARNING lines mixed in,
+    2-decimal timestamps. (The issue's 120 x 1000 took 41 s here; the unit test below
+    covers the widest values.)"""
+    receiver = procs.receiver("--processing-time", "0")
+    sender = procs.sender("--workers", "120", "--messages", str(PER_WORKER), "--delay", "0",
+                          endpoints=[receiver.endpoint])
+    # Mix a WARNING into the receiver's stream mid-run: a frame with a broken header.
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.connect(receiver.endpoint)
+        Tail(receiver.out_path).wait_for(r"\[MSG #", 30, receiver)
+        intruder.send(b"\xff\x01broken")
+        intruder.close(linger=2000)
+    finally:
+        ctx.term()
+    assert sender.wait(45) == 0, sender.output()[-2000:]
+    Tail(receiver.out_path).wait_for(rf"\[RUN\] .*received {TOTAL}/{TOTAL}", 45, receiver)
+    assert receiver.stop() == 0
+    summary = receiver.summary()
+    assert (summary["received"], summary["processed"], summary["invalid"]) == \
+        (TOTAL, TOTAL, 1)
+
+    receiver_lines = check_alignment("receiver console", receiver.output())
+    file_lines = check_alignment("server_logs.txt",
+                                 (tmp_path / "server_logs.txt").read_text(encoding="utf-8"))
+    sender_lines = check_alignment("sender console", sender.output(), tags=("[MSG #",))
+    for name, lines in (("receiver", receiver_lines), ("file", file_lines)):
+        assert sum("[MSG #" in line for line in lines) == TOTAL, name
+        assert sum("[PROC]" in line for line in lines) == TOTAL, name
+        warnings = [line for line in lines if " - WARNING - " in line]
+        assert any("[INVALID]" in line for line in warnings), f"{name}: no WARNING mixed in"
+        assert all(line[MESSAGE_COLUMN - 3:MESSAGE_COLUMN] == " - " for line in lines)
+    assert sum("[MSG #" in line for line in sender_lines) == TOTAL
+    # The widest values of this run really were logged (the columns the seed broke on).
+    assert any(f"[MSG #{TOTAL:07d}]" in line for line in sender_lines)
+    assert any("[Pusher-120  ]" in line and "| Task    119 |" in line
+               for line in receiver_lines)
+
+
+def test_line_formats_keep_fixed_offsets_at_the_configurable_limits():
+    """msg_line/proc_line: '|' offsets equal for task 0 and 999999, MSG #1 and #9,999,999,
+    worker 1 and 99999, and plain messages without a task."""
+    pushpull = load_script("async-socket-receiver").pushpull
+    target = "Server:*:5560"
+    text = "Pusher-1[PID:1/TID:2] - Task 3"
+    msg_offsets = {pipe_offsets(pushpull.msg_line(n, client, target, task, text))
+                   for n in (1, 999, 1000, 9_999_999)
+                   for client in ("Pusher-1", "Pusher-99999", "plain")
+                   for task in (-1, 0, 99, 100, 999_999)}
+    proc_offsets = {pipe_offsets(pushpull.proc_line("Server:5560", client, task, text))
+                    for client in ("Pusher-1", "Pusher-99999", "plain")
+                    for task in (-1, 0, 99, 100, 999_999)}
+    assert len(msg_offsets) == 1, msg_offsets
+    assert len(proc_offsets) == 1, proc_offsets
+    assert "[MSG #9999999] ZMQ [Pusher-99999]" in pushpull.msg_line(
+        9_999_999, "Pusher-99999", target, 999_999, text)
+    assert "| Task 999999 |" in pushpull.proc_line("Server:5560", "Pusher-99999", 999_999, text)
+
+
+def test_plain_text_from_a_foreign_push_client_is_received_logged_counted(procs):
+    """Single-frame text from a plain pyzmq PUSH (no wire header) is received, logged, counted."""
+    receiver = procs.receiver(*FAST_RECEIVER)
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.connect(receiver.endpoint)
+        push.send(b"hello")
+        push.send(b"Pusher-1[PID:1/TID:2] - Task 3")
+        receiver.wait_for_output(r"\[PROC\]", count=2)
+        push.close(linger=0)
+    finally:
+        ctx.term()
+    msg_lines = receiver.lines(r"\[MSG #")
+    proc_lines = receiver.lines(r"\[PROC\]")
+    assert any(line.endswith("| hello") and "[plain" in line for line in msg_lines), msg_lines
+    assert any(re.search(r"\[Pusher-1 *\].*\| Task +3 \| Pusher-1\[PID:1/TID:2\] - Task 3$",
+                         line) for line in msg_lines), msg_lines
+    assert any(line.endswith("Processing: hello") for line in proc_lines), proc_lines
+    assert len({pipe_offsets(line) for line in msg_lines}) == 1
+    assert receiver.stop() == 0
+    summary = receiver.summary()
+    assert (summary["received"], summary["processed"], summary["plain"], summary["invalid"]) \
+        == (2, 2, 2, 0)
+    assert summary["runs"] == []
+
+
+def test_receiver_exits_quickly_when_its_port_is_in_use(procs):
+    """A second receiver on a taken port exits non-zero within 5 s, saying the port is in use."""
+    first = procs.receiver(*FAST_RECEIVER)
+    started = time.monotonic()
+    second = procs.receiver(*FAST_RECEIVER, port=first.port, wait_ready=False)
+    status = second.wait(5)
+    assert time.monotonic() - started < 5
+    assert status != 0
+    assert "in use" in second.output()
+    assert "Server is running" not in second.output()
+    assert first.popen.poll() is None  # the first one is unharmed
+
+
+def test_receiver_exits_when_a_non_zmq_program_holds_the_port(procs):
+    """A plain TCP listener on the port: the receiver refuses to start, exit non-zero, 'in use'."""
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        receiver = procs.receiver(*FAST_RECEIVER, port=port, wait_ready=False)
+        status = receiver.wait(5)
+    assert status != 0
+    assert "in use" in receiver.output()
+
+
+def test_sender_without_receiver_fails_with_one_exit_line(procs):
+    """No receiver: non-zero exit, one one-line [EXIT] reason, JSON failed = planned, sent 0."""
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    sender = procs.sender("--workers", "3", "--messages", "4", "--delay", "0",
+                          "--timeout", "0.3", "--retries", "1", "--heartbeat-interval", "0.5",
+                          endpoints=[nobody])
+    assert sender.wait(15) != 0
+    exit_lines = sender.lines(r"\[EXIT\]")
+    assert len(exit_lines) == 1, sender.output()[-2000:]
+    assert re.search(r"\[EXIT\] \S.*\d", exit_lines[0])
+    tail = sender.output().split(exit_lines[0], 1)[1]
+    assert tail.strip() == "", f"[EXIT] reason is not the last, single line: {tail!r}"
+    result = sender.summary()
+    assert (result["planned"], result["sent"], result["failed"]) == (12, 0, 12)
+
+
+def test_padded_messages_are_all_counted(procs):
+    """--size 500: every padded message is received and processed; logs show the text only."""
+    receiver = procs.receiver(*FAST_RECEIVER)
+    sender = procs.sender("--workers", "4", "--messages", "25", "--delay", "0",
+                          "--size", "500", endpoints=[receiver.endpoint])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    receiver.wait_for_output(r"\[RUN\].*received 100/100")
+    assert receiver.stop() == 0
+    summary = receiver.summary()
+    assert (summary["received"], summary["processed"], summary["invalid"]) == (100, 100, 0)
+    assert summary["runs"][0]["missing"] == 0
+    assert all(re.search(r"- Task \d+$", line) for line in receiver.lines(r"\[MSG #"))
+
+
+def test_quiet_mode_prints_no_per_message_lines(procs):
+    """--quiet on both: no [MSG]/[PROC] lines, but [RUN] and both summaries are there."""
+    receiver = procs.receiver(*FAST_RECEIVER, "--quiet")
+    sender = procs.sender("--workers", "3", "--messages", "10", "--delay", "0", "--quiet",
+                          endpoints=[receiver.endpoint])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    receiver.wait_for_output(r"\[RUN\].*received 30/30")
+    assert receiver.stop() == 0
+    for proc in (receiver, sender):
+        assert not proc.lines(r"\[MSG #|\[PROC\]"), proc.output()[-2000:]
+    assert "==== Receiver summary ====" in receiver.output()
+    assert "==== Sender summary ====" in sender.output()
+    assert receiver.summary()["processed"] == 30
+
+
+def test_stats_lines_show_counts_and_sender_eta(procs):
+    """--stats-interval 0.2: both print [STATS] with counts; the sender's shows sent N/M and ETA."""
+    receiver = procs.receiver("--processing-time", "0.01", "--stats-interval", "0.2")
+    sender = procs.sender("--workers", "2", "--messages", "30", "--delay", "0.04",
+                          "--stats-interval", "0.2", endpoints=[receiver.endpoint])
+    sender_stats = sender.wait_for_output(r"\[STATS\]", count=2, timeout=15)
+    receiver_stats = receiver.wait_for_output(r"\[STATS\]", count=2, timeout=15)
+    assert sender.wait() == 0
+    for line in sender_stats:
+        match = re.search(r"sent (\d+)/60\b.*ETA (\d+\.\d s|-)", line)
+        assert match, line
+        assert int(match.group(1)) <= 60
+    assert any(int(re.search(r"sent (\d+)/", line).group(1)) > 0 for line in sender_stats)
+    for line in receiver_stats:
+        assert re.search(r"received \d+ .*processed \d+ .*queue \d+", line), line
+    assert any(int(re.search(r"received (\d+)", line).group(1)) > 0 for line in receiver_stats)
+    receiver.wait_for_output(r"\[RUN\].*received 60/60")
+    assert receiver.stop() == 0
