@@ -75,12 +75,7 @@ def start(script, args, cwd, prefix, ready=None):
 
 
 def stop(proc):
-    """Ctrl+C for the receiver: SIGINT, or CTRL_BREAK_EVENT on Windows.
-
-    On Windows CTRL_BREAK_EVENT arrives as SIGBREAK, which the receiver does not
-    handle (pushpull.StopSignals takes SIGINT and SIGTERM): there it ends without
-    its summary and the demo reports a failure.
-    """
+    """Ctrl+C for the receiver: SIGINT, or CTRL_BREAK_EVENT (SIGBREAK) on Windows."""
     proc.send_signal(signal.CTRL_BREAK_EVENT if WINDOWS else signal.SIGINT)
 
 

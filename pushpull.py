@@ -475,10 +475,11 @@ class StopSignals:
         self.count = 0
 
     def install(self):
-        """Handle SIGINT, and SIGTERM where the platform has it."""
+        """Handle SIGINT, and SIGTERM and Windows' SIGBREAK (Ctrl+Break) where they exist."""
         signal.signal(signal.SIGINT, self._handle)
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._handle)
+        for name in ("SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handle)
 
     def _handle(self, signum, frame):
         self.count += 1
