@@ -31,7 +31,7 @@ ENABLE_FILE_LOGGING = True  # also write the log to LOG_FILE
 LOG_FILE = "server_logs.txt"  # path of the log file
 PROCESSING_TIME = 0.1  # seconds of simulated work per message
 QUEUE_MAXSIZE = 10000  # messages waiting between the receive and processor threads
-RECEIVE_HWM = 1000  # messages ZeroMQ may buffer in the PULL socket (ZMQ_RCVHWM)
+RECEIVE_HWM = 200  # messages ZeroMQ may buffer per sender connection (ZMQ_RCVHWM)
 MAX_MESSAGE_SIZE = 1048576  # bytes; ZeroMQ drops a peer that sends more (ZMQ_MAXMSGSIZE)
 QUIET = False  # True: no per-message lines, only [STATS], [RUN] and the summary
 STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
@@ -48,6 +48,8 @@ POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
 STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
+HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
+SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
@@ -92,11 +94,6 @@ class Config:
     def confirm_endpoint(self):
         """The address of the PUB socket that confirms processed tasks to senders."""
         return f"tcp://{self.bind}:{self.confirm_port}"
-
-    @property
-    def uses_zap(self):
-        """Whether a ZAP authenticator decides who gets in."""
-        return bool(self.curve_server_key or self.allow_ips)
 
 
 def parse_args(argv=None):
@@ -414,6 +411,7 @@ class ReceiveThread(threading.Thread):
         self.ready = threading.Event()
         self.startup_error = None
         self.run_cache = {}
+        self.links = LinkTally()
         self.target = f"Server:{config.bind}:{config.port}"
 
     def run(self):
@@ -436,7 +434,7 @@ class ReceiveThread(threading.Thread):
                 self.startup_error = bind_error_text(self.config, exc)
                 return
             monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             try:
@@ -454,6 +452,9 @@ class ReceiveThread(threading.Thread):
         # connection whose input is stopped at the high-water mark. The senders
         # watch the receiver's health instead, from a socket that carries no data.
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        # Loopback may otherwise buffer tens of MB per connection in the kernel,
+        # hiding a slow receiver from its senders.
+        sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_size)
         secure(sock, self.config, self.server_keys)
 
@@ -489,17 +490,24 @@ class ReceiveThread(threading.Thread):
             self.batches.put_past_bound(pending)
 
     def _drain_for_stop(self, sock):
-        """Warm stop: take what is already on its way (socket and TCP buffers), then stop."""
+        """Warm stop: take what is already on its way (socket and TCP buffers), then stop.
+
+        Bounded in time and to one more queue's worth of messages, so a sender that
+        keeps flooding cannot grow memory or hold the stop up.
+        """
         deadline = time.monotonic() + STOP_DRAIN_LIMIT
-        while time.monotonic() < deadline and not self.stops.cold.is_set():
+        room = self.config.queue_size
+        while room > 0 and time.monotonic() < deadline and not self.stops.cold.is_set():
             if not sock.poll(STOP_DRAIN_QUIET):
                 return
-            batch = self._drain(sock, BATCH_MAX)
+            batch = self._drain(sock, min(BATCH_MAX, room))
             if batch is not None:
                 self.batches.put_past_bound(batch)
+                room -= len(batch.items)
         if sock.poll(0):
-            self.log.warning(f"[STOP] senders still sending after {STOP_DRAIN_LIMIT:g} s;"
-                             " what they send from now on is not received")
+            self.log.warning("[STOP] senders are still sending; messages not taken off the"
+                             " socket by now are not received (their senders counted them"
+                             " as sent: --confirm resends them)")
 
     def _drain(self, sock, limit):
         """Receive up to `limit` waiting messages without blocking; None if none were valid."""
@@ -548,37 +556,83 @@ class ReceiveThread(threading.Thread):
                               f" (invalid so far: {self.counters.invalid})")
 
     def _connection_events(self, monitor):
+        """Count peers, and connections refused or dropped before their handshake ended."""
+        counters = self.counters
+        links = self.links
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.counters.peers += 1
+            if event == zmq.EVENT_ACCEPTED:
+                links.accepted += 1
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                links.resolved(self)
+                counters.peers += 1
             elif event == zmq.EVENT_DISCONNECTED:
-                self.counters.peers = max(0, self.counters.peers - 1)
+                if links.unresolved > 0:
+                    # Junk bytes (or a peer gone mid-handshake): libzmq just drops them.
+                    links.dropped += 1
+                    self._invalid_connection("connection closed before a ZeroMQ handshake")
+                else:
+                    counters.peers = max(0, counters.peers - 1)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
                     event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.server_keys):
                 # Refused by ZAP (logged with its address by the authenticator), or a
-                # peer without CURVE talking to a CURVE receiver.
-                self.counters.peers += 1
-                self.counters.rejected += 1
+                # peer whose CURVE handshake could not work.
+                links.resolved(self, failed=True)
+                counters.rejected += 1
                 if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                    self.warnings.warning("auth-protocol", "[AUTH] rejected a peer that does"
-                                                           " not speak CURVE (no client key)")
+                    self.warnings.warning("auth-protocol", "[AUTH] refused a peer whose CURVE"
+                                                           " handshake failed (no client key,"
+                                                           " or a wrong server key)")
             else:
-                # A failed handshake is followed by a DISCONNECTED for a peer never counted.
-                self.counters.peers += 1
-                self.counters.rejected_connections += 1
+                links.resolved(self, failed=True)
                 if self.server_keys:
                     continue  # with CURVE, the AUTH or PROTOCOL event counts the refusal
-                self.counters.invalid += 1
-                self.warnings.warning(
-                    "handshake", "[INVALID] connection dropped: not a ZeroMQ peer or handshake"
-                    f" failed ({zmq.Event(event).name})")
+                self._invalid_connection(f"handshake failed ({zmq.Event(event).name})")
+
+    def _invalid_connection(self, reason):
+        self.counters.rejected_connections += 1
+        self.counters.invalid += 1
+        self.warnings.warning("handshake", f"[INVALID] connection dropped: not a ZeroMQ peer:"
+                                           f" {reason}")
+
+
+class LinkTally:
+    """Connections by how their handshake ended, from the PULL socket's monitor events.
+
+    libzmq reports no file descriptor with a successful handshake, so connections
+    are matched in aggregate: a DISCONNECTED while some accepted connection has
+    no handshake result yet is taken as a drop before the handshake. If a result
+    then arrives that the drop made impossible, the guess is undone.
+    """
+
+    def __init__(self):
+        self.accepted = 0
+        self.handshakes = 0  # succeeded or failed
+        self.dropped = 0  # closed before any handshake result
+
+    @property
+    def unresolved(self):
+        """Accepted connections with no handshake result yet."""
+        return self.accepted - self.handshakes - self.dropped
+
+    def resolved(self, receiver, failed=False):
+        """A handshake ended; correct an earlier drop that was really this connection's."""
+        self.handshakes += 1
+        if self.unresolved < 0:
+            self.dropped -= 1
+            receiver.counters.rejected_connections -= 1
+            receiver.counters.invalid -= 1
+        if failed:
+            receiver.counters.peers += 1  # its DISCONNECTED follows and takes it off again
 
 
 def secure(sock, config, server_keys):
     """CURVE server keys and the ZAP domain, when the receiver uses them."""
-    if config.uses_zap:
-        sock.zap_domain = ZAP_DOMAIN.encode()  # makes ZAP check NULL peers too
+    # With a ZAP domain every peer passes the authenticator, and libzmq refuses
+    # ZMTP/1.0 peers: without it, raw bytes on the port are read as old-protocol
+    # frames and can come out as messages.
+    sock.zap_domain = ZAP_DOMAIN.encode()
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT * 1000))
     if server_keys:
         public, secret = server_keys
         sock.curve_publickey = public
@@ -906,9 +960,7 @@ class Gatekeeper(ThreadAuthenticator):
 
 
 def start_gatekeeper(ctx, config, log):
-    """Start ZAP authentication when CURVE or an IP allow list is on; None otherwise."""
-    if not config.uses_zap:
-        return None
+    """Start ZAP authentication: open to all unless CURVE or an IP allow list is on."""
     gatekeeper = Gatekeeper(ctx, log)
     gatekeeper.start()
     if config.allow_ips:
@@ -956,9 +1008,8 @@ def serve(config, signals, log):
     stops = StopEvents()
     batches = BatchQueue(config.queue_size)
     ctx = zmq.Context()
-    gatekeeper = None
+    gatekeeper = start_gatekeeper(ctx, config, log)
     try:
-        gatekeeper = start_gatekeeper(ctx, config, log)
         receiver = ReceiveThread(ctx, config, batches, counters, stops, log, server_keys)
         processor = ProcessorThread(ctx, config, batches, counters, stops, log,
                                     config.spill_file, server_keys)
@@ -996,8 +1047,7 @@ def serve(config, signals, log):
             spill(unprocessed, config.spill_file, counters, log, processor.runs)
         processor.report_open_runs()
     finally:
-        if gatekeeper is not None:
-            gatekeeper.stop()
+        gatekeeper.stop()
         ctx.term()
     stop_kind = (StopKind.FAILED if not stopped_by_signal
                  else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)

@@ -49,6 +49,7 @@ POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
+SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
@@ -390,6 +391,9 @@ def configure_link(sock, config):
     sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
     sock.setsockopt(zmq.SNDHWM, config.hwm)
+    # Loopback may otherwise buffer megabytes per connection in the kernel: "sent"
+    # would then run far ahead of a slow receiver, with no backpressure felt.
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
     configure_curve(sock, config)
 
 
@@ -520,8 +524,11 @@ class PushWorker(threading.Thread):
             connected = set()
             deadline = time.monotonic() + self.config.heartbeat_interval
             while time.monotonic() < deadline and not self.stop.is_set():
-                live = {ep for ep, st in self.health.states.items() if st is LinkState.UP}
-                if live and live <= connected:
+                # Wait for every receiver that is up or not yet judged, not only the
+                # first to answer: one that is merely slower would get nothing.
+                awaited = {ep for ep, st in self.health.states.items()
+                           if st in (LinkState.UP, LinkState.UNKNOWN)}
+                if not awaited - connected:
                     return
                 if monitor.poll(POLL_INTERVAL // 10):
                     connected.add(recv_monitor_message(monitor)["endpoint"].decode())

@@ -1,0 +1,196 @@
+"""CURVE keys, authorized and refused clients, the IP allow list, the bind-all warning.
+
+Every test runs the real scripts on 127.0.0.1; refused senders must fail fast and
+loudly, and nothing they try to send may reach the receiver.
+"""
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq.auth
+
+from conftest import RECEIVER, SENDER
+
+KEY_FILES = {"server.key", "server.key_secret", "client.key", "client.key_secret"}
+QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-timeout", "1")
+# A refused sender must give up well within one timeout window: timeout 2 s x (1 + 1 retry).
+FAST_FAIL = ("--timeout", "2", "--retries", "1", "--heartbeat-interval", "1")
+FAIL_WINDOW = 4.0
+
+
+def generate(directory):
+    """Run --generate-keys into `directory` (receiver script) and return the directory."""
+    done = subprocess.run([sys.executable, str(RECEIVER), "--generate-keys", str(directory)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return directory
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Two independent key sets, `good` and `other`, plus an allow dir with good's client."""
+    good = generate(tmp_path / "good")
+    other = generate(tmp_path / "other")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(good / "client.key", allow / "client.key")
+    return {"good": good, "other": other, "allow": allow}
+
+
+def curve_receiver(procs, keys):
+    """A CURVE receiver that only lets in `good`'s client key."""
+    return procs.receiver(*QUIET_RECEIVER,
+                          "--curve-server-key", str(keys["good"] / "server.key_secret"),
+                          "--curve-allow", str(keys["allow"]))
+
+
+def timed_exit(proc, limit):
+    """Wait for `proc` to exit; returns (exit status, seconds since it was started)."""
+    status = proc.wait(timeout=limit + 10)
+    return status, time.monotonic() - proc.started
+
+
+def start_sender(procs, receiver, *args):
+    """A quiet sender to `receiver`, remembering when it was started."""
+    started = time.monotonic()
+    sender = procs.sender("--quiet", *args, endpoints=[receiver.endpoint])
+    sender.started = started
+    return sender
+
+
+def stopped_summary(receiver):
+    """Warm-stop the receiver and return its JSON summary."""
+    assert receiver.stop() == 0, receiver.output()[-2000:]
+    return receiver.summary()
+
+
+@pytest.mark.parametrize("script", [RECEIVER, SENDER], ids=["receiver", "sender"])
+def test_generate_keys_writes_four_certificates(tmp_path, script):
+    """--generate-keys on either script writes the four pyzmq certificate files, exits 0."""
+    target = tmp_path / "keys"
+    done = subprocess.run([sys.executable, str(script), "--generate-keys", str(target)],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in target.iterdir()} == KEY_FILES
+    server_public, server_secret = zmq.auth.load_certificate(target / "server.key_secret")
+    client_public, client_secret = zmq.auth.load_certificate(target / "client.key_secret")
+    assert server_secret and client_secret and server_public != client_public
+    assert zmq.auth.load_certificate(target / "server.key") == (server_public, None)
+    assert zmq.auth.load_certificate(target / "client.key") == (client_public, None)
+
+
+def test_curve_authorized_client_gets_everything_through(procs, keys):
+    """A client whose public key is in --curve-allow delivers every message; none refused."""
+    receiver = curve_receiver(procs, keys)
+    sender = start_sender(procs, receiver, "--workers", "3", "--messages", "20",
+                          "--delay", "0",
+                          "--curve-client-key", str(keys["good"] / "client.key_secret"),
+                          "--curve-server-public", str(keys["good"] / "server.key"))
+    assert sender.wait() == 0, sender.output()[-2000:]
+    assert sender.summary()["sent"] == 60
+    receiver.wait_for_output(r"\[RUN\].*received 60/60")
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 60
+    assert summary["rejected"] == 0
+    assert not receiver.lines(r"\[AUTH\]")
+
+
+def test_unknown_client_key_is_refused_fast(procs, keys):
+    """A client key not in --curve-allow: sender gives up at once, nothing arrives, one [AUTH]."""
+    receiver = curve_receiver(procs, keys)
+    sender = start_sender(procs, receiver, "--workers", "3", "--messages", "10",
+                          "--delay", "0", *FAST_FAIL,
+                          "--curve-client-key", str(keys["other"] / "client.key_secret"),
+                          "--curve-server-public", str(keys["good"] / "server.key"))
+    status, elapsed = timed_exit(sender, FAIL_WINDOW)
+    assert status != 0
+    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
+    result = sender.summary()
+    assert result["sent"] == 0
+    assert result["failed_by_reason"]["rejected"] == result["planned"] == 30
+    assert sender.lines(r"\[HEARTBEAT\].*rejected")
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 0
+    assert summary["rejected"] >= 1
+    assert len(receiver.lines(r"\[AUTH\] refused peer 127\.0\.0\.1")) == 1
+
+
+def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
+    """A sender with no CURVE key at all cannot talk to a CURVE receiver."""
+    receiver = curve_receiver(procs, keys)
+    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
+                          "--delay", "0", *FAST_FAIL)
+    status, elapsed = timed_exit(sender, FAIL_WINDOW)
+    assert status != 0
+    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
+    result = sender.summary()
+    assert result["sent"] == 0
+    assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 0
+    assert summary["rejected"] >= 1
+    assert receiver.lines(r"\[AUTH\]")
+
+
+def test_wrong_server_public_key_fails_within_timeout(procs, keys):
+    """An allowed client given the wrong server key says so and exits non-zero in time."""
+    receiver = curve_receiver(procs, keys)
+    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
+                          "--delay", "0", *FAST_FAIL,
+                          "--curve-client-key", str(keys["good"] / "client.key_secret"),
+                          "--curve-server-public", str(keys["other"] / "server.key"))
+    status, elapsed = timed_exit(sender, FAIL_WINDOW)
+    assert status != 0
+    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
+    assert sender.lines(r"\[HEARTBEAT\].*(rejected|handshake failed)")
+    result = sender.summary()
+    assert result["sent"] == 0
+    assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 0
+
+
+def test_ip_allow_list_admits_listed_address(procs):
+    """--allow-ip 127.0.0.1 lets a sender from 127.0.0.1 deliver everything."""
+    receiver = procs.receiver(*QUIET_RECEIVER, "--allow-ip", "127.0.0.1")
+    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10", "--delay", "0")
+    assert sender.wait() == 0, sender.output()[-2000:]
+    receiver.wait_for_output(r"\[RUN\].*received 20/20")
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 20
+    assert summary["rejected"] == 0
+
+
+def test_ip_allow_list_refuses_other_address(procs):
+    """--allow-ip 127.0.0.2 refuses a sender from 127.0.0.1: [AUTH] names it, nothing arrives."""
+    receiver = procs.receiver(*QUIET_RECEIVER, "--allow-ip", "127.0.0.2")
+    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
+                          "--delay", "0", *FAST_FAIL)
+    status, elapsed = timed_exit(sender, FAIL_WINDOW)
+    assert status != 0
+    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
+    result = sender.summary()
+    assert result["sent"] == 0
+    assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
+    summary = stopped_summary(receiver)
+    assert summary["received"] == 0
+    assert summary["rejected"] >= 1
+    assert receiver.lines(r"\[AUTH\].*127\.0\.0\.1")
+
+
+def test_bind_all_without_curve_warns(procs):
+    """Bound to every interface without CURVE, the receiver warns at startup."""
+    receiver = procs.receiver("--no-file-log", "--bind", "*")
+    assert receiver.lines(r"\[AUTH\] bound to every interface without CURVE")
+    assert receiver.stop() == 0
+
+
+def test_bind_loopback_does_not_warn(procs):
+    """Bound to 127.0.0.1 only, there is no bind-all warning."""
+    receiver = procs.receiver("--no-file-log", "--bind", "127.0.0.1")
+    assert receiver.stop() == 0
+    assert receiver.lines(r"Server is running")
+    assert not receiver.lines(r"\[AUTH\]")
