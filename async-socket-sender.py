@@ -281,6 +281,11 @@ class UnconfirmedWindow:
         with self.changed:
             self.changed.wait(timeout)
 
+    def discard(self, task):
+        """Forget a task that was never sent after all."""
+        with self.changed:
+            self.frames.pop(task, None)
+
     def unconfirmed(self):
         """A snapshot of (task, frame) pairs still waiting, oldest first."""
         with self.changed:
@@ -469,6 +474,7 @@ class PushWorker(threading.Thread):
         self.window = window  # None unless --confirm
         self.progress = progress
         self._downs_seen = 0
+        self._last_resend = 0.0
         self.ctx = ctx
         self.config = config
         self.run_info = run
@@ -563,15 +569,17 @@ class PushWorker(threading.Thread):
                 self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
                                  f" the {config.max_size}-byte limit; not sent")
                 continue
+            if window is not None:
+                window.add(task, frame)  # before sending: its confirmation may come at once
             outcome = self._send(sock, frame, task)
             if outcome is sent_ok:
                 tally.sent += 1
-                if window is not None:
-                    window.add(task, frame)
                 if log_line is not None:
                     log_line(pushpull.msg_line(next(self.counter), self.name, config.target,
                                                task, encoder.text(task)))
             else:
+                if window is not None:
+                    window.discard(task)
                 outcomes[outcome] += config.messages - task
                 self.tally.not_sent.extend(range(task, config.messages))
                 break
@@ -613,8 +621,11 @@ class PushWorker(threading.Thread):
         can be missed. Resent tasks it did process are dropped as duplicates.
         """
         downs = self.health.down_transitions
-        stalled = (len(self.window) and self.health.is_up()
-                   and time.monotonic() - self.progress.last >= self.config.timeout)
+        # Stalled: nothing confirmed, to any worker, for SERVER_TIMEOUT since the later
+        # of the last confirmation and this worker's own last resend.
+        quiet_since = max(self.progress.last, self._last_resend)
+        stalled = (len(self.window) > 0 and self.health.is_up()
+                   and time.monotonic() - quiet_since >= self.config.timeout)
         if downs == self._downs_seen and not stalled:
             return Outcome.SENT
         self._downs_seen = downs
@@ -628,7 +639,7 @@ class PushWorker(threading.Thread):
             if outcome is not Outcome.SENT:
                 return outcome
             self.tally.resent += 1
-        self.progress.last = time.monotonic()
+        self._last_resend = time.monotonic()
         return Outcome.SENT
 
     def _send(self, sock, frame, task):
