@@ -96,8 +96,8 @@ class Config:
         return f"tcp://{self.bind}:{self.confirm_port}"
 
 
-def parse_args(argv=None):
-    """Read the command line; defaults come from the constants above."""
+def build_parser():
+    """The command line: one flag per tuning constant, defaults from the constants."""
     p = argparse.ArgumentParser(
         description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -140,6 +140,12 @@ def parse_args(argv=None):
                         f" {' '.join(ALLOWED_IPS) or 'any address'})")
     p.add_argument("--generate-keys", metavar="DIR",
                    help="write server and client certificates into DIR, then exit")
+    return p
+
+
+def parse_args(argv=None):
+    """Read the command line into a Config."""
+    p = build_parser()
     a = p.parse_args(argv)
     if a.curve_allow and not a.curve_server_key:
         p.error("--curve-allow needs --curve-server-key")

@@ -105,8 +105,8 @@ def endpoint(text):
     return text
 
 
-def parse_args(argv=None):
-    """Read the command line; defaults come from the constants above."""
+def build_parser():
+    """The command line: one flag per tuning constant, defaults from the constants."""
     p = argparse.ArgumentParser(
         description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -154,6 +154,12 @@ def parse_args(argv=None):
                    help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
     p.add_argument("--generate-keys", metavar="DIR",
                    help="write server and client certificates into DIR, then exit")
+    return p
+
+
+def parse_args(argv=None):
+    """Read the command line into a Config."""
+    p = build_parser()
     a = p.parse_args(argv)
     if bool(a.curve_client_key) != bool(a.curve_server_public):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
