@@ -526,7 +526,7 @@ class ReceiveThread(threading.Thread):
         end = MessageKind.END
         ends = 0
         number = self.counters.received
-        log_line = None if self.config.quiet else self.log.info
+        lines = None if self.config.quiet else pushpull.LineBlock()
         for _ in range(limit):
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
@@ -543,10 +543,13 @@ class ReceiveThread(threading.Thread):
             append(msg)
             if msg.kind is end:
                 ends += 1  # END frames are bookkeeping, not messages
-            elif log_line is not None:
+            elif lines is not None:
                 number += 1
-                log_line(pushpull.msg_line(number, msg.client, self.target, msg.seq, msg.text))
+                lines.append(pushpull.msg_line(number, msg.client, self.target, msg.seq,
+                                               msg.text))
         self.counters.received += len(items) - ends
+        if lines:
+            self.log.info(lines)
         return Batch(recv_ns, items) if items else None
 
     def _skip_multipart(self, sock):
@@ -727,7 +730,9 @@ class ProcessorThread(threading.Thread):
     def _process_batch(self, batch, confirms):
         cold = self.stops.cold
         work = self.config.processing_time
-        log_line = None if self.config.quiet else self.log.info
+        # With simulated work, each [PROC] line is logged when its work is done;
+        # without, the batch's lines go out together at its end.
+        lines = None if self.config.quiet else pushpull.LineBlock()
         counters = self.counters
         monotonic = time.monotonic
         recv_us = batch.recv_ns // 1000 if batch.recv_ns else None
@@ -758,10 +763,13 @@ class ProcessorThread(threading.Thread):
                 if run is not None:
                     run.forget(msg.worker, msg.seq)  # it goes to the spill file instead
                 self.leftover = batch.items[index:]
-                return
+                break
             counters.processed += 1
-            if log_line is not None:
-                log_line(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
+            if lines is not None:
+                lines.append(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
+                if work:
+                    self.log.info(lines)
+                    lines = pushpull.LineBlock()
             if run is None:
                 counters.plain += 1
             else:
@@ -769,7 +777,9 @@ class ProcessorThread(threading.Thread):
                     self._confirm_later(run, msg.worker, msg.seq, confirms)
                 if run.received >= run.planned and not run.closed:
                     self._close(run, "complete")
-        if batch.recovered:
+        if lines:
+            self.log.info(lines)
+        if batch.recovered and not self.leftover:
             self._remove_spill_file()
 
     def _run_state(self, info):

@@ -49,6 +49,8 @@ POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at the stop 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
+UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
+LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 
 EXIT_OK = 0
@@ -247,7 +249,7 @@ class WorkerTally:
     failed: dict = field(default_factory=lambda: {o: 0 for o in Outcome if o is not Outcome.SENT})
     waiting: bool = False
     resent: int = 0
-    not_sent: list = field(default_factory=list)  # task numbers never handed to ZeroMQ
+    not_sent: list = field(default_factory=list)  # range()s of tasks never handed to ZeroMQ
 
 
 class UnconfirmedWindow:
@@ -555,23 +557,26 @@ class PushWorker(threading.Thread):
         sent_ok = Outcome.SENT
         encoder = self._encoder = pushpull.MessageEncoder(
             self.run_info, self.number, os.getpid(), threading.get_ident(), config.size)
-        log_line = None if config.quiet else self.log.info
+        # Without a delay, [MSG] lines are logged in blocks of LOG_BLOCK: one log
+        # record per line would cost more than sending the message.
+        lines = None if config.quiet else pushpull.LineBlock()
+        block = LOG_BLOCK if not config.delay else 1
         window = self.window
         for task in range(config.messages):
             if self.stop.is_set():
                 outcomes[Outcome.INTERRUPTED] += config.messages - task
-                self.tally.not_sent.extend(range(task, config.messages))
+                self.tally.not_sent.append(range(task, config.messages))
                 break
             if window is not None:
                 outcome = self._make_room(sock)
                 if outcome is not Outcome.SENT:
                     outcomes[outcome] += config.messages - task
-                    self.tally.not_sent.extend(range(task, config.messages))
+                    self.tally.not_sent.append(range(task, config.messages))
                     break
             frame = encoder.data(task)
             if len(frame) > config.max_size:
                 outcomes[Outcome.TOO_LARGE] += 1
-                self.tally.not_sent.append(task)
+                self.tally.not_sent.append(range(task, task + 1))
                 self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
                                  f" the {config.max_size}-byte limit; not sent")
                 continue
@@ -580,17 +585,22 @@ class PushWorker(threading.Thread):
             outcome = self._send(sock, frame, task)
             if outcome is sent_ok:
                 tally.sent += 1
-                if log_line is not None:
-                    log_line(pushpull.msg_line(next(self.counter), self.name, config.target,
-                                               task, encoder.text(task)))
+                if lines is not None:
+                    lines.append(pushpull.msg_line(next(self.counter), self.name,
+                                                   config.target, task, encoder.text(task)))
+                    if len(lines) >= block:
+                        self.log.info(lines)
+                        lines = pushpull.LineBlock()
             else:
                 if window is not None:
                     window.discard(task)
                 outcomes[outcome] += config.messages - task
-                self.tally.not_sent.extend(range(task, config.messages))
+                self.tally.not_sent.append(range(task, config.messages))
                 break
             if config.delay and self.stop.wait(config.delay):
                 continue  # the loop's stop check counts what is left
+        if lines:
+            self.log.info(lines)
         if window is not None:
             self._await_confirmations(sock)
         return tally.sent
@@ -730,10 +740,18 @@ def stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
             f" | receiver {health.describe()} | ETA {eta}"), sent
 
 
+def unconfirmed_tasks(worker):
+    """The first UNCONFIRMED_JSON_MAX task numbers a worker never had confirmed, in order."""
+    tasks = sorted(worker.window.frames)
+    for unsent in worker.tally.not_sent:
+        tasks.extend(unsent[:UNCONFIRMED_JSON_MAX])
+    return sorted(set(tasks))[:UNCONFIRMED_JSON_MAX]
+
+
 def confirmation_data(config, workers):
     """--confirm results: what was confirmed, resent, and which tasks never were."""
     confirmed = sum(w.window.confirmed for w in workers)
-    never = {w.name: sorted(set(w.tally.not_sent) | set(w.window.frames)) for w in workers}
+    never = {w.name: unconfirmed_tasks(w) for w in workers}
     return {
         "confirmed": confirmed,
         "resent": sum(w.tally.resent for w in workers),
