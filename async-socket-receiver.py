@@ -268,6 +268,7 @@ class RunState:
         self.duplicates = 0
         self.resent = 0  # tasks marked as resends by a --confirm sender
         self.spilled = 0  # received tasks saved to the spill file by a cold stop
+        self.to_confirm = []  # (worker, task) processed since the last confirmation sent
         self.ends = {}  # worker -> tasks it says it sent (END frame)
         self.latency = pushpull.LatencyHistogram()
         self.last_seen = now
@@ -684,7 +685,7 @@ class ProcessorThread(threading.Thread):
         self.runs = {}  # run id -> RunState
         self.leftover = []  # messages taken off the queue but not processed (cold stop)
         self.server = f"Server:{config.port}"
-        self._to_confirm = {}  # run id -> {worker: [tasks processed, not yet published]}
+        self._to_confirm = {}  # run id -> RunState with tasks processed, not yet published
         self._next_publish = 0.0
         self._next_expiry_check = 0.0
 
@@ -774,11 +775,15 @@ class ProcessorThread(threading.Thread):
                 counters.plain += 1
             else:
                 if info.confirm:
-                    self._confirm_later(run, msg.worker, msg.seq, confirms)
+                    run.to_confirm.append((msg.worker, msg.seq))
+                    self._to_confirm[info.run_id] = run
+                    if work:
+                        self._publish_if_due(confirms)
                 if run.received >= run.planned and not run.closed:
                     self._close(run, "complete")
         if lines:
             self.log.info(lines)
+        self._publish_if_due(confirms)
         if batch.recovered and not self.leftover:
             self._remove_spill_file()
 
@@ -793,14 +798,13 @@ class ProcessorThread(threading.Thread):
         self.counters.duplicates += 1
         if run.info.confirm:
             # Its confirmation may have been lost: confirm it again.
-            self._to_confirm.setdefault(run.info.run_id, {}).setdefault(
-                msg.worker, []).append(msg.seq)
+            run.to_confirm.append((msg.worker, msg.seq))
+            self._to_confirm[run.info.run_id] = run
         self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(run.info.run_id)}"
                                      f" {msg.client} task {msg.seq} arrived again; dropped")
 
-    def _confirm_later(self, run, worker, task, confirms):
-        self._to_confirm.setdefault(run.info.run_id, {}).setdefault(worker, []).append(task)
-        if time.monotonic() >= self._next_publish:
+    def _publish_if_due(self, confirms):
+        if self._to_confirm and time.monotonic() >= self._next_publish:
             self._publish(confirms)
 
     def _publish(self, confirms):
@@ -808,7 +812,11 @@ class ProcessorThread(threading.Thread):
         self._next_publish = time.monotonic() + CONFIRM_INTERVAL
         if not self._to_confirm:
             return
-        for run_id, per_worker in self._to_confirm.items():
+        for run_id, run in self._to_confirm.items():
+            per_worker = {}
+            for worker, task in run.to_confirm:
+                per_worker.setdefault(worker, []).append(task)
+            run.to_confirm = []
             try:
                 confirms.send_multipart(pushpull.encode_confirmations(run_id, per_worker),
                                         zmq.NOBLOCK)
