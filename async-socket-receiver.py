@@ -389,6 +389,11 @@ class Counters:
         self.plain = 0  # processor thread: messages in no sender run
         self.spilled = 0  # main
 
+    @property
+    def backlog(self):
+        """Messages received but not yet processed: queued, or in the processor's hands."""
+        return self.received + self.recovered - self.processed - self.duplicates
+
 
 class StopEvents:
     """Warm stop (finish the backlog) and cold stop (stop now, spill the backlog)."""
@@ -746,7 +751,7 @@ class ProcessorThread(threading.Thread):
                 if info is not last_info:
                     last_info, run = info, self._run_state(info)
                 run.last_seen = monotonic()
-                if run.closed and msg.kind is not MessageKind.END:
+                if run.closed and msg.kind is MessageKind.DATA and not msg.resent:
                     self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
                                                   " a message arrived after the run was reported")
                 if msg.kind is MessageKind.END:
@@ -838,7 +843,7 @@ class ProcessorThread(threading.Thread):
     def _report_silent_runs(self):
         now = time.monotonic()
         self._next_expiry_check = now + 1.0
-        if self.batches.qsize():
+        if self.counters.backlog:
             return  # a backlog is not a silent sender
         for run in self.runs.values():
             if not run.closed and now - run.last_seen >= self.config.run_timeout:
@@ -918,16 +923,16 @@ def summary_table(data):
     return pushpull.format_table("Receiver summary", rows)
 
 
-def stats_line(counters, batches, last, elapsed):
+def stats_line(counters, last, elapsed):
     """One [STATS] line; `last` holds the counts of the previous line."""
     received_rate = pushpull.rate(counters.received - last[0], elapsed)
     processed_rate = pushpull.rate(counters.processed - last[1], elapsed)
     return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
-            f" {counters.processed} ({processed_rate:.1f}/s) | queue {batches.qsize()}"
+            f" {counters.processed} ({processed_rate:.1f}/s) | queue {counters.backlog}"
             f" | invalid {counters.invalid} | connections {counters.peers}")
 
 
-def wait_for_stop(signals, counters, batches, config, log, receiver):
+def wait_for_stop(signals, counters, config, log, receiver):
     """Block until Ctrl+C/SIGTERM or a dead receive thread, printing [STATS] while busy."""
     last = (counters.received, counters.processed)
     last_time = time.monotonic()
@@ -937,25 +942,37 @@ def wait_for_stop(signals, counters, batches, config, log, receiver):
         now = time.monotonic()
         if now - last_time >= config.stats_interval:
             current = (counters.received, counters.processed)
-            if current != last or batches.qsize():
-                log.info(stats_line(counters, batches, last, now - last_time))
+            if current != last or counters.backlog:
+                log.info(stats_line(counters, last, now - last_time))
             last, last_time = current, now
     return True
 
 
-def finish_backlog(signals, stops, batches, processor, log):
-    """Warm stop: let the processor work the backlog, unless a second signal makes it cold."""
-    log.info(f"[STOP] stopping: no new messages; processing the {batches.qsize()} queued"
+def finish_backlog(signals, stops, counters, receiver, processor, log):
+    """Warm stop: stop receiving, then let the processor work the backlog for real.
+
+    Every wait here can be cut short: a second signal turns the stop cold.
+    """
+    stops.warm.set()
+    wait_for_thread(receiver, signals, stops, log)
+    log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog} waiting"
              " (Ctrl+C again to stop at once and save them to the spill file)")
     next_progress = time.monotonic() + 1.0
     while processor.is_alive():
+        wait_for_thread(processor, signals, stops, log, POLL_INTERVAL / 1000)
+        if time.monotonic() >= next_progress and processor.is_alive():
+            log.info(f"[STOP] backlog: {counters.backlog} messages left to process")
+            next_progress += 1.0
+
+
+def wait_for_thread(thread, signals, stops, log, timeout=None):
+    """Join `thread` (at most `timeout` seconds); a second signal meanwhile makes the stop cold."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+        thread.join(POLL_INTERVAL / 1000)
         if signals.second.is_set() and not stops.cold.is_set():
             stops.cold.set()
             log.warning("[STOP] second signal: stopping at once")
-        processor.join(POLL_INTERVAL / 1000)
-        if time.monotonic() >= next_progress and processor.is_alive():
-            log.info(f"[STOP] backlog: {batches.qsize()} messages left to process")
-            next_progress += 1.0
 
 
 class Gatekeeper(ThreadAuthenticator):
@@ -1059,13 +1076,10 @@ def serve(config, signals, log):
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")
-        stopped_by_signal = wait_for_stop(signals, counters, batches, config, log, receiver)
-        stops.warm.set()
-        receiver.join()
+        stopped_by_signal = wait_for_stop(signals, counters, config, log, receiver)
         if not stopped_by_signal:
             log.error("[ERROR] the receive thread stopped; processing what was received")
-        finish_backlog(signals, stops, batches, processor, log)
-        processor.join()
+        finish_backlog(signals, stops, counters, receiver, processor, log)
         unprocessed = processor.leftover + batches.take_all()
         if unprocessed:
             spill(unprocessed, config.spill_file, counters, log, processor.runs)
