@@ -120,12 +120,7 @@ def build_parser():
                    help="log file (LOG_FILE)")
     p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
                    help="log to the console only (ENABLE_FILE_LOGGING = False)")
-    p.add_argument("--quiet", action="store_true", default=QUIET,
-                   help="no per-message lines, only stats and summary (QUIET)")
-    p.add_argument("--stats-interval", metavar="SECONDS", type=pushpull.positive(float),
-                   default=STATS_INTERVAL, help="seconds between [STATS] lines (STATS_INTERVAL)")
-    p.add_argument("--json", metavar="PATH", default=JSON_SUMMARY,
-                   help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    pushpull.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
                    help="where a cold stop saves unprocessed messages (SPILL_FILE)")
     p.add_argument("--run-timeout", metavar="SECONDS", type=pushpull.positive(float),
@@ -138,8 +133,6 @@ def build_parser():
     p.add_argument("--allow-ip", metavar="ADDRESS", action="append", default=argparse.SUPPRESS,
                    help=f"client address allowed in, repeatable (ALLOWED_IPS) (default:"
                         f" {' '.join(ALLOWED_IPS) or 'any address'})")
-    p.add_argument("--generate-keys", metavar="DIR",
-                   help="write server and client certificates into DIR, then exit")
     return p
 
 
@@ -149,13 +142,15 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.curve_allow and not a.curve_server_key:
         p.error("--curve-allow needs --curve-server-key")
-    return Config(port=a.port, confirm_port=a.confirm_port or a.port + 1, bind=a.bind, processing_time=a.processing_time,
+    return Config(port=a.port, confirm_port=a.confirm_port or a.port + 1, bind=a.bind,
+                  processing_time=a.processing_time,
                   queue_size=a.queue_size, hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
                   spill_file=a.spill_file, run_timeout=a.run_timeout,
                   curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
-                  allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)), generate_keys=a.generate_keys)
+                  allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)),
+                  generate_keys=a.generate_keys)
 
 
 # ---------------------------------------------------------------------------

@@ -134,12 +134,7 @@ def build_parser():
     p.add_argument("--log-file", metavar="PATH",
                    default=LOG_FILE if ENABLE_FILE_LOGGING else None,
                    help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
-    p.add_argument("--quiet", action="store_true", default=QUIET,
-                   help="no per-message lines, only stats and summary (QUIET)")
-    p.add_argument("--stats-interval", metavar="SECONDS", type=pushpull.positive(float),
-                   default=STATS_INTERVAL, help="seconds between [STATS] lines (STATS_INTERVAL)")
-    p.add_argument("--json", metavar="PATH", default=JSON_SUMMARY,
-                   help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    pushpull.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
     p.add_argument("--size", metavar="BYTES", type=pushpull.non_negative(int),
                    default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
     p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
@@ -154,8 +149,6 @@ def build_parser():
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
                    help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
-    p.add_argument("--generate-keys", metavar="DIR",
-                   help="write server and client certificates into DIR, then exit")
     return p
 
 
@@ -708,7 +701,8 @@ class PushWorker(threading.Thread):
                     retries_used += 1
                     down_since = now
                     self.log.warning(f"[RETRY] {self.name}: receiver still down after"
-                                     f" {config.timeout:g} s, retry {retries_used}/{config.retries}")
+                                     f" {config.timeout:g} s, retry {retries_used}"
+                                     f"/{config.retries}")
             return Outcome.INTERRUPTED
         finally:
             self.tally.waiting = False

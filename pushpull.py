@@ -569,6 +569,22 @@ def run_script(name, config, body, startup_failed, exit_on_second=False):
         listener.stop()
 
 
+def add_report_flags(parser, quiet, stats_interval, json_path):
+    """The flags both scripts share: output, statistics, JSON summary, key generation.
+
+    The defaults are the calling script's own constants, named in each help text.
+    """
+    parser.add_argument("--quiet", action="store_true", default=quiet,
+                        help="no per-message lines, only stats and summary (QUIET)")
+    parser.add_argument("--stats-interval", metavar="SECONDS", type=positive(float),
+                        default=stats_interval,
+                        help="seconds between [STATS] lines (STATS_INTERVAL)")
+    parser.add_argument("--json", metavar="PATH", default=json_path,
+                        help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    parser.add_argument("--generate-keys", metavar="DIR",
+                        help="write server and client certificates into DIR, then exit")
+
+
 def positive(kind):
     """An argparse type: a number of `kind` (int or float) that is > 0."""
     def parse(text):
