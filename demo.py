@@ -17,13 +17,14 @@ needs the pyzmq of requirements.txt.
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from pushpull import free_port
 
 ROOT = Path(__file__).resolve().parent
 RECEIVER = ROOT / "async-socket-receiver.py"
@@ -35,20 +36,6 @@ READY_TIMEOUT = 15.0  # seconds the receiver may take to say it is running
 SENDER_TIMEOUT = 120.0  # seconds the sender may take
 STOP_TIMEOUT = 30.0  # seconds the receiver may take to stop after the signal
 WINDOWS = sys.platform == "win32"
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that is free, and so is the next (the confirmation port)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket() as confirm:
-            try:
-                confirm.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def pass_through(stream, prefix, ready=None):

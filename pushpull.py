@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -583,6 +584,25 @@ def add_report_flags(parser, quiet, stats_interval, json_path):
                         help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
     parser.add_argument("--generate-keys", metavar="DIR",
                         help="write server and client certificates into DIR, then exit")
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1 whose successor (the confirmation port) is free too.
+
+    For the demo, the tests and the benchmark, which run pairs side by side.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as confirm:
+            try:
+                confirm.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 def positive(kind):

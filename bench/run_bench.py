@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,8 @@ READY_LINE = b"Server is running"
 POLL = 0.005  # seconds between two looks at a console file
 
 sys.path.insert(0, str(ROOT))
-import pushpull  # noqa: E402  (the wire format: for the frame size only)
+import pushpull  # noqa: E402  (the wire format's frame size, free ports)
+from pushpull import free_port  # noqa: E402
 
 FULL = dict(raw_count=2_000_000, quiet_workers=50, quiet_messages=10_000,
             log_workers=20, log_messages=2_000, lat_workers=10, lat_messages=500,
@@ -54,22 +54,6 @@ QUICK = dict(raw_count=500_000, quiet_workers=50, quiet_messages=2_000,
 # ---------------------------------------------------------------------------
 class BenchError(Exception):
     """A scenario could not be measured (timeout, early exit, wrong counts)."""
-
-
-def free_port():
-    """A free TCP port on 127.0.0.1 whose successor (the confirmation port) is free too."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port >= 65535:
-            continue
-        with socket.socket() as confirm:
-            try:
-                confirm.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 class Proc:

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,23 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pushpull import free_port  # noqa: E402  (re-exported for the tests)
 RECEIVER = ROOT / "async-socket-receiver.py"
 SENDER = ROOT / "async-socket-sender.py"
 READY_LINE = "Server is running"
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that is free, and so is the next (the confirmation port)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket() as confirm:
-            try:
-                confirm.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def wait_until(predicate, timeout, what="condition"):
@@ -47,7 +34,6 @@ def wait_until(predicate, timeout, what="condition"):
 
 def load_script(name):
     """Import a hyphenated script (e.g. 'async-socket-receiver') as a module."""
-    sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(name.replace("-", "_"), ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
