@@ -293,10 +293,28 @@ class UnconfirmedWindow:
 
 
 class ConfirmProgress:
-    """When any confirmation last arrived; written by the confirm listener only."""
+    """When any confirmation last arrived, and how many stalls were declared.
+
+    A stall (no confirmation for SERVER_TIMEOUT while a receiver is up) is declared
+    once for all workers, so they all resend in the same round: a worker checking
+    a moment later would otherwise see the others' resends confirmed and wait a
+    whole timeout more.
+    """
 
     def __init__(self):
-        self.last = time.monotonic()
+        self.last = time.monotonic()  # written by the confirm listener
+        self.stalls = 0
+        self._last_stall = 0.0
+        self._lock = threading.Lock()
+
+    def check_stall(self, timeout):
+        """Declare a stall if nothing was confirmed for `timeout` s; returns the stall count."""
+        with self._lock:
+            now = time.monotonic()
+            if now - max(self.last, self._last_stall) >= timeout:
+                self.stalls += 1
+                self._last_stall = now
+            return self.stalls
 
 
 # ---------------------------------------------------------------------------
@@ -474,7 +492,7 @@ class PushWorker(threading.Thread):
         self.window = window  # None unless --confirm
         self.progress = progress
         self._downs_seen = 0
-        self._last_resend = 0.0
+        self._stalls_seen = 0
         self.ctx = ctx
         self.config = config
         self.run_info = run
@@ -632,14 +650,15 @@ class PushWorker(threading.Thread):
         can be missed. Resent tasks it did process are dropped as duplicates.
         """
         downs = self.health.down_transitions
-        # Stalled: nothing confirmed, to any worker, for SERVER_TIMEOUT since the later
-        # of the last confirmation and this worker's own last resend.
-        quiet_since = max(self.progress.last, self._last_resend)
-        stalled = (len(self.window) > 0 and self.health.is_up()
-                   and time.monotonic() - quiet_since >= self.config.timeout)
+        if not len(self.window):
+            self._stalls_seen = self.progress.stalls  # nothing of ours a stall could concern
+        stalls = self._stalls_seen
+        if len(self.window) and self.health.is_up():
+            stalls = self.progress.check_stall(self.config.timeout)
+        stalled = stalls != self._stalls_seen
         if downs == self._downs_seen and not stalled:
             return Outcome.SENT
-        self._downs_seen = downs
+        self._downs_seen, self._stalls_seen = downs, stalls
         pending = self.window.unconfirmed()
         if pending:
             why = "a receiver went down" if not stalled else "confirmations stalled"
@@ -650,7 +669,6 @@ class PushWorker(threading.Thread):
             if outcome is not Outcome.SENT:
                 return outcome
             self.tally.resent += 1
-        self._last_resend = time.monotonic()
         return Outcome.SENT
 
     def _send(self, sock, frame, task):
