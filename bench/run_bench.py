@@ -217,15 +217,14 @@ def frame_size():
     return len(encoder.data(5000))
 
 
-def bench_raw(tmp, sizes, size):
-    port = free_port()
-    count = sizes["raw_count"]
-    pull = Proc([RAW, "pull", port, count], tmp, "raw-pull")
+def run_raw(tmp, pull_args, push_args, result_key, timeout):
+    """Run raw_pushpull.py's pull side, then its push side; the pull side's JSON result."""
+    pull = Proc([RAW, *pull_args], tmp, f"raw-{pull_args[0]}")
     try:
         pull.wait_for(b"READY", 10)
-        push = Proc([RAW, "push", port, count, size], tmp, "raw-push")
+        push = Proc([RAW, *push_args], tmp, f"raw-{push_args[0]}")
         try:
-            _, line = pull.wait_for(b"msg_per_s", 120, "raw result")
+            _, line = pull.wait_for(result_key, timeout, "raw result")
             push.wait(30)
         finally:
             push.kill()
@@ -234,6 +233,14 @@ def bench_raw(tmp, sizes, size):
     result = json.loads(line)
     if "error" in result:
         raise BenchError(result["error"])
+    return result
+
+
+def bench_raw(tmp, sizes, size):
+    """(1): plain pyzmq PUSH->PULL between two processes, the pair's frame size."""
+    port, count = free_port(), sizes["raw_count"]
+    result = run_raw(tmp, ["pull", port, count], ["push", port, count, size],
+                     b"msg_per_s", 120)
     return {"raw": result["msg_per_s"]}
 
 
@@ -241,20 +248,8 @@ def bench_raw_latency(tmp, sizes, size):
     """The floor for (4): plain pyzmq threads with the pair's pattern and frame size."""
     port = free_port()
     workers, messages = sizes["lat_workers"], sizes["lat_messages"]
-    pull = Proc([RAW, "lat-pull", port, workers * messages], tmp, "raw-lat-pull")
-    try:
-        pull.wait_for(b"READY", 10)
-        push = Proc([RAW, "lat-push", port, workers, messages, "0.01", size], tmp, "raw-lat-push")
-        try:
-            _, line = pull.wait_for(b"p99_ms", 60, "raw latency result")
-            push.wait(30)
-        finally:
-            push.kill()
-    finally:
-        pull.kill()
-    result = json.loads(line)
-    if "error" in result:
-        raise BenchError(result["error"])
+    result = run_raw(tmp, ["lat-pull", port, workers * messages],
+                     ["lat-push", port, workers, messages, "0.01", size], b"p99_ms", 60)
     return {"raw_p99": result["p99_ms"], "raw_max": result["max_ms"]}
 
 

@@ -118,11 +118,11 @@ def test_unknown_client_key_is_refused_fast(procs, keys):
     assert len(receiver.lines(r"\[AUTH\] refused peer 127\.0\.0\.1")) == 1
 
 
-def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
-    """A sender with no CURVE key at all cannot talk to a CURVE receiver."""
-    receiver = curve_receiver(procs, keys)
-    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
-                          "--delay", "0", *FAST_FAIL)
+def assert_refused(sender, receiver):
+    """The sender exits non-zero in time with every task refused; nothing was received.
+
+    Returns the receiver's summary for the caller's own checks.
+    """
     status, elapsed = timed_exit(sender, FAIL_WINDOW)
     assert status != 0
     assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
@@ -131,6 +131,15 @@ def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
     assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
     summary = stopped_summary(receiver)
     assert summary["received"] == 0
+    return summary
+
+
+def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
+    """A sender with no CURVE key at all cannot talk to a CURVE receiver."""
+    receiver = curve_receiver(procs, keys)
+    sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
+                          "--delay", "0", *FAST_FAIL)
+    summary = assert_refused(sender, receiver)
     assert summary["rejected"] >= 1
     assert receiver.lines(r"\[AUTH\]")
 
@@ -142,15 +151,8 @@ def test_wrong_server_public_key_fails_within_timeout(procs, keys):
                           "--delay", "0", *FAST_FAIL,
                           "--curve-client-key", str(keys["good"] / "client.key_secret"),
                           "--curve-server-public", str(keys["other"] / "server.key"))
-    status, elapsed = timed_exit(sender, FAIL_WINDOW)
-    assert status != 0
-    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
+    assert_refused(sender, receiver)
     assert sender.lines(r"\[HEARTBEAT\].*(rejected|handshake failed)")
-    result = sender.summary()
-    assert result["sent"] == 0
-    assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
-    summary = stopped_summary(receiver)
-    assert summary["received"] == 0
 
 
 def test_ip_allow_list_admits_listed_address(procs):
@@ -169,14 +171,7 @@ def test_ip_allow_list_refuses_other_address(procs):
     receiver = procs.receiver(*QUIET_RECEIVER, "--allow-ip", "127.0.0.2")
     sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
                           "--delay", "0", *FAST_FAIL)
-    status, elapsed = timed_exit(sender, FAIL_WINDOW)
-    assert status != 0
-    assert elapsed < FAIL_WINDOW, f"took {elapsed:.1f} s"
-    result = sender.summary()
-    assert result["sent"] == 0
-    assert result["failed_by_reason"]["rejected"] == result["planned"] == 20
-    summary = stopped_summary(receiver)
-    assert summary["received"] == 0
+    summary = assert_refused(sender, receiver)
     assert summary["rejected"] >= 1
     assert receiver.lines(r"\[AUTH\].*127\.0\.0\.1")
 
