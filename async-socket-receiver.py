@@ -525,40 +525,47 @@ class ReceiveThread(threading.Thread):
         decode = pushpull.decode
         cache = self.run_cache
         end = MessageKind.END
+        run_field = pushpull.RUN
         ends = 0
         number = self.counters.received
         lines = None if self.config.quiet else pushpull.LineBlock()
         for _ in range(limit):
             try:
-                frame = recv(zmq.NOBLOCK, copy=False)
+                frame = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if frame.more:
-                self._skip_multipart(sock)
-                continue
             try:
-                msg = decode(frame.bytes, cache)
+                msg = decode(frame, cache)
             except pushpull.InvalidMessage as exc:
-                self._invalid(str(exc))
+                if not self._skipped_multipart(sock):
+                    self._invalid(str(exc))
+                continue
+            # Asking for RCVMORE costs four times a recv(), so only frames not in the
+            # wire format, which are complete messages by themselves, are asked.
+            if msg[run_field] is None and self._skipped_multipart(sock):
                 continue
             append(msg)
-            if msg.kind is end:
+            if msg[pushpull.KIND] == end:
                 ends += 1  # END frames are bookkeeping, not messages
             elif lines is not None:
                 number += 1
-                lines.append(pushpull.msg_line(number, msg.client, self.target, msg.seq,
-                                               msg.text))
+                lines.append(pushpull.msg_line(number, pushpull.client_name(msg), self.target,
+                                               msg[pushpull.SEQ], msg[7]))
         self.counters.received += len(items) - ends
         if lines:
             self.log.info(lines)
         return Batch(recv_ns, items) if items else None
 
-    def _skip_multipart(self, sock):
+    def _skipped_multipart(self, sock):
+        """After a frame: if more parts follow, drop them all, count one invalid message."""
+        if not sock.rcvmore:
+            return False
         parts = 1
         while sock.rcvmore:
             sock.recv(copy=False)  # the rest of a message is already here
             parts += 1
         self._invalid(f"{parts}-frame message (the wire format has one frame)")
+        return True
 
     def _invalid(self, reason):
         self.counters.invalid += 1
@@ -735,39 +742,40 @@ class ProcessorThread(threading.Thread):
         # without, the batch's lines go out together at its end.
         lines = None if self.config.quiet else pushpull.LineBlock()
         counters = self.counters
-        monotonic = time.monotonic
-        recv_us = batch.recv_ns // 1000 if batch.recv_ns else None
+        end = MessageKind.END
+        now = time.monotonic()
         last_info = run = None
+        sent_times = []  # of the current run's messages since the run last changed
         for index, msg in enumerate(batch.items):
-            info = msg.run
-            if info is None:
-                run = None
-            else:
-                if info is not last_info:
-                    last_info, run = info, self._run_state(info)
-                run.last_seen = monotonic()
-                if run.closed and msg.kind is MessageKind.DATA and not msg.resent:
+            _, info, kind, worker, seq, sent_ns, resent, text, _ = msg
+            if info is not last_info:
+                self._add_latencies(run, batch, sent_times)
+                last_info, run, sent_times = info, info and self._run_state(info), []
+            if run is not None:
+                run.last_seen = now
+                if run.closed and kind != end and not resent:
                     self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
                                                   " a message arrived after the run was reported")
-                if msg.kind is MessageKind.END:
-                    run.ends[msg.worker] = msg.seq
+                if kind == end:
+                    run.ends[worker] = seq
                     self._close_if_finished(run)
                     continue
-                if not run.record(msg.worker, msg.seq):
+                if not run.record(worker, seq):
                     self._duplicate(run, msg)
                     continue
-                if msg.resent:
+                if resent:
                     run.resent += 1
-                if recv_us is not None:
-                    run.latency.add(recv_us - msg.sent_ns // 1000)
-            if work and cold.wait(work):
-                if run is not None:
-                    run.forget(msg.worker, msg.seq)  # it goes to the spill file instead
-                self.leftover = batch.items[index:]
-                break
+                sent_times.append(sent_ns)
+            if work:
+                if cold.wait(work):
+                    if run is not None:
+                        run.forget(worker, seq)  # it goes to the spill file instead
+                    self.leftover = batch.items[index:]
+                    break
+                now = time.monotonic()
             counters.processed += 1
             if lines is not None:
-                lines.append(pushpull.proc_line(self.server, msg.client, msg.seq, msg.text))
+                lines.append(pushpull.proc_line(self.server, pushpull.client_name(msg), seq, text))
                 if work:
                     self.log.info(lines)
                     lines = pushpull.LineBlock()
@@ -775,17 +783,26 @@ class ProcessorThread(threading.Thread):
                 counters.plain += 1
             else:
                 if info.confirm:
-                    run.to_confirm.append((msg.worker, msg.seq))
+                    run.to_confirm.append((worker, seq))
                     self._to_confirm[info.run_id] = run
                     if work:
                         self._publish_if_due(confirms)
                 if run.received >= run.planned and not run.closed:
+                    self._add_latencies(run, batch, sent_times)  # the [RUN] line shows them
+                    sent_times = []
                     self._close(run, "complete")
+        self._add_latencies(run, batch, sent_times)
         if lines:
             self.log.info(lines)
         self._publish_if_due(confirms)
         if batch.recovered and not self.leftover:
             self._remove_spill_file()
+
+    @staticmethod
+    def _add_latencies(run, batch, sent_times):
+        """Latencies of a batch's messages of one run, from its receive time (none if recovered)."""
+        if sent_times and batch.recv_ns:
+            run.latency.add_batch(batch.recv_ns, sent_times)
 
     def _run_state(self, info):
         run = self.runs.get(info.run_id)
@@ -796,12 +813,14 @@ class ProcessorThread(threading.Thread):
     def _duplicate(self, run, msg):
         """A task processed before in this receiver's lifetime: dropped, not worked again."""
         self.counters.duplicates += 1
+        worker, seq = msg[pushpull.WORKER], msg[pushpull.SEQ]
         if run.info.confirm:
             # Its confirmation may have been lost: confirm it again.
-            run.to_confirm.append((msg.worker, msg.seq))
+            run.to_confirm.append((worker, seq))
             self._to_confirm[run.info.run_id] = run
         self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(run.info.run_id)}"
-                                     f" {msg.client} task {msg.seq} arrived again; dropped")
+                                     f" {pushpull.client_name(msg)} task {seq} arrived again;"
+                                     " dropped")
 
     def _publish_if_due(self, confirms):
         if self._to_confirm and time.monotonic() >= self._next_publish:
@@ -1101,21 +1120,27 @@ def recover(frames, counters):
             items.append(pushpull.decode(frame, run_cache))
         except pushpull.InvalidMessage:
             counters.invalid += 1
-    counters.recovered = sum(1 for msg in items if msg.kind is MessageKind.DATA)
+    counters.recovered = count_data(items)
     return items
+
+
+def count_data(messages):
+    """How many of the decoded messages carry a task (END frames do not)."""
+    return sum(1 for msg in messages if msg[pushpull.KIND] == MessageKind.DATA)
 
 
 def spill(messages, path, counters, log, runs):
     """Cold stop: save what was received but not processed, and say how many."""
     for msg in messages:
-        if msg.run is not None and msg.kind is MessageKind.DATA and msg.run.run_id in runs:
-            runs[msg.run.run_id].spilled += 1
+        run = msg[pushpull.RUN]
+        if run is not None and msg[pushpull.KIND] == MessageKind.DATA and run.run_id in runs:
+            runs[run.run_id].spilled += 1
     try:
-        write_spill(path, [msg.raw for msg in messages])
+        write_spill(path, [msg[pushpull.RAW] for msg in messages])
     except OSError as exc:
         log.error(f"[SPILL] could not write {path}: {exc.strerror}; messages LOST")
         return
-    counters.spilled = sum(1 for msg in messages if msg.kind is MessageKind.DATA)
+    counters.spilled = count_data(messages)
     log.warning(f"[SPILL] {counters.spilled} received but unprocessed messages saved to {path};"
                 " the next start processes them first")
 

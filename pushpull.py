@@ -56,9 +56,6 @@ class MessageKind(enum.IntEnum):
     END = 1  # a worker's last frame: seq holds how many tasks it sent
 
 
-KINDS = tuple(MessageKind)  # indexing a tuple is cheaper than calling the enum
-
-
 class InvalidMessage(ValueError):
     """A frame that is neither in the wire format nor readable as plain text."""
 
@@ -123,28 +120,21 @@ def mark_resent(frame):
                         frame[RESENT_OFFSET + 1:])
 
 
-@dataclass(slots=True)
-class Decoded:
-    """One decoded frame. `run` is None for plain text from other clients."""
+# A decoded message is a plain tuple, the cheapest object Python builds (the receiver
+# builds one per message, hundreds of thousands a second):
+#     (raw, run, kind, worker, seq, sent_ns, resent, text, client)
+# run is the frame's RunInfo, or None for plain text from another client, whose
+# name is then in client ("" for frames in the wire format: see client_name).
+RAW, RUN, KIND, WORKER, SEQ = range(5)  # positions of the fields read one at a time
 
-    raw: bytes
-    kind: MessageKind
-    run: "RunInfo | None"
-    worker: int
-    seq: int
-    sent_ns: int
-    text: str
-    resent: bool = False
-    plain_client: str = ""
 
-    @property
-    def client(self):
-        """Who sent it: Pusher-N, or the name read from a plain message."""
-        return self.plain_client or f"Pusher-{self.worker}"
+def client_name(msg):
+    """Who sent a decoded message: Pusher-N, or the name read from a plain message."""
+    return msg[8] or f"Pusher-{msg[WORKER]}"
 
 
 def decode(frame, run_cache):
-    """Decode one frame; raise InvalidMessage for bad input.
+    """Decode one frame into a message tuple (see above); raise InvalidMessage for bad input.
 
     run_cache maps the header's run bytes to a shared RunInfo, so a run costs one
     object and one parse, not one per message.
@@ -159,16 +149,15 @@ def decode(frame, run_cache):
     if len(frame) < HEADER_SIZE:
         raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
     kind, flags, worker, seq, sent_ns, text_len = MESSAGE_FIELDS.unpack_from(frame, RUN_KEY_SIZE)
-    if kind > MessageKind.END or HEADER_SIZE + text_len > len(frame):
+    if kind > 1 or HEADER_SIZE + text_len > len(frame):  # 1: MessageKind.END
         raise InvalidMessage("bad header")
-    if not 1 <= worker <= run.workers or (kind == MessageKind.DATA
-                                          and seq >= run.messages_per_worker):
+    if not 1 <= worker <= run.workers or (not kind and seq >= run.messages_per_worker):
         raise InvalidMessage(f"worker {worker} or task {seq} outside its run")
     try:
         text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
-    return Decoded(frame, KINDS[kind], run, worker, seq, sent_ns, text, flags & FLAG_RESENT == 1)
+    return frame, run, kind, worker, seq, sent_ns, flags & FLAG_RESENT == 1, text, ""
 
 
 def new_run(frame, run_cache):
@@ -195,9 +184,8 @@ def decode_plain(frame):
         raise InvalidMessage("text has control characters")
     match = PLAIN_TEXT_PATTERN.match(text)
     if match:
-        return Decoded(frame, MessageKind.DATA, None, 0, int(match["task"]), 0, text,
-                       plain_client=match["client"])
-    return Decoded(frame, MessageKind.DATA, None, 0, -1, 0, text, plain_client="plain")
+        return frame, None, MessageKind.DATA, 0, int(match["task"]), 0, False, text, match["client"]
+    return frame, None, MessageKind.DATA, 0, -1, 0, False, text, "plain"
 
 
 def task_ranges(tasks):
@@ -413,20 +401,28 @@ class LatencyHistogram:
         self.count = 0
         self.max_us = 0
 
-    def add(self, micros):
-        """Record one latency in microseconds."""
-        if micros < 0:
-            micros = 0  # clocks of two processes on one host; never report negative time
-        if micros > self.max_us:
-            self.max_us = micros
-        if micros < 2 * self.SUB_BUCKETS:
-            bucket = micros
-        else:
-            shift = micros.bit_length() - 7
-            bucket = shift * self.SUB_BUCKETS + (micros >> shift)
+    def add_batch(self, received_ns, sent_ns):
+        """Record the latencies of messages received together at `received_ns`, one per
+        send time in `sent_ns` (ns since the epoch); one call per batch, not per message."""
+        received_us = received_ns // 1000
         counts = self.counts
-        counts[bucket] = counts.get(bucket, 0) + 1
-        self.count += 1
+        get = counts.get
+        small = 2 * self.SUB_BUCKETS
+        sub_buckets = self.SUB_BUCKETS
+        top = self.max_us
+        for sent in sent_ns:
+            micros = received_us - sent // 1000
+            if micros < small:
+                # Clocks of two processes on one host: never report negative time.
+                bucket = micros if micros > 0 else 0
+            else:
+                shift = micros.bit_length() - 7  # 2 ** 7 == small
+                bucket = shift * sub_buckets + (micros >> shift)
+            if micros > top:
+                top = micros
+            counts[bucket] = get(bucket, 0) + 1
+        self.max_us = top
+        self.count += len(sent_ns)
 
     def percentile(self, fraction):
         """The latency (µs) below which `fraction` of the samples lie."""

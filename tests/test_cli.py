@@ -92,15 +92,18 @@ def test_wire_roundtrip_keeps_every_field():
     run, enc = encoder()
     cache = {}
     msg = pushpull.decode(enc.data(4), cache)
-    assert msg.kind is pushpull.MessageKind.DATA
-    assert msg.run == run and msg.run.planned == 15
-    assert (msg.worker, msg.seq, msg.text) == (2, 4, "Pusher-2[PID:1234/TID:5678] - Task 4")
-    assert msg.client == "Pusher-2" and not msg.resent
-    assert abs(msg.sent_ns - time.time_ns()) < 5e9
+    raw, got_run, kind, worker, seq, sent_ns, resent, text, client = msg
+    assert raw[:pushpull.RUN_KEY_SIZE] == enc.data(0)[:pushpull.RUN_KEY_SIZE]
+    assert kind == pushpull.MessageKind.DATA
+    assert got_run == run and got_run.planned == 15
+    assert (worker, seq, text) == (2, 4, "Pusher-2[PID:1234/TID:5678] - Task 4")
+    assert pushpull.client_name(msg) == "Pusher-2" and client == "" and not resent
+    assert abs(sent_ns - time.time_ns()) < 5e9
     again = pushpull.decode(pushpull.mark_resent(enc.data(1)), cache)
-    assert again.resent and again.seq == 1 and again.run is msg.run  # cached RunInfo
+    assert again[6] and again[pushpull.SEQ] == 1
+    assert again[pushpull.RUN] is got_run  # the cached RunInfo
     end = pushpull.decode(enc.end(5), cache)
-    assert end.kind is pushpull.MessageKind.END and end.seq == 5
+    assert end[pushpull.KIND] == pushpull.MessageKind.END and end[pushpull.SEQ] == 5
 
 
 def test_padding_reaches_the_size_and_decodes_to_the_same_text():
@@ -108,15 +111,17 @@ def test_padding_reaches_the_size_and_decodes_to_the_same_text():
     _, enc = encoder(pad_to=500)
     frame = enc.data(3)
     assert len(frame) == 500
-    assert pushpull.decode(frame, {}).text == enc.text(3)
+    assert pushpull.decode(frame, {})[7] == enc.text(3)
 
 
 def test_plain_text_decodes_without_a_run():
     """Plain frames: the seed's text yields client and task; other text is 'plain', no task."""
     seed = pushpull.decode(b"Pusher-1[PID:1/TID:2] - Task 3", {})
-    assert (seed.run, seed.client, seed.seq) == (None, "Pusher-1", 3)
+    assert (seed[pushpull.RUN], pushpull.client_name(seed), seed[pushpull.SEQ]) == \
+        (None, "Pusher-1", 3)
     hello = pushpull.decode(b"hello", {})
-    assert (hello.run, hello.client, hello.seq, hello.text) == (None, "plain", -1, "hello")
+    assert (hello[pushpull.RUN], pushpull.client_name(hello), hello[pushpull.SEQ], hello[7]) == \
+        (None, "plain", -1, "hello")
 
 
 @pytest.mark.parametrize("frame", [
@@ -151,15 +156,17 @@ def test_latency_histogram_percentiles_within_two_percent():
     hist = pushpull.LatencyHistogram()
     values = list(range(1, 100_001))
     random.Random(7).shuffle(values)
-    for value in values:
-        hist.add(value)
+    received_ns = 10**18  # latencies in µs as send times before one receive time
+    for start in range(0, len(values), 1000):  # in batches, as the receiver adds them
+        hist.add_batch(received_ns, [received_ns - v * 1000 for v in values[start:start + 1000]])
     assert hist.count == 100_000
     for fraction, exact in ((0.5, 50_000), (0.9, 90_000), (0.99, 99_000), (1.0, 100_000)):
         got = hist.percentile(fraction)
         assert abs(got - exact) <= 0.02 * exact, (fraction, got, exact)
     small = pushpull.LatencyHistogram()
-    for value in (5, 7, 9, 11):
-        small.add(value)
+    small.add_batch(received_ns, [received_ns - v * 1000 for v in (5, 7, 9, 11)])
+    small.add_batch(received_ns, [received_ns + 3000])  # a clock a little ahead: 0, not -3
+    assert small.percentile(0.2) == 0 and small.max_us == 11
     assert small.percentile(0.5) == 7  # exact below 128 µs
     summary = hist.summary_ms()
     assert abs(summary["p50"] - 50.0) <= 1.0 and summary["max"] == 100.0
