@@ -540,8 +540,8 @@ class ReceiveThread(threading.Thread):
                 if not self._skipped_multipart(sock):
                     self._invalid(str(exc))
                 continue
-            # Asking for RCVMORE costs four times a recv(), so only frames not in the
-            # wire format, which are complete messages by themselves, are asked.
+            # Asking for RCVMORE costs four times a recv(): a frame in the wire format
+            # is a whole message by itself and is not asked (README, Wire format).
             if msg[run_field] is None and self._skipped_multipart(sock):
                 continue
             append(msg)

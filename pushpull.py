@@ -102,9 +102,10 @@ class MessageEncoder:
 
     def data(self, task):
         """A DATA frame for `task`, stamped with the current time."""
-        text = b"%b%d" % (self._text_prefix, task)
-        frame = b"%b%b%b" % (self._data_prefix,
-                             MESSAGE_TAIL.pack(task, time.time_ns(), len(text)), text)
+        digits = b"%d" % task
+        frame = b"".join((self._data_prefix,
+                          MESSAGE_TAIL.pack(task, time.time_ns(), len(self._text_prefix) + len(digits)),
+                          self._text_prefix, digits))
         if len(frame) < self.pad_to:
             frame += b" " * (self.pad_to - len(frame))
         return frame

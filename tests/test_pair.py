@@ -107,6 +107,23 @@ def test_logs_stay_aligned_at_120_workers_x_120_messages(procs, tmp_path):
                for line in receiver_lines)
 
 
+def test_workers_without_a_delay_take_turns(procs):
+    """--delay 0: workers send in turns (SendTurns), so every worker is under way early."""
+    workers, per_worker = 4, 5000
+    receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
+    sender = procs.sender("--workers", str(workers), "--messages", str(per_worker),
+                          "--delay", "0", endpoints=[receiver.endpoint])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    # [MSG #n] numbers are taken at send time: sorted, they give the order of the sends.
+    sends = sorted((int(m[1]), m[2]) for m in
+                   (re.search(r"\[MSG #(\d+)\] ZMQ \[(Pusher-\d+)", line)
+                    for line in sender.lines(r"\[MSG #")))
+    assert len(sends) == workers * per_worker
+    first_half = {name for _, name in sends[:len(sends) // 2]}
+    assert first_half == {f"Pusher-{n}" for n in range(1, workers + 1)}, first_half
+    receiver.wait_for_output(r"\[RUN\].*received 20000/20000")
+
+
 def test_line_formats_keep_fixed_offsets_at_the_configurable_limits():
     """msg_line/proc_line: '|' offsets equal for task 0 and 999999, MSG #1 and #9,999,999,
     worker 1 and 99999, and plain messages without a task."""
