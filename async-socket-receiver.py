@@ -20,7 +20,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 import pushpull
-from pushpull import MessageKind
+from pushpull import DATA, END, KIND, RAW, RUN, SEQ, TEXT, WORKER
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -293,6 +293,11 @@ class RunState:
         self.received += 1
         return True
 
+    def add_latencies(self, received_ns, sent_times):
+        """Latencies of tasks received together; none for a spill file's (received_ns None)."""
+        if sent_times and received_ns:
+            self.latency.add_batch(received_ns, sent_times)
+
     def forget(self, worker, task):
         """Undo record() for a task that was not processed after all (cold stop)."""
         ahead = self.ahead.setdefault(worker, set())
@@ -524,8 +529,6 @@ class ReceiveThread(threading.Thread):
         recv = sock.recv
         decode = pushpull.decode
         cache = self.run_cache
-        end = MessageKind.END
-        run_field = pushpull.RUN
         ends = 0
         number = self.counters.received
         lines = None if self.config.quiet else pushpull.LineBlock()
@@ -542,15 +545,15 @@ class ReceiveThread(threading.Thread):
                 continue
             # Asking for RCVMORE costs four times a recv(): a frame in the wire format
             # is a whole message by itself and is not asked (README, Wire format).
-            if msg[run_field] is None and self._skipped_multipart(sock):
+            if msg[RUN] is None and self._skipped_multipart(sock):
                 continue
             append(msg)
-            if msg[pushpull.KIND] == end:
+            if msg[KIND] == END:
                 ends += 1  # END frames are bookkeeping, not messages
             elif lines is not None:
                 number += 1
                 lines.append(pushpull.msg_line(number, pushpull.client_name(msg), self.target,
-                                               msg[pushpull.SEQ], msg[7]))
+                                               msg[SEQ], msg[TEXT]))
         self.counters.received += len(items) - ends
         if lines:
             self.log.info(lines)
@@ -742,21 +745,23 @@ class ProcessorThread(threading.Thread):
         # without, the batch's lines go out together at its end.
         lines = None if self.config.quiet else pushpull.LineBlock()
         counters = self.counters
-        end = MessageKind.END
         now = time.monotonic()
         last_info = run = None
-        sent_times = []  # of the current run's messages since the run last changed
+        sent_times = []  # of the current run's messages: latencies are added per batch
         for index, msg in enumerate(batch.items):
             _, info, kind, worker, seq, sent_ns, resent, text, _ = msg
             if info is not last_info:
-                self._add_latencies(run, batch, sent_times)
-                last_info, run, sent_times = info, info and self._run_state(info), []
+                if run is not None:
+                    run.add_latencies(batch.recv_ns, sent_times)
+                    sent_times = []
+                last_info = info
+                run = None if info is None else self._run_state(info)
             if run is not None:
                 run.last_seen = now
-                if run.closed and kind != end and not resent:
+                if run.closed and kind != END and not resent:
                     self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
                                                   " a message arrived after the run was reported")
-                if kind == end:
+                if kind == END:
                     run.ends[worker] = seq
                     self._close_if_finished(run)
                     continue
@@ -788,21 +793,16 @@ class ProcessorThread(threading.Thread):
                     if work:
                         self._publish_if_due(confirms)
                 if run.received >= run.planned and not run.closed:
-                    self._add_latencies(run, batch, sent_times)  # the [RUN] line shows them
+                    run.add_latencies(batch.recv_ns, sent_times)  # the [RUN] line shows them
                     sent_times = []
                     self._close(run, "complete")
-        self._add_latencies(run, batch, sent_times)
+        if run is not None:
+            run.add_latencies(batch.recv_ns, sent_times)
         if lines:
             self.log.info(lines)
         self._publish_if_due(confirms)
         if batch.recovered and not self.leftover:
             self._remove_spill_file()
-
-    @staticmethod
-    def _add_latencies(run, batch, sent_times):
-        """Latencies of a batch's messages of one run, from its receive time (none if recovered)."""
-        if sent_times and batch.recv_ns:
-            run.latency.add_batch(batch.recv_ns, sent_times)
 
     def _run_state(self, info):
         run = self.runs.get(info.run_id)
@@ -813,7 +813,7 @@ class ProcessorThread(threading.Thread):
     def _duplicate(self, run, msg):
         """A task processed before in this receiver's lifetime: dropped, not worked again."""
         self.counters.duplicates += 1
-        worker, seq = msg[pushpull.WORKER], msg[pushpull.SEQ]
+        worker, seq = msg[WORKER], msg[SEQ]
         if run.info.confirm:
             # Its confirmation may have been lost: confirm it again.
             run.to_confirm.append((worker, seq))
@@ -1126,17 +1126,17 @@ def recover(frames, counters):
 
 def count_data(messages):
     """How many of the decoded messages carry a task (END frames do not)."""
-    return sum(1 for msg in messages if msg[pushpull.KIND] == MessageKind.DATA)
+    return sum(1 for msg in messages if msg[KIND] == DATA)
 
 
 def spill(messages, path, counters, log, runs):
     """Cold stop: save what was received but not processed, and say how many."""
     for msg in messages:
-        run = msg[pushpull.RUN]
-        if run is not None and msg[pushpull.KIND] == MessageKind.DATA and run.run_id in runs:
+        run = msg[RUN]
+        if run is not None and msg[KIND] == DATA and run.run_id in runs:
             runs[run.run_id].spilled += 1
     try:
-        write_spill(path, [msg[pushpull.RAW] for msg in messages])
+        write_spill(path, [msg[RAW] for msg in messages])
     except OSError as exc:
         log.error(f"[SPILL] could not write {path}: {exc.strerror}; messages LOST")
         return

@@ -100,7 +100,7 @@ def test_wire_roundtrip_keeps_every_field():
     assert pushpull.client_name(msg) == "Pusher-2" and client == "" and not resent
     assert abs(sent_ns - time.time_ns()) < 5e9
     again = pushpull.decode(pushpull.mark_resent(enc.data(1)), cache)
-    assert again[6] and again[pushpull.SEQ] == 1
+    assert again[pushpull.RESENT] and again[pushpull.SEQ] == 1
     assert again[pushpull.RUN] is got_run  # the cached RunInfo
     end = pushpull.decode(enc.end(5), cache)
     assert end[pushpull.KIND] == pushpull.MessageKind.END and end[pushpull.SEQ] == 5
@@ -111,7 +111,7 @@ def test_padding_reaches_the_size_and_decodes_to_the_same_text():
     _, enc = encoder(pad_to=500)
     frame = enc.data(3)
     assert len(frame) == 500
-    assert pushpull.decode(frame, {})[7] == enc.text(3)
+    assert pushpull.decode(frame, {})[pushpull.TEXT] == enc.text(3)
 
 
 def test_plain_text_decodes_without_a_run():
@@ -120,8 +120,8 @@ def test_plain_text_decodes_without_a_run():
     assert (seed[pushpull.RUN], pushpull.client_name(seed), seed[pushpull.SEQ]) == \
         (None, "Pusher-1", 3)
     hello = pushpull.decode(b"hello", {})
-    assert (hello[pushpull.RUN], pushpull.client_name(hello), hello[pushpull.SEQ], hello[7]) == \
-        (None, "plain", -1, "hello")
+    assert (hello[pushpull.RUN], pushpull.client_name(hello), hello[pushpull.SEQ],
+            hello[pushpull.TEXT]) == (None, "plain", -1, "hello")
 
 
 @pytest.mark.parametrize("frame", [

@@ -5,6 +5,7 @@ Every test runs the scripts as processes on 127.0.0.1 (free ports) and checks th
 summaries so that every planned message is accounted for.
 """
 
+import random
 import re
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+import pushpull
 from conftest import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -210,6 +212,27 @@ def test_garbage_input_is_counted_and_valid_messages_keep_flowing(procs):
     assert got["runs"][0]["received"] == 100
 
 
+def test_multi_frame_message_led_by_a_wire_frame_is_read_as_documented(procs):
+    """README, Wire format: a whole wire frame first is a message of its own, and the
+    parts after it are the next message (here one multi-frame, invalid; one plain)."""
+    receiver = procs.receiver("--no-file-log", "--processing-time", "0")
+    encoder = pushpull.MessageEncoder(pushpull.RunInfo(random.getrandbits(63), 1, 2, 1),
+                                      1, 1, 1)
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.connect(receiver.endpoint)
+        push.send_multipart([encoder.data(0), b"part one", b"part two"])
+        push.send_multipart([encoder.data(1), b"tail[x] - Task 3"])
+        receiver.wait_for_output(r"\[RUN\].*received 2/2")
+        receiver.wait_for_output(r"\[PROC\] .*tail .*Task +3")
+    finally:
+        ctx.destroy(linger=0)
+    assert receiver.stop() == 0
+    got = receiver.summary()
+    assert (got["invalid"], got["plain"], got["processed"]) == (1, 1, 3), got
+
+
 def test_oversized_message_drops_its_peer_and_others_go_on(procs):
     """A frame over --max-size (ZMQ_MAXMSGSIZE) makes ZeroMQ drop that peer; others go on.
 
@@ -400,6 +423,24 @@ def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs):
     assert "Sender summary" in sender.output()
     assert sender.lines(r"\[EXIT\] interrupted")
     # Everything the sender counted as sent arrived.
+    assert receiver.stop() == 0
+    assert receiver.summary()["received"] == result["sent"]
+
+
+def test_sender_sigint_reaches_workers_waiting_for_their_turn(procs):
+    """--delay 0 with many workers: most wait for a turn to send; Ctrl+C stops them all."""
+    receiver = procs.receiver(*QUIET_RECEIVER)
+    sender = procs.sender(*sender_args(20, 100000, 0, "1", "1", "--quiet",
+                                       "--stats-interval", "0.2"),
+                          endpoints=[receiver.endpoint])
+    wait_until(lambda: sent_so_far(sender) >= 20000, 15, "20000 messages sent")
+    sender.signal(signal.SIGINT)
+    assert sender.wait(15) == 130, sender.output()[-2000:]
+    result = sender.summary()
+    interrupted = result["failed_by_reason"]["interrupted"]
+    assert result["sent"] + interrupted == result["planned"] == 2000000
+    assert interrupted > 0 and result["failed"] == interrupted
+    assert result["flush_complete"] is True
     assert receiver.stop() == 0
     assert receiver.summary()["received"] == result["sent"]
 
