@@ -89,21 +89,22 @@ def main():
         return report(Path(a.raw_only), a)
     out_dir = rb.BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    print("code:", rb.snapshot(out_dir / "src"))  # kept: the raw stacks' line numbers refer to it
+    scripts = rb.snapshot(out_dir / "src")  # kept: the raw stacks' line numbers refer to it
+    print("code:", scripts.description)
     raw = out_dir / f"profile-{a.load}-{a.side}.txt"
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         receiver_args, sender_args = LOADS[a.load]
         receiver_args = [arg.format(tmp=tmp) for arg in receiver_args]
         spy = None
         try:
-            with rb.Pair(tmp, *receiver_args) as pair:
+            with rb.Pair(tmp, scripts, *receiver_args) as pair:
                 started = time.time()
                 sender = pair.sender(*sender_args)
                 target = pair.receiver if a.side == "receiver" else sender
                 time.sleep(0.3)  # past start-up: profile the steady state
                 cmd = ["py-spy", "record", "--pid", str(target.pid), "--rate", "200",
-                       "--nonblocking", "--threads", *(["--native"] if a.native else []), "--duration", str(int(a.seconds)),
-                       "--format", "raw", "-o", str(raw)]
+                       "--nonblocking", "--threads", *(["--native"] if a.native else []),
+                       "--duration", str(int(a.seconds)), "--format", "raw", "-o", str(raw)]
                 spy = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 30)
                 if a.svg:
                     print("(svg: run py-spy with --format flamegraph yourself)")

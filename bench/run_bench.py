@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RECEIVER = ROOT / "async-socket-receiver.py"
-SENDER = ROOT / "async-socket-sender.py"
 RAW = BENCH / "raw_pushpull.py"
 READY_LINE = b"Server is running"
 POLL = 0.005  # seconds between two looks at a console file
@@ -148,10 +147,18 @@ class Proc:
 SCRIPTS = ("async-socket-receiver.py", "async-socket-sender.py", "pushpull.py")
 
 
+@dataclass(frozen=True)
+class Scripts:
+    """The copies of the scripts a benchmark runs, and what code they are."""
+
+    receiver: Path
+    sender: Path
+    description: str
+
+
 def snapshot(dest):
-    """Copy the three scripts into `dest` and run them from there: the working tree may
-    change while the bench runs. Returns a description of the code measured."""
-    global RECEIVER, SENDER
+    """Copy the three scripts into `dest`, to run them from there: the working tree may
+    change while the bench runs."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1()
@@ -159,7 +166,6 @@ def snapshot(dest):
         data = (ROOT / name).read_bytes()
         digest.update(data)
         (dest / name).write_bytes(data)
-    RECEIVER, SENDER = dest / SCRIPTS[0], dest / SCRIPTS[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, timeout=10).stdout.strip() or "?"
@@ -167,8 +173,9 @@ def snapshot(dest):
                                capture_output=True, timeout=10).returncode != 0
     except (OSError, subprocess.TimeoutExpired):
         head, dirty = "?", False
-    return (f"commit {head}{' + uncommitted changes' if dirty else ''}"
-            f" (sha1 of the three scripts {digest.hexdigest()[:10]})")
+    return Scripts(dest / SCRIPTS[0], dest / SCRIPTS[1],
+                   f"commit {head}{' + uncommitted changes' if dirty else ''}"
+                   f" (sha1 of the three scripts {digest.hexdigest()[:10]})")
 
 
 def kill_all():
@@ -179,8 +186,9 @@ def kill_all():
 class Pair:
     """A receiver (started and ready on enter) and its senders, all killed on exit."""
 
-    def __init__(self, workdir, *receiver_args, json=True):
+    def __init__(self, workdir, scripts, *receiver_args, json=True):
         self.workdir = Path(workdir)
+        self.scripts = scripts
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.receiver_args = [*receiver_args,
@@ -192,13 +200,13 @@ class Pair:
         self.receiver = None
 
     def __enter__(self):
-        self.receiver = Proc([RECEIVER, *self.receiver_args], self.workdir, "receiver")
+        self.receiver = Proc([self.scripts.receiver, *self.receiver_args], self.workdir, "receiver")
         self.procs.append(self.receiver)
         self.receiver.wait_for(READY_LINE, 15, "ready line")
         return self
 
     def sender(self, *args, name="sender"):
-        proc = Proc([SENDER, "--connect", self.endpoint, *args], self.workdir, name)
+        proc = Proc([self.scripts.sender, "--connect", self.endpoint, *args], self.workdir, name)
         self.procs.append(proc)
         return proc
 
@@ -282,9 +290,9 @@ def runs0(summary):
     return summary["runs"][0]
 
 
-def bench_quiet(tmp, sizes, raw):
+def bench_quiet(tmp, scripts, sizes, raw):
     workers, messages = sizes["quiet_workers"], sizes["quiet_messages"]
-    with Pair(tmp, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
         rate, stamped = end_to_end(pair, workers * messages,
                                    ["--workers", workers, "--messages", messages,
                                     "--delay", "0", "--quiet"], 180)
@@ -294,19 +302,19 @@ def bench_quiet(tmp, sizes, raw):
     return out
 
 
-def bench_confirm(tmp, sizes, quiet):
+def bench_confirm(tmp, scripts, sizes, quiet):
     """(2c) the quiet pair again, with --confirm: the cost of confirmed delivery."""
     workers, messages = sizes["quiet_workers"], sizes["quiet_messages"]
-    with Pair(tmp, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
         rate, _ = end_to_end(pair, workers * messages,
                              ["--workers", workers, "--messages", messages,
                               "--delay", "0", "--quiet", "--confirm"], 180)
     return {"confirm": rate, "confirm_ratio": rate / quiet if quiet else None}
 
 
-def bench_logging(tmp, sizes):
+def bench_logging(tmp, scripts, sizes):
     workers, messages = sizes["log_workers"], sizes["log_messages"]
-    with Pair(tmp, "--processing-time", "0", "--log-file", Path(tmp) / "server_logs.txt") as pair:
+    with Pair(tmp, scripts, "--processing-time", "0", "--log-file", Path(tmp) / "server_logs.txt") as pair:
         rate, stamped = end_to_end(pair, workers * messages,
                                    ["--workers", workers, "--messages", messages,
                                     "--delay", "0"], 180)
@@ -316,9 +324,9 @@ def bench_logging(tmp, sizes):
     return out
 
 
-def bench_latency(tmp, sizes):
+def bench_latency(tmp, scripts, sizes):
     workers, messages = sizes["lat_workers"], sizes["lat_messages"]
-    with Pair(tmp, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
         sender = pair.sender("--workers", workers, "--messages", messages, "--delay", "0.01",
                              "--quiet")
         pair.receiver.wait_for(b"[RUN]", 60, "[RUN] line")
@@ -342,9 +350,9 @@ def proc_status(pid):
     return values
 
 
-def bench_memory(tmp, sizes):
+def bench_memory(tmp, scripts, sizes):
     seconds = sizes["flood_seconds"]
-    with Pair(tmp, "--quiet", "--processing-time", "0.1", "--log-file",
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0.1", "--log-file",
               Path(tmp) / "server_logs.txt") as pair:
         pid = pair.receiver.pid
         sender = pair.sender("--workers", "50", "--messages", "1000000", "--delay", "0",
@@ -383,9 +391,9 @@ def bench_memory(tmp, sizes):
             "flood_sender_stop": sender_stop, "flood_sender_rss": sender_hwm or None}
 
 
-def bench_detection(tmp, how):
+def bench_detection(tmp, scripts, how):
     """Seconds from kill -9 / SIGSTOP of the receiver to the sender's [HEARTBEAT] down line."""
-    with Pair(tmp, "--quiet", "--processing-time", "0", "--no-file-log", json=False) as pair:
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log", json=False) as pair:
         sender = pair.sender("--delay", "0.01", "--quiet", "--messages", "100000")
         sender.wait_for(b" up: connected", 10, "[HEARTBEAT] up line")
         time.sleep(1.0)
@@ -396,9 +404,9 @@ def bench_detection(tmp, how):
     return {f"detect_{how}": seen - started}
 
 
-def bench_shutdown(tmp):
+def bench_shutdown(tmp, scripts):
     """Seconds from SIGINT to exit, sender first (receiver keeping up), then the receiver."""
-    with Pair(tmp, "--quiet", "--processing-time", "0", "--no-file-log", json=False) as pair:
+    with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log", json=False) as pair:
         sender = pair.sender("--delay", "0.01", "--quiet", "--messages", "100000")
         sender.wait_for(b" up: connected", 10, "[HEARTBEAT] up line")
         time.sleep(1.0)
@@ -439,7 +447,7 @@ def wait_for_quiet(limit, log):
     BACKGROUND.append(busy)
 
 
-def one_run(sizes, size, log, idle_wait):
+def one_run(scripts, sizes, size, log, idle_wait):
     """Every scenario once; returns {figure key: value} and a list of problems."""
     values, problems = {}, []
 
@@ -456,15 +464,15 @@ def one_run(sizes, size, log, idle_wait):
             log(f"  {name:<16} {time.monotonic() - t0:5.1f} s")
 
     step("raw", bench_raw, sizes, size)
-    step("quiet", bench_quiet, sizes, values.get("raw"))
-    step("confirm", bench_confirm, sizes, values.get("quiet"))
-    step("logging", bench_logging, sizes)
-    step("latency", bench_latency, sizes)
+    step("quiet", bench_quiet, scripts, sizes, values.get("raw"))
+    step("confirm", bench_confirm, scripts, sizes, values.get("quiet"))
+    step("logging", bench_logging, scripts, sizes)
+    step("latency", bench_latency, scripts, sizes)
     step("raw-latency", bench_raw_latency, sizes, size)
-    step("memory", bench_memory, sizes)
-    step("detect-kill", bench_detection, "kill")
-    step("detect-stop", bench_detection, "stop")
-    step("shutdown", bench_shutdown)
+    step("memory", bench_memory, scripts, sizes)
+    step("detect-kill", bench_detection, scripts, "kill")
+    step("detect-stop", bench_detection, scripts, "stop")
+    step("shutdown", bench_shutdown, scripts)
     return values, problems
 
 
@@ -598,12 +606,12 @@ def main(argv=None):
     log(f"Machine: {description}")
 
     code_dir = tempfile.TemporaryDirectory(prefix="bench-code-")
-    code = snapshot(code_dir.name)
-    log(f"Code: {code}")
+    scripts = snapshot(code_dir.name)
+    log(f"Code: {scripts.description}")
     try:
         for number in range(1, runs + 1):
             log(f"run {number}/{runs}")
-            values, found = one_run(sizes, size, log, a.idle_wait)
+            values, found = one_run(scripts, sizes, size, log, a.idle_wait)
             results.append(values)
             problems += [f"run {number}: {text}" for text in found]
     except KeyboardInterrupt:
@@ -637,7 +645,7 @@ def main(argv=None):
                      f" above 10 %); load average at the end:"
                      f" {' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
     notes += problems
-    text = (f"Machine: {description}\nCode: {code}\n\n{body}\n\n"
+    text = (f"Machine: {description}\nCode: {scripts.description}\n\n{body}\n\n"
             + "\n".join(f"- {note}" for note in notes) + "\n")
     print()
     print(text)

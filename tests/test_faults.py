@@ -406,41 +406,29 @@ def test_sender_double_sigint_exits_at_once(procs):
     assert "interrupted again" in sender.output()
 
 
-def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs):
+@pytest.mark.parametrize("workers, messages, delay, sent_first", [
+    (2, 100, 0.05, 10),  # the seed's pace: workers wait between messages
+    (20, 100000, 0, 20000),  # no delay: most workers wait for their turn to send
+], ids=["paced", "turns"])
+def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs, workers, messages,
+                                                                    delay, sent_first):
     """First Ctrl+C: stop, flush, summary, exit 130; sent + interrupted == planned."""
     receiver = procs.receiver(*QUIET_RECEIVER)
-    sender = procs.sender(*sender_args(2, 100, 0.05, "1", "1", "--stats-interval", "0.2"),
+    sender = procs.sender(*sender_args(workers, messages, delay, "1", "1", "--quiet",
+                                       "--stats-interval", "0.2"),
                           endpoints=[receiver.endpoint])
-    wait_until(lambda: sent_so_far(sender) >= 10, 15, "10 messages sent")
+    wait_until(lambda: sent_so_far(sender) >= sent_first, 15, f"{sent_first} messages sent")
     sender.signal(signal.SIGINT)
     assert sender.wait(15) == 130, sender.output()[-2000:]
     result = sender.summary()
     interrupted = result["failed_by_reason"]["interrupted"]
-    assert result["sent"] >= 10 and interrupted > 0
-    assert result["sent"] + interrupted == result["planned"] == 200
+    assert result["sent"] >= sent_first and interrupted > 0
+    assert result["sent"] + interrupted == result["planned"] == workers * messages
     assert result["failed"] == interrupted
     assert result["flush_complete"] is True
     assert "Sender summary" in sender.output()
     assert sender.lines(r"\[EXIT\] interrupted")
     # Everything the sender counted as sent arrived.
-    assert receiver.stop() == 0
-    assert receiver.summary()["received"] == result["sent"]
-
-
-def test_sender_sigint_reaches_workers_waiting_for_their_turn(procs):
-    """--delay 0 with many workers: most wait for a turn to send; Ctrl+C stops them all."""
-    receiver = procs.receiver(*QUIET_RECEIVER)
-    sender = procs.sender(*sender_args(20, 100000, 0, "1", "1", "--quiet",
-                                       "--stats-interval", "0.2"),
-                          endpoints=[receiver.endpoint])
-    wait_until(lambda: sent_so_far(sender) >= 20000, 15, "20000 messages sent")
-    sender.signal(signal.SIGINT)
-    assert sender.wait(15) == 130, sender.output()[-2000:]
-    result = sender.summary()
-    interrupted = result["failed_by_reason"]["interrupted"]
-    assert result["sent"] + interrupted == result["planned"] == 2000000
-    assert interrupted > 0 and result["failed"] == interrupted
-    assert result["flush_complete"] is True
     assert receiver.stop() == 0
     assert receiver.summary()["received"] == result["sent"]
 
