@@ -53,7 +53,7 @@ WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiti
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
-TURN_MESSAGES = 100  # messages a worker sends before it lets a waiting worker have a turn
+TURN_MESSAGES = 1000  # messages a worker sends before it lets a waiting worker have a turn
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 
 EXIT_OK = 0
