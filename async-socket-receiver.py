@@ -523,7 +523,6 @@ class ReceiveThread(threading.Thread):
 
     def _drain(self, sock, limit):
         """Receive up to `limit` waiting messages without blocking; None if none were valid."""
-        recv_ns = time.time_ns()
         items = []
         append = items.append
         recv = sock.recv
@@ -554,6 +553,9 @@ class ReceiveThread(threading.Thread):
                 number += 1
                 lines.append(pushpull.msg_line(number, pushpull.client_name(msg), self.target,
                                                msg[SEQ], msg[TEXT]))
+        # Stamped when the batch is off the socket: latencies never count a frame as
+        # received before it was.
+        recv_ns = time.time_ns()
         self.counters.received += len(items) - ends
         if lines:
             self.log.info(lines)
@@ -763,14 +765,13 @@ class ProcessorThread(threading.Thread):
                                                   " a message arrived after the run was reported")
                 if kind == END:
                     run.ends[worker] = seq
+                    run.add_latencies(batch.recv_ns, sent_times)  # a [RUN] line may show them
+                    sent_times = []
                     self._close_if_finished(run)
                     continue
                 if not run.record(worker, seq):
                     self._duplicate(run, msg)
                     continue
-                if resent:
-                    run.resent += 1
-                sent_times.append(sent_ns)
             if work:
                 if cold.wait(work):
                     if run is not None:
@@ -787,6 +788,9 @@ class ProcessorThread(threading.Thread):
             if run is None:
                 counters.plain += 1
             else:
+                sent_times.append(sent_ns)
+                if resent:
+                    run.resent += 1
                 if info.confirm:
                     run.to_confirm.append((worker, seq))
                     self._to_confirm[info.run_id] = run
@@ -946,20 +950,22 @@ def stats_line(counters, last, elapsed):
             f" | invalid {counters.invalid} | connections {counters.peers}")
 
 
-def wait_for_stop(signals, counters, config, log, receiver):
-    """Block until Ctrl+C/SIGTERM or a dead receive thread, printing [STATS] while busy."""
+def wait_for_stop(signals, counters, config, log, threads):
+    """Block until Ctrl+C/SIGTERM (returns None) or one of `threads` dies (returns it),
+    printing [STATS] while busy."""
     last = (counters.received, counters.processed)
     last_time = time.monotonic()
     while not signals.first.wait(POLL_INTERVAL / 1000):
-        if not receiver.is_alive():
-            return False
+        for thread in threads:
+            if not thread.is_alive():
+                return thread
         now = time.monotonic()
         if now - last_time >= config.stats_interval:
             current = (counters.received, counters.processed)
             if current != last or counters.backlog:
                 log.info(stats_line(counters, last, now - last_time))
             last, last_time = current, now
-    return True
+    return None
 
 
 def finish_backlog(signals, stops, counters, receiver, processor, log):
@@ -969,8 +975,9 @@ def finish_backlog(signals, stops, counters, receiver, processor, log):
     """
     stops.warm.set()
     wait_for_thread(receiver, signals, stops, log)
-    log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog} waiting"
-             " (Ctrl+C again to stop at once and save them to the spill file)")
+    if processor.is_alive():
+        log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog} waiting"
+                 " (Ctrl+C again to stop at once and save them to the spill file)")
     next_progress = time.monotonic() + 1.0
     while processor.is_alive():
         wait_for_thread(processor, signals, stops, log, POLL_INTERVAL / 1000)
@@ -1063,8 +1070,9 @@ def serve(config, signals, log):
     stops = StopEvents()
     batches = BatchQueue(config.queue_size)
     ctx = zmq.Context()
-    gatekeeper = start_gatekeeper(ctx, config, log)
+    gatekeeper = None
     try:
+        gatekeeper = start_gatekeeper(ctx, config, log)
         receiver = ReceiveThread(ctx, config, batches, counters, stops, log, server_keys)
         processor = ProcessorThread(ctx, config, batches, counters, stops, log,
                                     config.spill_file, server_keys)
@@ -1090,19 +1098,24 @@ def serve(config, signals, log):
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")
-        stopped_by_signal = wait_for_stop(signals, counters, config, log, receiver)
-        if not stopped_by_signal:
+        dead = wait_for_stop(signals, counters, config, log, (receiver, processor))
+        if dead is receiver:
             log.error("[ERROR] the receive thread stopped; processing what was received")
+        elif dead is processor:
+            log.error("[ERROR] the processor thread stopped; what was received goes to the"
+                      " spill file")
         finish_backlog(signals, stops, counters, receiver, processor, log)
         unprocessed = processor.leftover + batches.take_all()
         if unprocessed:
             spill(unprocessed, config.spill_file, counters, log, processor.runs)
         processor.report_open_runs()
+        stop_kind = (StopKind.FAILED if dead is not None
+                     else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)
     finally:
-        gatekeeper.stop()
+        stops.cold.set()  # after an unexpected error: threads let go of their sockets
+        if gatekeeper is not None:
+            gatekeeper.stop()
         ctx.term()
-    stop_kind = (StopKind.FAILED if not stopped_by_signal
-                 else StopKind.COLD if stops.cold.is_set() else StopKind.WARM)
     lost = (counters.received + counters.recovered - counters.processed - counters.duplicates
             - counters.spilled)
     data = summary_data(counters, processor, lost, started, stop_kind)

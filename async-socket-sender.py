@@ -336,8 +336,10 @@ class SendTurns:
         self._taken = False
 
     def take(self, gate, stop):
-        """Wait for the turn; False if `stop` was set first. `gate` is the caller's own
-        Lock, held by it: whoever gives the turn away releases it."""
+        """Wait for the turn; False if `stop` was set first.
+
+        `gate` is the caller's own Lock, held by it: give() releases it to hand over.
+        """
         with self._lock:
             if not self._taken:
                 self._taken = True
@@ -349,8 +351,8 @@ class SendTurns:
                     if gate in self._waiting:
                         self._waiting.remove(gate)
                         return False
-                gate.acquire()  # handed over just now: the turn is ours after all
-                return True
+                # Not waiting any more: give() released the gate just now, under the lock.
+                return gate.acquire(blocking=False)
         return True
 
     def give(self):
@@ -361,9 +363,9 @@ class SendTurns:
             else:
                 self._taken = False
 
-    def others_waiting(self):
-        """True when another worker waits for a turn."""
-        return bool(self._waiting)
+    def waiting(self):
+        """How many workers wait for a turn."""
+        return len(self._waiting)  # read without the lock: a moment's staleness is harmless
 
 
 # ---------------------------------------------------------------------------
@@ -641,13 +643,13 @@ class PushWorker(threading.Thread):
         window = self.window
         send_now, no_block = self._send_now, int(zmq.NOBLOCK)
         for task in range(config.messages):
-            if task % TURN_MESSAGES == 0 and self.turns.others_waiting():
-                self._give_turn()
-                self._take_turn()
             if self.stop.is_set():
                 outcomes[Outcome.INTERRUPTED] += config.messages - task
                 self.tally.not_sent.append(range(task, config.messages))
                 break
+            if task and task % TURN_MESSAGES == 0 and self.turns.waiting():
+                self._give_turn()
+                self._take_turn()
             if window is not None:
                 outcome = self._make_room(sock)
                 if outcome is not Outcome.SENT:
@@ -703,10 +705,8 @@ class PushWorker(threading.Thread):
             yield
             return
         self._give_turn()
-        try:
-            yield
-        finally:
-            self._take_turn()
+        yield  # an error leaves without the turn: nobody waits for it behind the queue
+        self._take_turn()
 
     def _make_room(self, sock):
         """--confirm: wait until the window has room, resending when a receiver was lost."""
@@ -1014,6 +1014,7 @@ def send_run(config, signals, log):
         if listener is not None:
             listener.join()
     finally:
+        stop.set()  # after an unexpected error: threads let go of their sockets
         flush_result = flush(ctx, config, totals(workers))
     counts = totals(workers)
     duration = time.monotonic() - started

@@ -46,7 +46,8 @@ CONFIRM_TOPIC = struct.Struct("!Q")
 CONFIRM_RANGE = struct.Struct("!III")
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
 RUN_CACHE_SIZE = 1024  # runs remembered by decode() before the cache starts over
-PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>\d+)$")
+# ASCII digits, at most nine: int() of "Task" followed by thousands of digits raises.
+PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>[0-9]{1,9})$")
 
 
 class MessageKind(enum.IntEnum):
@@ -59,6 +60,7 @@ class MessageKind(enum.IntEnum):
 # The same as plain ints, for the per-message paths: an int compares faster than
 # an enum member is looked up.
 DATA, END = int(MessageKind.DATA), int(MessageKind.END)
+
 
 class InvalidMessage(ValueError):
     """A frame that is neither in the wire format nor readable as plain text."""
@@ -162,7 +164,7 @@ def decode(frame, run_cache):
         text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
-    return frame, run, kind, worker, seq, sent_ns, flags & FLAG_RESENT == 1, text, ""
+    return frame, run, kind, worker, seq, sent_ns, bool(flags & FLAG_RESENT), text, ""
 
 
 def new_run(frame, run_cache):
@@ -418,7 +420,7 @@ class LatencyHistogram:
         for sent in sent_ns:
             micros = received_us - sent // 1000
             if micros < small:
-                # Clocks of two processes on one host: never report negative time.
+                # The clocks of two hosts can disagree: never report negative time.
                 bucket = micros if micros > 0 else 0
             else:
                 shift = micros.bit_length() - 7  # 2 ** 7 == small

@@ -2,12 +2,13 @@
 
 import queue
 import random
-import time
 import re
+import threading
+import time
 
 import pytest
 
-from conftest import load_script
+from conftest import load_script, wait_until
 from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
@@ -122,6 +123,10 @@ def test_plain_text_decodes_without_a_run():
     hello = pushpull.decode(b"hello", {})
     assert (hello[pushpull.RUN], pushpull.client_name(hello), hello[pushpull.SEQ],
             hello[pushpull.TEXT]) == (None, "plain", -1, "hello")
+    # Too many digits for int(), and digits that are not ASCII: text, but no task number.
+    for text in ("x[y] - Task " + "9" * 5000, "x[y] - Task \u0663"):
+        odd = pushpull.decode(text.encode(), {})
+        assert (pushpull.client_name(odd), odd[pushpull.SEQ]) == ("plain", -1), text[:20]
 
 
 @pytest.mark.parametrize("frame", [
@@ -170,6 +175,43 @@ def test_latency_histogram_percentiles_within_two_percent():
     assert small.percentile(0.5) == 7  # exact below 128 µs
     summary = hist.summary_ms()
     assert abs(summary["p50"] - 50.0) <= 1.0 and summary["max"] == 100.0
+
+
+def test_send_turns_go_in_order_and_a_stop_frees_the_waiters():
+    """SendTurns: first come, first served; a waiter gives up on stop and leaves the queue."""
+    turns, stop, order = SENDER.SendTurns(), threading.Event(), []
+
+    def gate():
+        lock = threading.Lock()
+        lock.acquire()
+        return lock
+
+    def take_then_give(number, gate):
+        if turns.take(gate, stop):
+            order.append(number)
+            turns.give()
+        else:
+            order.append(f"{number} gave up")
+
+    assert turns.take(gate(), stop)  # free: taken at once
+    waiters = []
+    for number in (1, 2):
+        waiters.append(threading.Thread(target=take_then_give, args=(number, gate())))
+        waiters[-1].start()
+        wait_until(lambda: turns.waiting() == number, 5, f"{number} waiting")
+    turns.give()
+    for waiter in waiters:
+        waiter.join(5)
+    assert order == [1, 2] and turns.waiting() == 0
+    assert turns.take(gate(), stop)  # free again
+    late = threading.Thread(target=take_then_give, args=(3, gate()))
+    late.start()
+    wait_until(lambda: turns.waiting() == 1, 5, "3 waiting")
+    stop.set()
+    late.join(5)
+    assert order[-1] == "3 gave up" and turns.waiting() == 0
+    turns.give()
+    assert turns.take(gate(), threading.Event())  # the turn was not lost to the waiter
 
 
 def test_batch_queue_counts_messages_not_batches():
