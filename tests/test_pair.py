@@ -153,7 +153,8 @@ def test_plain_text_from_a_foreign_push_client_is_received_logged_counted(procs)
         push.connect(receiver.endpoint)
         push.send(b"hello")
         push.send(b"Pusher-1[PID:1/TID:2] - Task 3")
-        receiver.wait_for_output(r"\[PROC\]", count=2)
+        push.send(b"x[y] - Task " + b"9" * 5000)  # too long a number: text, no task
+        receiver.wait_for_output(r"\[PROC\]", count=3)
         push.close(linger=0)
     finally:
         ctx.term()
@@ -163,11 +164,12 @@ def test_plain_text_from_a_foreign_push_client_is_received_logged_counted(procs)
     assert any(re.search(r"\[Pusher-1 *\].*\| Task +3 \| Pusher-1\[PID:1/TID:2\] - Task 3$",
                          line) for line in msg_lines), msg_lines
     assert any(line.endswith("Processing: hello") for line in proc_lines), proc_lines
-    assert len({pipe_offsets(line) for line in msg_lines}) == 1
+    assert any("[plain" in line and line.endswith("9" * 5000) for line in msg_lines), msg_lines
+    assert len({pipe_offsets(line[:200]) for line in msg_lines}) == 1
     assert receiver.stop() == 0
     summary = receiver.summary()
     assert (summary["received"], summary["processed"], summary["plain"], summary["invalid"]) \
-        == (2, 2, 2, 0)
+        == (3, 3, 3, 0)
     assert summary["runs"] == []
 
 
