@@ -526,8 +526,10 @@ class ConfirmListener(threading.Thread):
             while not self.stop.is_set():
                 if not sub.poll(POLL_INTERVAL):
                     continue
-                _, body = sub.recv_multipart()
-                for worker, first, count in pushpull.decode_confirmations(body):
+                frames = sub.recv_multipart()
+                if len(frames) != 2:
+                    continue  # not a confirmation [topic, ranges]: nothing to confirm
+                for worker, first, count in pushpull.decode_confirmations(frames[1]):
                     if 1 <= worker <= len(windows) and windows[worker - 1].confirm(first, count):
                         self.progress.last = time.monotonic()
         finally:

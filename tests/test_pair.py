@@ -107,8 +107,8 @@ def test_logs_stay_aligned_at_120_workers_x_120_messages(procs, tmp_path):
                for line in receiver_lines)
 
 
-def test_workers_without_a_delay_take_turns(procs):
-    """--delay 0: workers send in turns (SendTurns), so every worker is under way early."""
+def test_workers_without_a_delay_all_get_turns_early(procs):
+    """--delay 0: workers send in turns (SendTurns), so none waits for another to finish."""
     workers, per_worker = 4, 5000
     receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
     sender = procs.sender("--workers", str(workers), "--messages", str(per_worker),
