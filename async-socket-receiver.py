@@ -266,6 +266,10 @@ class RunState:
         self.to_confirm = []  # (worker, task) processed since the last confirmation sent
         self.ends = {}  # worker -> tasks it says it sent (END frame)
         self.latency = pushpull.LatencyHistogram()
+        # Send times of processed tasks not yet in `latency`, and when their batch was
+        # received (None for a spill file's): the histogram takes them once per batch.
+        self.unrecorded = []
+        self.unrecorded_received_ns = None
         self.last_seen = now
         self.closed = False
         self.reports = 0
@@ -293,10 +297,11 @@ class RunState:
         self.received += 1
         return True
 
-    def add_latencies(self, received_ns, sent_times):
-        """Latencies of tasks received together; none for a spill file's (received_ns None)."""
-        if sent_times and received_ns:
-            self.latency.add_batch(received_ns, sent_times)
+    def record_latencies(self):
+        """Move the unrecorded send times into the latency histogram."""
+        if self.unrecorded and self.unrecorded_received_ns:
+            self.latency.add_batch(self.unrecorded_received_ns, self.unrecorded)
+        self.unrecorded = []
 
     def forget(self, worker, task):
         """Undo record() for a task that was not processed after all (cold stop)."""
@@ -749,15 +754,15 @@ class ProcessorThread(threading.Thread):
         counters = self.counters
         now = time.monotonic()
         last_info = run = None
-        sent_times = []  # of the current run's messages: latencies are added per batch
         for index, msg in enumerate(batch.items):
             _, info, kind, worker, seq, sent_ns, resent, text, _ = msg
             if info is not last_info:
                 if run is not None:
-                    run.add_latencies(batch.recv_ns, sent_times)
-                    sent_times = []
+                    run.record_latencies()
                 last_info = info
                 run = None if info is None else self._run_state(info)
+                if run is not None:
+                    run.unrecorded_received_ns = batch.recv_ns
             if run is not None:
                 run.last_seen = now
                 if run.closed and kind != END and not resent:
@@ -765,8 +770,6 @@ class ProcessorThread(threading.Thread):
                                                   " a message arrived after the run was reported")
                 if kind == END:
                     run.ends[worker] = seq
-                    run.add_latencies(batch.recv_ns, sent_times)  # a [RUN] line may show them
-                    sent_times = []
                     self._close_if_finished(run)
                     continue
                 if not run.record(worker, seq):
@@ -788,7 +791,7 @@ class ProcessorThread(threading.Thread):
             if run is None:
                 counters.plain += 1
             else:
-                sent_times.append(sent_ns)
+                run.unrecorded.append(sent_ns)
                 if resent:
                     run.resent += 1
                 if info.confirm:
@@ -797,11 +800,9 @@ class ProcessorThread(threading.Thread):
                     if work:
                         self._publish_if_due(confirms)
                 if run.received >= run.planned and not run.closed:
-                    run.add_latencies(batch.recv_ns, sent_times)  # the [RUN] line shows them
-                    sent_times = []
                     self._close(run, "complete")
         if run is not None:
-            run.add_latencies(batch.recv_ns, sent_times)
+            run.record_latencies()
         if lines:
             self.log.info(lines)
         self._publish_if_due(confirms)
@@ -852,6 +853,7 @@ class ProcessorThread(threading.Thread):
             self._close(run, "complete" if run.received >= run.planned else "sender finished")
 
     def _close(self, run, reason):
+        run.record_latencies()  # the [RUN] line shows them
         run.closed = True
         run.reports += 1
         level = self.log.info if run.received >= run.planned or run.info.endpoints > 1 \
