@@ -19,8 +19,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-import pushpull
-from pushpull import DATA, END, KIND, RAW, RUN, SEQ, TEXT, WORKER
+from pushpull import cli, confirm, logs, runs, security, wire
+from pushpull.wire import DATA, END, KIND, RAW, RUN, SEQ, TEXT, WORKER
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -101,29 +101,29 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--port", type=pushpull.positive(int), default=TCP_PORT,
+    p.add_argument("--port", type=cli.positive(int), default=TCP_PORT,
                    help="TCP port to bind (TCP_PORT)")
-    p.add_argument("--confirm-port", metavar="PORT", type=pushpull.positive(int),
+    p.add_argument("--confirm-port", metavar="PORT", type=cli.positive(int),
                    default=CONFIRM_PORT,
                    help="port of the confirmation socket; default: --port + 1 (CONFIRM_PORT)")
     p.add_argument("--bind", metavar="ADDRESS", default=BIND_ADDRESS,
                    help="interface to bind, * for all (BIND_ADDRESS)")
-    p.add_argument("--processing-time", metavar="SECONDS", type=pushpull.non_negative(float),
+    p.add_argument("--processing-time", metavar="SECONDS", type=cli.non_negative(float),
                    default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
-    p.add_argument("--queue-size", metavar="N", type=pushpull.positive(int),
+    p.add_argument("--queue-size", metavar="N", type=cli.positive(int),
                    default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
-    p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=RECEIVE_HWM,
+    p.add_argument("--hwm", metavar="N", type=cli.positive(int), default=RECEIVE_HWM,
                    help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
-    p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
+    p.add_argument("--max-size", metavar="BYTES", type=cli.positive(int),
                    default=MAX_MESSAGE_SIZE, help="largest message accepted (MAX_MESSAGE_SIZE)")
     p.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
                    help="log file (LOG_FILE)")
     p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
                    help="log to the console only (ENABLE_FILE_LOGGING = False)")
-    pushpull.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
+    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
                    help="where a cold stop saves unprocessed messages (SPILL_FILE)")
-    p.add_argument("--run-timeout", metavar="SECONDS", type=pushpull.positive(float),
+    p.add_argument("--run-timeout", metavar="SECONDS", type=cli.positive(float),
                    default=RUN_IDLE_TIMEOUT,
                    help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
     p.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
@@ -265,7 +265,7 @@ class RunState:
         self.spilled = 0  # received tasks saved to the spill file by a cold stop
         self.to_confirm = []  # (worker, task) processed since the last confirmation sent
         self.ends = {}  # worker -> tasks it says it sent (END frame)
-        self.latency = pushpull.LatencyHistogram()
+        self.latency = runs.LatencyHistogram()
         # Send times of processed tasks not yet in `latency`, and when their batch was
         # received (None for a spill file's): the histogram takes them once per batch.
         self.unrecorded = []
@@ -337,7 +337,7 @@ class RunState:
         listed, missing = self.missing_tasks(MISSING_LISTED)
         sent = sum(self.ends.values()) if len(self.ends) >= self.info.workers else None
         return {
-            "run_id": pushpull.run_label(self.info.run_id),
+            "run_id": wire.run_label(self.info.run_id),
             "workers": self.info.workers,
             "planned": self.planned,
             "sent_reported": sent,
@@ -371,7 +371,7 @@ def run_line(run, reason):
         missing_text = f"share of {info.endpoints} receivers"
         received = f"received {run.received} of {run.planned} planned"
     resent = f" | resent {run.resent}" if info.confirm else ""
-    return (f"[RUN] run {pushpull.run_label(info.run_id)} | {received} | {missing_text}"
+    return (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
             f" | duplicates {run.duplicates}{resent} | latency p50 {lat['p50']:.2f} ms"
             f" p99 {lat['p99']:.2f} ms max {lat['max']:.2f} ms | {reason}")
 
@@ -424,7 +424,7 @@ class ReceiveThread(threading.Thread):
         self.counters = counters
         self.stops = stops
         self.log = log
-        self.warnings = pushpull.RateLimitedLog(log, WARNING_INTERVAL)
+        self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
         self.ready = threading.Event()
         self.startup_error = None
         self.run_cache = {}
@@ -531,11 +531,11 @@ class ReceiveThread(threading.Thread):
         items = []
         append = items.append
         recv = sock.recv
-        decode = pushpull.decode
+        decode = wire.decode
         cache = self.run_cache
         ends = 0
         number = self.counters.received
-        lines = None if self.config.quiet else pushpull.LineBlock()
+        lines = None if self.config.quiet else logs.LineBlock()
         for _ in range(limit):
             try:
                 frame = recv(zmq.NOBLOCK)
@@ -543,7 +543,7 @@ class ReceiveThread(threading.Thread):
                 break
             try:
                 msg = decode(frame, cache)
-            except pushpull.InvalidMessage as exc:
+            except wire.InvalidMessage as exc:
                 if not self._skipped_multipart(sock):
                     self._invalid(str(exc))
                 continue
@@ -556,7 +556,7 @@ class ReceiveThread(threading.Thread):
                 ends += 1  # END frames are bookkeeping, not messages
             elif lines is not None:
                 number += 1
-                lines.append(pushpull.msg_line(number, pushpull.client_name(msg), self.target,
+                lines.append(logs.msg_line(number, wire.client_name(msg), self.target,
                                                msg[SEQ], msg[TEXT]))
         # Stamped when the batch is off the socket: latencies never count a frame as
         # received before it was.
@@ -695,7 +695,7 @@ class ProcessorThread(threading.Thread):
         self.counters = counters
         self.stops = stops
         self.log = log
-        self.warnings = pushpull.RateLimitedLog(log, WARNING_INTERVAL)
+        self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
         self.spill_path = spill_path
         self.ready = threading.Event()
         self.startup_error = None
@@ -750,7 +750,7 @@ class ProcessorThread(threading.Thread):
         work = self.config.processing_time
         # With simulated work, each [PROC] line is logged when its work is done;
         # without, the batch's lines go out together at its end.
-        lines = None if self.config.quiet else pushpull.LineBlock()
+        lines = None if self.config.quiet else logs.LineBlock()
         counters = self.counters
         now = time.monotonic()
         last_info = run = None
@@ -766,7 +766,7 @@ class ProcessorThread(threading.Thread):
             if run is not None:
                 run.last_seen = now
                 if run.closed and kind != END and not resent:
-                    self.warnings.warning("late", f"[RUN] run {pushpull.run_label(info.run_id)}:"
+                    self.warnings.warning("late", f"[RUN] run {wire.run_label(info.run_id)}:"
                                                   " a message arrived after the run was reported")
                 if kind == END:
                     run.ends[worker] = seq
@@ -784,10 +784,10 @@ class ProcessorThread(threading.Thread):
                 now = time.monotonic()
             counters.processed += 1
             if lines is not None:
-                lines.append(pushpull.proc_line(self.server, pushpull.client_name(msg), seq, text))
+                lines.append(logs.proc_line(self.server, wire.client_name(msg), seq, text))
                 if work:
                     self.log.info(lines)
-                    lines = pushpull.LineBlock()
+                    lines = logs.LineBlock()
             if run is None:
                 counters.plain += 1
             else:
@@ -823,8 +823,8 @@ class ProcessorThread(threading.Thread):
             # Its confirmation may have been lost: confirm it again.
             run.to_confirm.append((worker, seq))
             self._to_confirm[run.info.run_id] = run
-        self.warnings.warning("dup", f"[DUP] run {pushpull.run_label(run.info.run_id)}"
-                                     f" {pushpull.client_name(msg)} task {seq} arrived again;"
+        self.warnings.warning("dup", f"[DUP] run {wire.run_label(run.info.run_id)}"
+                                     f" {wire.client_name(msg)} task {seq} arrived again;"
                                      " dropped")
 
     def _publish_if_due(self, confirms):
@@ -842,7 +842,7 @@ class ProcessorThread(threading.Thread):
                 per_worker.setdefault(worker, []).append(task)
             run.to_confirm = []
             try:
-                confirms.send_multipart(pushpull.encode_confirmations(run_id, per_worker),
+                confirms.send_multipart(confirm.encode_confirmations(run_id, per_worker),
                                         zmq.NOBLOCK)
             except zmq.Again:
                 pass  # PUB never blocks; a sender that misses this resends, and is re-confirmed
@@ -911,7 +911,7 @@ def summary_data(counters, processor, queued, started, stop_kind):
         "rejected": counters.rejected,
         "rejected_connections": counters.rejected_connections,
         "duration_s": round(duration, 3),
-        "processed_per_s": round(pushpull.rate(counters.processed, duration), 1),
+        "processed_per_s": round(cli.rate(counters.processed, duration), 1),
         "stop": stop_kind.value,
         "runs": [run.to_json() for run in processor.runs.values()],
     }
@@ -940,13 +940,13 @@ def summary_table(data):
                      f"{run['received']}/{run['planned']} received, missing {missing},"
                      f" duplicates {run['duplicates']}, p50 {lat['p50']:.2f} ms,"
                      f" p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms"))
-    return pushpull.format_table("Receiver summary", rows)
+    return cli.format_table("Receiver summary", rows)
 
 
 def stats_line(counters, last, elapsed):
     """One [STATS] line; `last` holds the counts of the previous line."""
-    received_rate = pushpull.rate(counters.received - last[0], elapsed)
-    processed_rate = pushpull.rate(counters.processed - last[1], elapsed)
+    received_rate = cli.rate(counters.received - last[0], elapsed)
+    processed_rate = cli.rate(counters.processed - last[1], elapsed)
     return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
             f" {counters.processed} ({processed_rate:.1f}/s) | queue {counters.backlog}"
             f" | invalid {counters.invalid} | connections {counters.peers}")
@@ -1047,7 +1047,7 @@ def security_warnings(config, log):
 
 def main(argv=None):
     """Run the receiver until Ctrl+C or SIGTERM; returns the exit status."""
-    return pushpull.run_script("async-socket-receiver", parse_args(argv), serve,
+    return cli.run_script("async-socket-receiver", parse_args(argv), serve,
                                EXIT_STARTUP_FAILED)
 
 
@@ -1060,11 +1060,11 @@ def serve(config, signals, log):
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
     try:
-        server_keys = (pushpull.load_secret_certificate(config.curve_server_key)
+        server_keys = (security.load_secret_certificate(config.curve_server_key)
                        if config.curve_server_key else None)
         if config.curve_allow and not os.path.isdir(config.curve_allow):
-            raise pushpull.KeyFileError(f"--curve-allow {config.curve_allow} is not a directory")
-    except pushpull.KeyFileError as exc:
+            raise security.KeyFileError(f"--curve-allow {config.curve_allow} is not a directory")
+    except security.KeyFileError as exc:
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
     security_warnings(config, log)
@@ -1123,7 +1123,7 @@ def serve(config, signals, log):
     data = summary_data(counters, processor, lost, started, stop_kind)
     log.info("\n" + summary_table(data))
     if config.json_path:
-        pushpull.write_json(config.json_path, data)
+        cli.write_json(config.json_path, data)
     return EXIT_OK if stop_kind is not StopKind.FAILED and not lost else EXIT_FAILED
 
 
@@ -1132,8 +1132,8 @@ def recover(frames, counters):
     items, run_cache = [], {}
     for frame in frames:
         try:
-            items.append(pushpull.decode(frame, run_cache))
-        except pushpull.InvalidMessage:
+            items.append(wire.decode(frame, run_cache))
+        except wire.InvalidMessage:
             counters.invalid += 1
     counters.recovered = count_data(items)
     return items

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-import pushpull
+from pushpull import cli, confirm, logs, security, wire
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -115,38 +115,38 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=pushpull.positive(int), default=NUM_WORKERS,
+    p.add_argument("--workers", type=cli.positive(int), default=NUM_WORKERS,
                    help="worker threads (NUM_WORKERS)")
-    p.add_argument("--messages", type=pushpull.non_negative(int), default=MESSAGES_PER_WORKER,
+    p.add_argument("--messages", type=cli.non_negative(int), default=MESSAGES_PER_WORKER,
                    help="messages per worker (MESSAGES_PER_WORKER)")
-    p.add_argument("--delay", metavar="SECONDS", type=pushpull.non_negative(float),
+    p.add_argument("--delay", metavar="SECONDS", type=cli.non_negative(float),
                    default=MESSAGE_DELAY, help="pause between a worker's messages (MESSAGE_DELAY)")
     # SUPPRESS: "append" would add to a default list instead of replacing it.
     p.add_argument("--connect", metavar="ENDPOINT", type=endpoint, action="append",
                    default=argparse.SUPPRESS,
                    help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS) (default:"
                         f" {' '.join(SERVER_ENDPOINTS)})")
-    p.add_argument("--timeout", metavar="SECONDS", type=pushpull.positive(float),
+    p.add_argument("--timeout", metavar="SECONDS", type=cli.positive(float),
                    default=SERVER_TIMEOUT,
                    help="wait for an absent receiver before a retry; flush bound (SERVER_TIMEOUT)")
-    p.add_argument("--retries", type=pushpull.non_negative(int),
+    p.add_argument("--retries", type=cli.non_negative(int),
                    default=CONNECTION_RETRY_ATTEMPTS,
                    help="retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)")
-    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=pushpull.positive(float),
+    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=cli.positive(float),
                    default=HEARTBEAT_INTERVAL, help="receiver health checks (HEARTBEAT_INTERVAL)")
     p.add_argument("--log-file", metavar="PATH",
                    default=LOG_FILE if ENABLE_FILE_LOGGING else None,
                    help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
-    pushpull.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
-    p.add_argument("--size", metavar="BYTES", type=pushpull.non_negative(int),
+    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
+    p.add_argument("--size", metavar="BYTES", type=cli.non_negative(int),
                    default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
-    p.add_argument("--max-size", metavar="BYTES", type=pushpull.positive(int),
+    p.add_argument("--max-size", metavar="BYTES", type=cli.positive(int),
                    default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
-    p.add_argument("--hwm", metavar="N", type=pushpull.positive(int), default=SEND_HWM,
+    p.add_argument("--hwm", metavar="N", type=cli.positive(int), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
     p.add_argument("--confirm", action="store_true", default=CONFIRM_DELIVERY,
                    help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
-    p.add_argument("--window", metavar="N", type=pushpull.positive(int), default=CONFIRM_WINDOW,
+    p.add_argument("--window", metavar="N", type=cli.positive(int), default=CONFIRM_WINDOW,
                    help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
@@ -164,7 +164,7 @@ def parse_args(argv=None):
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):
-                pushpull.confirm_endpoint(ep)
+                confirm.confirm_endpoint(ep)
         except ValueError as exc:
             p.error(str(exc))
     return Config(workers=a.workers, messages=a.messages, delay=a.delay,
@@ -519,9 +519,9 @@ class ConfirmListener(threading.Thread):
         sub = self.ctx.socket(zmq.SUB)
         try:
             configure_curve(sub, self.config)
-            sub.setsockopt(zmq.SUBSCRIBE, pushpull.CONFIRM_TOPIC.pack(self.run_info.run_id))
+            sub.setsockopt(zmq.SUBSCRIBE, confirm.CONFIRM_TOPIC.pack(self.run_info.run_id))
             for ep in self.config.endpoints:
-                sub.connect(pushpull.confirm_endpoint(ep))
+                sub.connect(confirm.confirm_endpoint(ep))
             windows = self.windows
             while not self.stop.is_set():
                 if not sub.poll(POLL_INTERVAL):
@@ -529,7 +529,7 @@ class ConfirmListener(threading.Thread):
                 frames = sub.recv_multipart()
                 if len(frames) != 2:
                     continue  # not a confirmation [topic, ranges]: nothing to confirm
-                for worker, first, count in pushpull.decode_confirmations(frames[1]):
+                for worker, first, count in confirm.decode_confirmations(frames[1]):
                     if 1 <= worker <= len(windows) and windows[worker - 1].confirm(first, count):
                         self.progress.last = time.monotonic()
         finally:
@@ -622,11 +622,11 @@ class PushWorker(threading.Thread):
 
     def _send_tasks(self, sock):
         config = self.config
-        encoder = self._encoder = pushpull.MessageEncoder(
+        encoder = self._encoder = wire.MessageEncoder(
             self.run_info, self.number, os.getpid(), threading.get_ident(), config.size)
         # Without a delay, [MSG] lines are logged in blocks of LOG_BLOCK: one log
         # record per line would cost more than sending the message.
-        lines = None if config.quiet else pushpull.LineBlock()
+        lines = None if config.quiet else logs.LineBlock()
         block = LOG_BLOCK if not config.delay else 1
         self._take_turn()
         try:
@@ -675,11 +675,11 @@ class PushWorker(threading.Thread):
             if outcome is sent_ok:
                 tally.sent += 1
                 if lines is not None:
-                    lines.append(pushpull.msg_line(next(self.counter), self.name,
+                    lines.append(logs.msg_line(next(self.counter), self.name,
                                                    config.target, task, encoder.text(task)))
                     if len(lines) >= block:
                         self.log.info(lines)
-                        lines = pushpull.LineBlock()
+                        lines = logs.LineBlock()
             else:
                 if window is not None:
                     window.discard(task)
@@ -764,7 +764,7 @@ class PushWorker(threading.Thread):
             self.log.warning(f"[RESEND] {self.name}: {why}; resending {len(pending)}"
                              " unconfirmed messages")
         for task, frame in pending:
-            outcome = self._send(sock, pushpull.mark_resent(frame), task)
+            outcome = self._send(sock, wire.mark_resent(frame), task)
             if outcome is not Outcome.SENT:
                 return outcome
             self.tally.resent += 1
@@ -847,9 +847,9 @@ def stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
     counts = totals(workers)
     sent = counts[Outcome.SENT]
     failed = sum(counts.values()) - sent
-    recent = pushpull.rate(sent - last_sent, elapsed)
+    recent = cli.rate(sent - last_sent, elapsed)
     remaining = config.planned - sent - failed
-    overall = pushpull.rate(sent, total_elapsed)
+    overall = cli.rate(sent, total_elapsed)
     eta = f"{remaining / overall:.1f} s" if overall > 0 else "-"
     waiting = sum(1 for w in workers if w.tally.waiting)
     return (f"[STATS] sent {sent}/{config.planned} ({100 * sent / max(1, config.planned):.1f}%)"
@@ -882,7 +882,7 @@ def summary_data(config, run, counts, health, duration, flush, confirmation):
     sent = counts[Outcome.SENT]
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
     return {**(confirmation or {}),
-        "run_id": pushpull.run_label(run.run_id),
+        "run_id": wire.run_label(run.run_id),
         "planned": config.planned,
         "sent": sent,
         "failed": sum(failed.values()),
@@ -894,7 +894,7 @@ def summary_data(config, run, counts, health, duration, flush, confirmation):
         "endpoints": list(config.endpoints),
         "workers": config.workers,
         "duration_s": round(duration, 3),
-        "sent_per_s": round(pushpull.rate(sent, duration), 1),
+        "sent_per_s": round(cli.rate(sent, duration), 1),
     }
 
 
@@ -924,7 +924,7 @@ def summary_table(data):
         rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
                              " receiver that dies before reading them loses them (--confirm"
                              " knows)"))
-    return pushpull.format_table("Sender summary", rows)
+    return cli.format_table("Sender summary", rows)
 
 
 @dataclass
@@ -972,19 +972,19 @@ def main(argv=None):
     config = parse_args(argv)
     if config.curve_client_key:
         try:
-            public, secret = pushpull.load_secret_certificate(config.curve_client_key)
-            server_public = pushpull.load_public_key(config.curve_server_public)
-        except pushpull.KeyFileError as exc:
+            public, secret = security.load_secret_certificate(config.curve_client_key)
+            server_public = security.load_public_key(config.curve_server_public)
+        except security.KeyFileError as exc:
             print(f"async-socket-sender: {exc}", file=sys.stderr)
             return EXIT_NOT_ALL_SENT
         config = dataclasses.replace(config, curve_keys=(public, secret, server_public))
-    return pushpull.run_script("async-socket-sender", config, send_run, EXIT_NOT_ALL_SENT,
+    return cli.run_script("async-socket-sender", config, send_run, EXIT_NOT_ALL_SENT,
                                exit_on_second=True)
 
 
 def send_run(config, signals, log):
     """Start the monitor and the workers, wait for them, flush, report."""
-    run = pushpull.RunInfo(random.getrandbits(63), config.workers, config.messages,
+    run = wire.RunInfo(random.getrandbits(63), config.workers, config.messages,
                            len(config.endpoints), config.confirm)
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
@@ -1006,7 +1006,7 @@ def send_run(config, signals, log):
         workers = [PushWorker(ctx, config, run, n, health, log, stop, counter, turns,
                               windows[n - 1], progress)
                    for n in range(1, config.workers + 1)]
-        log.info(f"[START] run {pushpull.run_label(run.run_id)}: {config.workers} workers x"
+        log.info(f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
                  f" {config.messages} messages -> {', '.join(config.endpoints)}")
         for worker in workers:
             worker.start()
@@ -1024,7 +1024,7 @@ def send_run(config, signals, log):
     data = summary_data(config, run, counts, health, duration, flush_result, confirmation)
     log.info("\n" + summary_table(data))
     if config.json_path:
-        pushpull.write_json(config.json_path, data)
+        cli.write_json(config.json_path, data)
     status, reason = exit_reason(counts, config, flush_result, signals.first.is_set(),
                                  confirmation)
     if reason:

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from pushpull import free_port
+from pushpull.cli import free_port
 
 ROOT = Path(__file__).resolve().parent
 RECEIVER = ROOT / "async-socket-receiver.py"

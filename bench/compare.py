@@ -10,9 +10,11 @@ and their ratio. Run by hand, not part of the test suite; stdlib + pyzmq only.
 """
 
 import argparse
+import io
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -25,12 +27,14 @@ TIMEOUT = 120  # seconds one run may take before it counts as failed
 
 
 def scripts_at(revision, dest):
-    """The three scripts as they are at `revision`, copied into `dest`."""
+    """The scripts and the package as they are at `revision`, extracted into `dest`."""
     dest.mkdir(parents=True)
-    for name in rb.SCRIPTS:
-        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=rb.ROOT,
-                              capture_output=True, check=True, timeout=10).stdout
-        (dest / name).write_bytes(text)
+    listed = subprocess.run(["git", "ls-tree", "--name-only", revision, "--", *rb.CODE],
+                            cwd=rb.ROOT, capture_output=True, check=True, timeout=10).stdout
+    archive = subprocess.run(["git", "archive", revision, "--", *listed.decode().split()],
+                             cwd=rb.ROOT, capture_output=True, check=True, timeout=30).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest)
     return rb.Scripts(dest / rb.SCRIPTS[0], dest / rb.SCRIPTS[1], revision)
 
 

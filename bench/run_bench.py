@@ -36,8 +36,8 @@ READY_LINE = b"Server is running"
 POLL = 0.005  # seconds between two looks at a console file
 
 sys.path.insert(0, str(ROOT))
-import pushpull  # noqa: E402  (the wire format's frame size, free ports)
-from pushpull import free_port  # noqa: E402
+from pushpull import wire  # noqa: E402  (the wire format's frame size)
+from pushpull.cli import free_port  # noqa: E402
 
 FULL = dict(raw_count=2_000_000, quiet_workers=50, quiet_messages=10_000,
             log_workers=20, log_messages=2_000, lat_workers=10, lat_messages=500,
@@ -144,7 +144,9 @@ class Proc:
             Proc.live.remove(self)
 
 
-SCRIPTS = ("async-socket-receiver.py", "async-socket-sender.py", "pushpull.py")
+# The code a benchmark runs: the two scripts and the package (pushpull.py before it).
+SCRIPTS = ("async-socket-receiver.py", "async-socket-sender.py")
+CODE = (*SCRIPTS, "pushpull", "pushpull.py")
 
 
 @dataclass(frozen=True)
@@ -156,26 +158,38 @@ class Scripts:
     description: str
 
 
+def code_files(root):
+    """The files of CODE under `root`, relative to it, in a fixed order."""
+    files = []
+    for name in CODE:
+        path = Path(root) / name
+        if path.is_dir():
+            files += sorted(p.relative_to(root) for p in path.rglob("*.py"))
+        elif path.is_file():
+            files.append(Path(name))
+    return files
+
+
 def snapshot(dest):
-    """Copy the three scripts into `dest`, to run them from there: the working tree may
-    change while the bench runs."""
+    """Copy the scripts and the package into `dest`, to run them from there: the working
+    tree may change while the bench runs."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1()
-    for name in SCRIPTS:
+    for name in code_files(ROOT):
         data = (ROOT / name).read_bytes()
         digest.update(data)
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (dest / name).write_bytes(data)
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *SCRIPTS], cwd=ROOT,
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *CODE], cwd=ROOT,
                                capture_output=True, timeout=10).returncode != 0
     except (OSError, subprocess.TimeoutExpired):
         head, dirty = "?", False
     return Scripts(dest / SCRIPTS[0], dest / SCRIPTS[1],
                    f"commit {head}{' + uncommitted changes' if dirty else ''}"
-                   f" (sha1 of the three scripts {digest.hexdigest()[:10]})")
+                   f" (sha1 of the code {digest.hexdigest()[:10]})")
 
 
 def kill_all():
@@ -220,8 +234,8 @@ class Pair:
 # ---------------------------------------------------------------------------
 def frame_size():
     """Bytes of a typical frame of the pair: header + 'Pusher-17[PID:.../TID:...] - Task 5000'."""
-    run = pushpull.RunInfo(1 << 62, 50, 10_000, 1)
-    encoder = pushpull.MessageEncoder(run, 17, 12345, 140_000_000_000_000)  # typical widths
+    run = wire.RunInfo(1 << 62, 50, 10_000, 1)
+    encoder = wire.MessageEncoder(run, 17, 12345, 140_000_000_000_000)  # typical widths
     return len(encoder.data(5000))
 
 
@@ -621,8 +635,8 @@ def main(argv=None):
         code_dir.cleanup()
     total = time.monotonic() - started
     body = table(results, sizes, size)
-    notes = [f"Frame size {size} B: pushpull.HEADER_SIZE {pushpull.HEADER_SIZE} + a typical"
-             f" text of {size - pushpull.HEADER_SIZE} B; (1) sends frames of the same size.",
+    notes = [f"Frame size {size} B: wire.HEADER_SIZE {wire.HEADER_SIZE} + a typical"
+             f" text of {size - wire.HEADER_SIZE} B; (1) sends frames of the same size.",
              f"{len(results)} run(s){' (--quick: reduced sizes)' if a.quick else ''},"
              f" {total:.0f} s in all, {when}.",
              "End-to-end rates (2) and (3): from just before the sender process is started"

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pushpull import free_port  # noqa: E402  (re-exported for the tests)
+from pushpull.cli import free_port  # noqa: E402  (re-exported for the tests)
 RECEIVER = ROOT / "async-socket-receiver.py"
 SENDER = ROOT / "async-socket-sender.py"
 READY_LINE = "Server is running"

@@ -13,7 +13,7 @@ from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
 SENDER = load_script("async-socket-sender")
-import pushpull  # noqa: E402  (load_script put the project root on sys.path)
+from pushpull import runs, wire  # noqa: E402  (load_script put the project root on sys.path)
 
 # Flag -> default shown by --help. Seed values where issue 3 fixes them, else the constant.
 RECEIVER_DEFAULTS = {
@@ -84,27 +84,27 @@ def test_bad_values_exit_2_with_a_clear_error(script, args, flag):
 # ---------------------------------------------------------------------------
 def encoder(workers=3, per_worker=5, worker=2, pad_to=0):
     """A MessageEncoder for a small run."""
-    run = pushpull.RunInfo(random.getrandbits(63), workers, per_worker, 1)
-    return run, pushpull.MessageEncoder(run, worker, 1234, 5678, pad_to)
+    run = wire.RunInfo(random.getrandbits(63), workers, per_worker, 1)
+    return run, wire.MessageEncoder(run, worker, 1234, 5678, pad_to)
 
 
 def test_wire_roundtrip_keeps_every_field():
     """encode -> decode returns run, worker, task, text and time; END carries the sent count."""
     run, enc = encoder()
     cache = {}
-    msg = pushpull.decode(enc.data(4), cache)
+    msg = wire.decode(enc.data(4), cache)
     raw, got_run, kind, worker, seq, sent_ns, resent, text, client = msg
-    assert raw[:pushpull.RUN_KEY_SIZE] == enc.data(0)[:pushpull.RUN_KEY_SIZE]
-    assert kind == pushpull.MessageKind.DATA
+    assert raw[:wire.RUN_KEY_SIZE] == enc.data(0)[:wire.RUN_KEY_SIZE]
+    assert kind == wire.MessageKind.DATA
     assert got_run == run and got_run.planned == 15
     assert (worker, seq, text) == (2, 4, "Pusher-2[PID:1234/TID:5678] - Task 4")
-    assert pushpull.client_name(msg) == "Pusher-2" and client == "" and not resent
+    assert wire.client_name(msg) == "Pusher-2" and client == "" and not resent
     assert abs(sent_ns - time.time_ns()) < 5e9
-    again = pushpull.decode(pushpull.mark_resent(enc.data(1)), cache)
-    assert again[pushpull.RESENT] and again[pushpull.SEQ] == 1
-    assert again[pushpull.RUN] is got_run  # the cached RunInfo
-    end = pushpull.decode(enc.end(5), cache)
-    assert end[pushpull.KIND] == pushpull.MessageKind.END and end[pushpull.SEQ] == 5
+    again = wire.decode(wire.mark_resent(enc.data(1)), cache)
+    assert again[wire.RESENT] and again[wire.SEQ] == 1
+    assert again[wire.RUN] is got_run  # the cached RunInfo
+    end = wire.decode(enc.end(5), cache)
+    assert end[wire.KIND] == wire.MessageKind.END and end[wire.SEQ] == 5
 
 
 def test_padding_reaches_the_size_and_decodes_to_the_same_text():
@@ -112,21 +112,21 @@ def test_padding_reaches_the_size_and_decodes_to_the_same_text():
     _, enc = encoder(pad_to=500)
     frame = enc.data(3)
     assert len(frame) == 500
-    assert pushpull.decode(frame, {})[pushpull.TEXT] == enc.text(3)
+    assert wire.decode(frame, {})[wire.TEXT] == enc.text(3)
 
 
 def test_plain_text_decodes_without_a_run():
     """Plain frames: the seed's text yields client and task; other text is 'plain', no task."""
-    seed = pushpull.decode(b"Pusher-1[PID:1/TID:2] - Task 3", {})
-    assert (seed[pushpull.RUN], pushpull.client_name(seed), seed[pushpull.SEQ]) == \
+    seed = wire.decode(b"Pusher-1[PID:1/TID:2] - Task 3", {})
+    assert (seed[wire.RUN], wire.client_name(seed), seed[wire.SEQ]) == \
         (None, "Pusher-1", 3)
-    hello = pushpull.decode(b"hello", {})
-    assert (hello[pushpull.RUN], pushpull.client_name(hello), hello[pushpull.SEQ],
-            hello[pushpull.TEXT]) == (None, "plain", -1, "hello")
+    hello = wire.decode(b"hello", {})
+    assert (hello[wire.RUN], wire.client_name(hello), hello[wire.SEQ],
+            hello[wire.TEXT]) == (None, "plain", -1, "hello")
     # Too many digits for int(), and digits that are not ASCII: text, but no task number.
     for text in ("x[y] - Task " + "9" * 5000, "x[y] - Task \u0663"):
-        odd = pushpull.decode(text.encode(), {})
-        assert (pushpull.client_name(odd), odd[pushpull.SEQ]) == ("plain", -1), text[:20]
+        odd = wire.decode(text.encode(), {})
+        assert (wire.client_name(odd), odd[wire.SEQ]) == ("plain", -1), text[:20]
 
 
 @pytest.mark.parametrize("frame", [
@@ -137,28 +137,28 @@ def test_plain_text_decodes_without_a_run():
     b"bell\x07",  # control characters
 ], ids=["empty", "truncated", "bad-magic", "bad-utf8", "control-chars"])
 def test_invalid_frames_raise_invalid_message(frame):
-    """Empty, bad header and non-UTF-8 frames raise pushpull.InvalidMessage (a ValueError)."""
-    with pytest.raises(pushpull.InvalidMessage):
-        pushpull.decode(frame, {})
+    """Empty, bad header and non-UTF-8 frames raise wire.InvalidMessage (a ValueError)."""
+    with pytest.raises(wire.InvalidMessage):
+        wire.decode(frame, {})
 
 
 def test_wire_frame_with_bad_fields_raises_invalid_message():
     """A well-formed header with a task outside its run, or non-UTF-8 text, is invalid."""
     run, enc = encoder(per_worker=5)
     out_of_run = bytearray(enc.data(0))
-    task_at = pushpull.RUN_KEY_SIZE + 2 + 4
+    task_at = wire.RUN_KEY_SIZE + 2 + 4
     out_of_run[task_at:task_at + 4] = (5).to_bytes(4, "big")
-    with pytest.raises(pushpull.InvalidMessage):
-        pushpull.decode(bytes(out_of_run), {})
+    with pytest.raises(wire.InvalidMessage):
+        wire.decode(bytes(out_of_run), {})
     bad_text = bytearray(enc.data(0))
-    bad_text[pushpull.HEADER_SIZE] = 0xFF
-    with pytest.raises(pushpull.InvalidMessage):
-        pushpull.decode(bytes(bad_text), {})
+    bad_text[wire.HEADER_SIZE] = 0xFF
+    with pytest.raises(wire.InvalidMessage):
+        wire.decode(bytes(bad_text), {})
 
 
 def test_latency_histogram_percentiles_within_two_percent():
     """p50/p99/max on known data (1..100000 µs, shuffled) are within 2 % of the exact values."""
-    hist = pushpull.LatencyHistogram()
+    hist = runs.LatencyHistogram()
     values = list(range(1, 100_001))
     random.Random(7).shuffle(values)
     received_ns = 10**18  # latencies in µs as send times before one receive time
@@ -168,7 +168,7 @@ def test_latency_histogram_percentiles_within_two_percent():
     for fraction, exact in ((0.5, 50_000), (0.9, 90_000), (0.99, 99_000), (1.0, 100_000)):
         got = hist.percentile(fraction)
         assert abs(got - exact) <= 0.02 * exact, (fraction, got, exact)
-    small = pushpull.LatencyHistogram()
+    small = runs.LatencyHistogram()
     small.add_batch(received_ns, [received_ns - v * 1000 for v in (5, 7, 9, 11)])
     small.add_batch(received_ns, [received_ns + 3000])  # a clock a little ahead: 0, not -3
     assert small.percentile(0.2) == 0 and small.max_us == 11

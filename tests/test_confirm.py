@@ -13,7 +13,7 @@ import time
 
 import zmq
 
-import pushpull
+from pushpull import confirm, security
 from conftest import ROOT, SENDER, Proc, free_port, wait_until
 
 FAST_RECEIVER = ("--processing-time", "0", "--no-file-log", "--run-timeout", "1")
@@ -224,14 +224,14 @@ def test_confirm_through_curve(procs, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet",
                               "--curve-server-key", str(keys / "server.key_secret"))
-    confirm_endpoint = pushpull.confirm_endpoint(receiver.endpoint)
+    confirm_endpoint = confirm.confirm_endpoint(receiver.endpoint)
     ctx = zmq.Context()
     try:
         plain = ctx.socket(zmq.SUB)
         curve = ctx.socket(zmq.SUB)
-        curve.curve_publickey, curve.curve_secretkey = pushpull.load_secret_certificate(
+        curve.curve_publickey, curve.curve_secretkey = security.load_secret_certificate(
             str(keys / "client.key_secret"))
-        curve.curve_serverkey = pushpull.load_public_key(str(keys / "server.key"))
+        curve.curve_serverkey = security.load_public_key(str(keys / "server.key"))
         for sub in (plain, curve):
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.connect(confirm_endpoint)

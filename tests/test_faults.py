@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-import pushpull
+from pushpull import wire
 from conftest import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -216,7 +216,7 @@ def test_multi_frame_message_led_by_a_wire_frame_is_read_as_documented(procs):
     """README, Wire format: a whole wire frame first is a message of its own, and the
     parts after it are the next message (here one multi-frame, invalid; one plain)."""
     receiver = procs.receiver("--no-file-log", "--processing-time", "0")
-    encoder = pushpull.MessageEncoder(pushpull.RunInfo(random.getrandbits(63), 1, 2, 1),
+    encoder = wire.MessageEncoder(wire.RunInfo(random.getrandbits(63), 1, 2, 1),
                                       1, 1, 1)
     ctx = zmq.Context()
     try:

@@ -6,7 +6,8 @@ import time
 
 import zmq
 
-from conftest import free_port, load_script
+from conftest import free_port
+from pushpull import logs
 from helpers import (MESSAGE_COLUMN, Tail, alignment_report, bad_prefixes, log_lines,
                      pipe_offsets)
 
@@ -127,21 +128,20 @@ def test_workers_without_a_delay_all_get_turns_early(procs):
 def test_line_formats_keep_fixed_offsets_at_the_configurable_limits():
     """msg_line/proc_line: '|' offsets equal for task 0 and 999999, MSG #1 and #9,999,999,
     worker 1 and 99999, and plain messages without a task."""
-    pushpull = load_script("async-socket-receiver").pushpull
     target = "Server:*:5560"
     text = "Pusher-1[PID:1/TID:2] - Task 3"
-    msg_offsets = {pipe_offsets(pushpull.msg_line(n, client, target, task, text))
+    msg_offsets = {pipe_offsets(logs.msg_line(n, client, target, task, text))
                    for n in (1, 999, 1000, 9_999_999)
                    for client in ("Pusher-1", "Pusher-99999", "plain")
                    for task in (-1, 0, 99, 100, 999_999)}
-    proc_offsets = {pipe_offsets(pushpull.proc_line("Server:5560", client, task, text))
+    proc_offsets = {pipe_offsets(logs.proc_line("Server:5560", client, task, text))
                     for client in ("Pusher-1", "Pusher-99999", "plain")
                     for task in (-1, 0, 99, 100, 999_999)}
     assert len(msg_offsets) == 1, msg_offsets
     assert len(proc_offsets) == 1, proc_offsets
-    assert "[MSG #9999999] ZMQ [Pusher-99999]" in pushpull.msg_line(
+    assert "[MSG #9999999] ZMQ [Pusher-99999]" in logs.msg_line(
         9_999_999, "Pusher-99999", target, 999_999, text)
-    assert "| Task 999999 |" in pushpull.proc_line("Server:5560", "Pusher-99999", 999_999, text)
+    assert "| Task 999999 |" in logs.proc_line("Server:5560", "Pusher-99999", 999_999, text)
 
 
 def test_plain_text_from_a_foreign_push_client_is_received_logged_counted(procs):
