@@ -38,9 +38,19 @@ STOP_TIMEOUT = 30.0  # seconds the receiver may take to stop after the signal
 WINDOWS = sys.platform == "win32"
 
 
-def pass_through(stream, prefix, ready=None):
-    """Copy a child's output to the console line by line; set `ready` at the ready line."""
+LOOK_FOR = """\
+What to look for:
+  - sender: planned = sent, flush complete; receiver: received = processed, and a [RUN] line
+    for the run with missing 0: every message that left the sender was worked on.
+  - receiver: the run's latency (p50, p99, max): from the sender's timestamp to the receive.
+  - try it again with the receiver stopped, or killed mid-run: the counts say what was lost."""
+
+
+def pass_through(stream, prefix, kept, ready=None):
+    """Copy a child's output to the console line by line, keeping it in `kept`;
+    set `ready` at the ready line."""
     for line in stream:
+        kept.append(line)
         sys.stdout.write(f"{prefix} {line}")
         sys.stdout.flush()
         if ready is not None and READY_LINE in line:
@@ -49,16 +59,33 @@ def pass_through(stream, prefix, ready=None):
 
 
 def start(script, args, cwd, prefix, ready=None):
-    """Start a script with its output piped through a pass-through thread."""
+    """Start a script with its output piped through a pass-through thread.
+
+    Returns (process, thread, lines): `lines` fills with the script's output.
+    """
     extra = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS else {}
     proc = subprocess.Popen(
         [sys.executable, str(script), *args], cwd=cwd, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
         env=dict(os.environ, PYTHONUNBUFFERED="1"), **extra)
-    thread = threading.Thread(target=pass_through, args=(proc.stdout, prefix, ready),
+    lines = []
+    thread = threading.Thread(target=pass_through, args=(proc.stdout, prefix, lines, ready),
                               daemon=True)
     thread.start()
-    return proc, thread
+    return proc, thread, lines
+
+
+def summary_of(lines):
+    """The summary table at the end of a script's output (its '==== ... ====' block)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("==== ")]
+    if not starts:
+        return "(no summary printed)\n"
+    block = []
+    for line in lines[starts[-1]:]:
+        if block and not line.startswith("  "):
+            break
+        block.append(line)
+    return "".join(block)
 
 
 def stop(proc):
@@ -97,7 +124,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="pushpull-demo-") as cwd:
         print(f"demo: receiver on {endpoint}, working directory {cwd}")
         ready = threading.Event()
-        receiver, receiver_out = start(
+        receiver, receiver_out, receiver_lines = start(
             RECEIVER, ["--port", str(port), "--bind", "127.0.0.1", *RECEIVER_ARGS], cwd,
             "receiver |", ready)
         try:
@@ -107,7 +134,7 @@ def main():
                 print(f"demo: the receiver did not start (exit status {status})",
                       file=sys.stderr)
                 return 1
-            sender, sender_out = start(SENDER, ["--connect", endpoint, *SENDER_ARGS], cwd,
+            sender, sender_out, sender_lines = start(SENDER, ["--connect", endpoint, *SENDER_ARGS], cwd,
                                        "sender   |")
             sender_status = wait(sender, SENDER_TIMEOUT, "sender")
             sender_out.join(5)
@@ -124,6 +151,8 @@ def main():
             if receiver.poll() is None:
                 receiver.kill()
                 receiver.wait()
+    print("\ndemo: both summaries together\n")
+    print(summary_of(sender_lines) + "\n" + summary_of(receiver_lines) + "\n" + LOOK_FOR + "\n")
     print(f"demo: sender exit status {sender_status}, receiver exit status {receiver_status}")
     return 0 if sender_status == 0 and receiver_status == 0 else 1
 
