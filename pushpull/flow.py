@@ -1,9 +1,13 @@
-"""Flow control between threads: stop signals."""
+"""Flow control between threads: stop signals; the sender's turns to send."""
 
+import collections
+import contextlib
 import os
 import signal
 import sys
 import threading
+
+from pushpull.threads import POLL_S
 
 class StopSignals:
     """Counts Ctrl+C / SIGTERM: the first sets `first`, the second `second`, a third exits.
@@ -34,3 +38,98 @@ class StopSignals:
         else:
             sys.stderr.write("interrupted again: exiting at once\n")
             os._exit(130)
+
+
+# ---------------------------------------------------------------------------
+# The sender: workers take turns to send
+# ---------------------------------------------------------------------------
+# Messages a worker sends before it lets a waiting worker have a turn: in bench
+# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (README, Performance).
+TURN_MESSAGES = 1000
+
+
+class SendTurns:
+    """Lets one worker at a time run its send loop; the others wait for a turn, in order.
+
+    Python runs one thread at a time anyway, and pyzmq lets go of the GIL in every
+    send: with fifty workers ready at once, each send woke another worker for
+    nothing. Fifty workers sent at 150k msg/s into a fast sink, one at 550k;
+    taking turns brought fifty back to 400-500k (bench figure (2), README,
+    Performance). A worker
+    holds its turn for at most TURN_MESSAGES messages, and never while it waits
+    for the receiver, its delay or its window.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = collections.deque()  # gates of waiting workers, first come first served
+        self._taken = False
+
+    def take(self, gate, stop):
+        """Wait for the turn; False if `stop` was set first.
+
+        `gate` is the caller's own Lock, held by it: give() releases it to hand over.
+        """
+        with self._lock:
+            if not self._taken:
+                self._taken = True
+                return True
+            self._waiting.append(gate)
+        while not gate.acquire(timeout=POLL_S):
+            if stop.is_set():
+                with self._lock:
+                    if gate in self._waiting:
+                        self._waiting.remove(gate)
+                        return False
+                # Not waiting any more: give() released the gate just now, under the lock.
+                return gate.acquire(blocking=False)
+        return True
+
+    def give(self):
+        """Hand the turn to the worker that has waited longest, if any."""
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._taken = False
+
+    def waiting(self):
+        """How many workers wait for a turn."""
+        return len(self._waiting)  # read without the lock: a moment's staleness is harmless
+
+
+class WorkerTurn:
+    """One worker's place in SendTurns: its gate, and whether it holds the turn now."""
+
+    def __init__(self, turns, stop):
+        self._turns = turns
+        self._stop = stop
+        self._gate = threading.Lock()
+        self._gate.acquire()  # released by the worker that hands us the turn
+        self.held = False
+
+    def take(self):
+        """Wait for the turn (False in `held` if the stop came first)."""
+        self.held = self._turns.take(self._gate, self._stop)
+
+    def give(self):
+        """Give the turn up, if this worker holds it."""
+        if self.held:
+            self.held = False
+            self._turns.give()
+
+    def share(self):
+        """Let the worker that waits longest have a turn, then queue for the next one."""
+        if self.held and self._turns.waiting():
+            self.give()
+            self.take()
+
+    @contextlib.contextmanager
+    def off(self):
+        """Let other workers send while this one waits (a no-op outside a turn)."""
+        if not self.held:
+            yield
+            return
+        self.give()
+        yield  # an error leaves without the turn: nobody waits for it behind the queue
+        self.take()

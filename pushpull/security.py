@@ -33,3 +33,9 @@ def _load_certificate(path):
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot read certificate {path}: {exc}") from None
+
+
+def apply_client_keys(sock, keys):
+    """Make `sock` a CURVE client: keys is (public, secret, server public), or None for none."""
+    if keys:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys

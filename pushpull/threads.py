@@ -2,6 +2,9 @@
 
 import threading
 
+POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at its stop event
+POLL_S = POLL_INTERVAL / 1000  # the same in seconds, for event.wait() and lock.acquire()
+
 
 class StartupError(Exception):
     """A thread could not start its work (a bind failed, a file cannot be read)."""

@@ -23,6 +23,8 @@ MESSAGE_TAIL = struct.Struct("!IqH")  # task, sent time, text length: what a wor
 HEADER_SIZE = HEADER.size
 RUN_KEY_SIZE = RUN_FIELDS.size
 RESENT_OFFSET = RUN_KEY_SIZE + 1  # byte offset of the message flags
+SEND_TIME = struct.Struct("!q")
+SEND_TIME_OFFSET = RUN_KEY_SIZE + struct.calcsize("!BBII")  # byte offset of the send time
 FLAG_CONFIRM = 0x01  # run flag: the sender wants confirmations (--confirm)
 FLAG_RESENT = 0x01  # message flag: a resend of a task that was not confirmed in time
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
@@ -106,6 +108,12 @@ def mark_resent(frame):
     """The same frame with FLAG_RESENT set, so the receiver can count resends."""
     return b"%b%c%b" % (frame[:RESENT_OFFSET], frame[RESENT_OFFSET] | FLAG_RESENT,
                         frame[RESENT_OFFSET + 1:])
+
+
+def restamp(frame):
+    """The same frame with the current time as its send time: for a frame that waited."""
+    return b"%b%b%b" % (frame[:SEND_TIME_OFFSET], SEND_TIME.pack(time.time_ns()),
+                        frame[SEND_TIME_OFFSET + SEND_TIME.size:])
 
 
 # A decoded message is a plain tuple, the cheapest object Python builds (the receiver

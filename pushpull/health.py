@@ -1,0 +1,90 @@
+"""The sender's view of its receivers: one link state per endpoint, fed by a socket monitor.
+
+The heartbeat monitor thread (in the sender script) owns the probe socket and
+writes a ReceiverHealth; workers and main only read it.
+"""
+
+import enum
+import threading
+
+import zmq
+
+
+class LinkState(enum.Enum):
+    """The heartbeat monitor's view of one receiver endpoint."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    REJECTED = "rejected"  # the receiver refused us: libzmq will not retry
+
+
+# The socket-monitor events that change a link's state.
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class ReceiverHealth:
+    """Written by the heartbeat monitor only; read by workers and main."""
+
+    def __init__(self, endpoints):
+        self.states = {ep: LinkState.UNKNOWN for ep in endpoints}
+        self.down_transitions = 0
+        self._any_up = threading.Event()
+
+    def is_up(self):
+        """True while at least one receiver is connected and answering."""
+        return self._any_up.is_set()
+
+    def all_rejected(self):
+        """True when every receiver refused this sender's handshake."""
+        return all(s is LinkState.REJECTED for s in self.states.values())
+
+    def set_state(self, ep, state):
+        """Record a new state; returns True when it changed."""
+        old = self.states[ep]
+        if old is state:
+            return False
+        self.states[ep] = state
+        if state is LinkState.DOWN and old is LinkState.UP:
+            self.down_transitions += 1
+        if any(s is LinkState.UP for s in self.states.values()):
+            self._any_up.set()
+        else:
+            self._any_up.clear()
+        return True
+
+    def awaited(self):
+        """The endpoints that are up or not judged yet: a new connection waits for these."""
+        return {ep for ep, s in self.states.items() if s in (LinkState.UP, LinkState.UNKNOWN)}
+
+    def describe(self):
+        """'up', 'down', or one word per endpoint when there are several."""
+        if len(self.states) == 1:
+            return next(iter(self.states.values())).value
+        return " ".join(f"{ep}={s.value}" for ep, s in self.states.items())
+
+
+def link_change(event, state, curve):
+    """(new state, reason) for a socket-monitor event on a link now in `state`, or None.
+
+    `curve`: the sender uses CURVE, so a failed handshake means a wrong key.
+    """
+    if state is LinkState.REJECTED and event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return None  # the refusal stands until a handshake succeeds
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return LinkState.UP, "connected"
+    if event == zmq.EVENT_DISCONNECTED:
+        return LinkState.DOWN, "connection lost or heartbeat timed out"
+    if event == zmq.EVENT_CONNECT_RETRIED:
+        return LinkState.DOWN, "not reachable"
+    # libzmq does not reconnect after these two: waiting would be in vain.
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return LinkState.REJECTED, "refused our CURVE key or address"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return LinkState.REJECTED, "handshake refused (CURVE on one side only?)"
+    if curve:
+        # A wrong server key fails every handshake while libzmq retries forever.
+        return LinkState.REJECTED, "CURVE handshake failed (wrong --curve-server-public?)"
+    return LinkState.DOWN, f"handshake failed ({zmq.Event(event).name})"

@@ -1,0 +1,217 @@
+"""One sender worker's PUSH socket: what became of each message, and the send path.
+
+The worker's loop calls PushSender.send() once per message. The speed tricks of
+that path live here and in flow.SendTurns, each with the bench figure that
+justifies it (README, Performance); the script's loop reads plainly.
+"""
+
+import contextlib
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from pushpull.flow import TURN_MESSAGES, SendTurns, WorkerTurn
+from pushpull.health import ReceiverHealth
+from pushpull.threads import POLL_INTERVAL
+
+WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
+
+
+class Outcome(enum.Enum):
+    """What became of one planned message."""
+
+    SENT = "sent"  # accepted by ZeroMQ while the receiver was connected
+    RECEIVER_DOWN = "receiver_down"  # gave up after SERVER_TIMEOUT x (1 + retries)
+    INTERRUPTED = "interrupted"  # Ctrl+C or SIGTERM came first
+    TOO_LARGE = "too_large"  # over MAX_MESSAGE_SIZE, refused before sending
+    REJECTED = "rejected"  # every receiver refused this sender's CURVE key / address
+    WORKER_ERROR = "worker_error"  # the worker thread failed (traceback in the log)
+
+
+FAILURES = tuple(o for o in Outcome if o is not Outcome.SENT)
+
+
+@dataclass
+class WorkerTally:
+    """One worker's counts; only that worker writes them."""
+
+    sent: int = 0  # a plain int: counted once per message, on the hot path
+    failed: dict = field(default_factory=lambda: dict.fromkeys(FAILURES, 0))
+    waiting: bool = False  # in a wait for the receiver now (the [STATS] line counts these)
+    not_sent: list = field(default_factory=list)  # range()s of tasks never handed to ZeroMQ
+
+    def not_sending(self, tasks, outcome):
+        """Count the tasks in `tasks` (a range) as never sent, for `outcome`."""
+        self.failed[outcome] += len(tasks)
+        self.not_sent.append(tasks)
+
+    def done(self):
+        """Tasks accounted for so far: sent or failed."""
+        return self.sent + sum(self.failed.values())
+
+    def gave_up(self):
+        """True when the worker gave up on its receivers (down too long, or refused)."""
+        return bool(self.failed[Outcome.RECEIVER_DOWN] or self.failed[Outcome.REJECTED])
+
+
+@dataclass(frozen=True)
+class Team:
+    """What the workers of one run share: turns, the receivers' health, the stop, the log."""
+
+    turns: SendTurns
+    health: ReceiverHealth
+    stop: threading.Event
+    log: logging.Logger
+    timeout: float  # seconds a receiver may stay down before a retry (SERVER_TIMEOUT)
+    retries: int  # retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)
+
+
+def connect_all(sock, endpoints, health, stop, within):
+    """Connect to every receiver; with several, wait (at most `within` s) for their handshakes.
+
+    PUSH deals only to connected receivers, so without the wait the first to
+    connect would take the whole opening burst of a fast run.
+    """
+    if len(endpoints) == 1:
+        sock.connect(endpoints[0])
+        return
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        for endpoint in endpoints:
+            sock.connect(endpoint)
+        connected = set()
+        deadline = time.monotonic() + within
+        # Wait for every receiver that is up or not yet judged, not only the first
+        # to answer: one that is merely slower would get nothing.
+        while time.monotonic() < deadline and not stop.is_set():
+            if not health.awaited() - connected:
+                return
+            if monitor.poll(POLL_INTERVAL // 10):
+                connected.add(recv_monitor_message(monitor)["endpoint"].decode())
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
+class PushSender:
+    """Sends one worker's frames on its PUSH socket, taking turns with the other workers.
+
+    send() and deliver() return None when ZeroMQ took the frame, or the Outcome
+    that stopped it. A send that would block waits off turn: as long as it takes
+    while the receiver is up but busy (backpressure); `timeout` s and `retries`
+    times more while it is down; not at all once every receiver refused us.
+    """
+
+    def __init__(self, sock, name, team, tally):
+        self.name = name
+        self.tally = tally
+        self.stop = team.stop
+        self.health = team.health
+        self.log = team.log
+        self.timeout = team.timeout
+        self.retries = team.retries
+        self.turn = WorkerTurn(team.turns, team.stop)
+        self._sends = 0  # since this worker last let a waiting worker have the turn
+        self._sock = sock
+        # pyzmq's Socket.send checks for routing_id and group arguments first, which
+        # cost a third of a send in bench figure (2) (README, Performance); PUSH
+        # never uses them.
+        self._send_now = super(zmq.Socket, sock).send
+
+    @contextlib.contextmanager
+    def turn_held(self):
+        """Hold the turn to send for the body of the `with` (off it while waiting)."""
+        self.turn.take()
+        try:
+            yield
+        finally:
+            self.turn.give()
+
+    def send(self, frame, task):
+        """Send one task's frame; every TURN_MESSAGES sends, let a waiting worker have a turn."""
+        try:
+            self._send_now(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            failure = self._wait_and_send(frame, task)
+            if failure:
+                return failure
+        self._sends += 1
+        if self._sends == TURN_MESSAGES:
+            self._sends = 0
+            self.turn.share()
+        return None
+
+    def deliver(self, frame, task=None):
+        """Send a frame outside the task loop (a resend, the END frame: task None)."""
+        try:
+            self._send_now(frame, zmq.NOBLOCK)
+            return None
+        except zmq.Again:
+            return self._wait_and_send(frame, task)
+
+    def pause(self, seconds):
+        """Wait `seconds` off turn, or less if the stop comes."""
+        with self.turn.off():
+            self.stop.wait(seconds)
+
+    def finish(self):
+        """After the last task: nothing to wait for, ZeroMQ has the frames (see --confirm)."""
+
+    def _wait_and_send(self, frame, task):
+        """The slow path: wait off turn until the frame can leave, or give up."""
+        with self.turn.off():
+            try:
+                return self._wait(frame, task)
+            finally:
+                self.tally.waiting = False
+
+    def _wait(self, frame, task):
+        down_since = None
+        retries_used = 0
+        wait_started = time.monotonic()
+        while not self.stop.is_set():
+            if self._sock.poll(POLL_INTERVAL, zmq.POLLOUT):
+                try:
+                    self._sock.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                if self.tally.waiting:
+                    self.log.info(f"[WAIT] {self.name} resumed after"
+                                  f" {time.monotonic() - wait_started:.1f} s")
+                return None
+            if self.health.all_rejected():
+                self.log.error(f"[FAIL] {self.name} gives up: every receiver refused"
+                               " this sender's handshake")
+                return Outcome.REJECTED
+            now = time.monotonic()
+            if self.health.is_up():
+                down_since = None  # backpressure: a slow receiver is not a dead one
+                if not self.tally.waiting and now - wait_started >= WAIT_LOG_AFTER:
+                    self.tally.waiting = True
+                    self.log.info(f"[WAIT] {self.name} waiting: receiver is up but busy"
+                                  " (backpressure)")
+                continue
+            if not self.tally.waiting:
+                self.tally.waiting = True
+                self.log.warning(f"[WAIT] {self.name} paused: receiver is down")
+            if down_since is None:
+                down_since = now
+            elif now - down_since >= self.timeout:
+                if retries_used >= self.retries:
+                    return self._give_up(task, retries_used)
+                retries_used += 1
+                down_since = now
+                self.log.warning(f"[RETRY] {self.name}: receiver still down after"
+                                 f" {self.timeout:g} s, retry {retries_used}/{self.retries}")
+        return Outcome.INTERRUPTED
+
+    def _give_up(self, task, retries_used):
+        what = f"task {task}" if task is not None else "end-of-run marker"
+        self.log.error(f"[FAIL] {self.name} gives up at {what}: receiver down"
+                       f" for {self.timeout * (retries_used + 1):g} s")
+        return Outcome.RECEIVER_DOWN
