@@ -13,7 +13,7 @@ from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
 SENDER = load_script("async-socket-sender")
-from pushpull import runs, wire  # noqa: E402  (load_script put the project root on sys.path)
+from pushpull import flow, runs, wire  # noqa: E402  (load_script put the project root on sys.path)
 
 # Flag -> default shown by --help. Seed values where issue 3 fixes them, else the constant.
 RECEIVER_DEFAULTS = {
@@ -179,7 +179,7 @@ def test_latency_histogram_percentiles_within_two_percent():
 
 def test_send_turns_go_in_order_and_a_stop_frees_the_waiters():
     """SendTurns: first come, first served; a waiter gives up on stop and leaves the queue."""
-    turns, stop, order = SENDER.SendTurns(), threading.Event(), []
+    turns, stop, order = flow.SendTurns(), threading.Event(), []
 
     def gate():
         lock = threading.Lock()

@@ -30,6 +30,7 @@ spec = importlib.util.spec_from_file_location("sender_under_test", {script!r})
 sender = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = sender
 spec.loader.exec_module(sender)
+from pushpull import confirm
 {patch}
 sys.exit(sender.main())
 """
@@ -283,11 +284,11 @@ def test_confirmation_before_window_add_is_not_lost(procs, tmp_path):
     """
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet")
     late_add = (
-        "original_add = sender.UnconfirmedWindow.add\n"
+        "original_add = confirm.UnconfirmedWindow.add\n"
         "def late_add(self, task, frame):\n"
         "    time.sleep(0.2)\n"
         "    original_add(self, task, frame)\n"
-        "sender.UnconfirmedWindow.add = late_add\n")
+        "confirm.UnconfirmedWindow.add = late_add\n")
     sender = patched_sender(tmp_path, late_add, ["--confirm", "--workers", "2", "--messages", "5",
                                                   "--delay", "0", "--timeout", "1", "--quiet"],
                             receiver.endpoint)
@@ -309,13 +310,13 @@ def test_lost_confirmations_are_resent_in_one_round(procs, tmp_path):
     """
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet")
     lose_first = (
-        "original_confirm = sender.UnconfirmedWindow.confirm\n"
+        "original_confirm = confirm.UnconfirmedWindow.confirm\n"
         "def lossy_confirm(self, first, count):\n"
         "    if not getattr(self, 'lost_one', False):\n"
         "        self.lost_one = True\n"
         "        return 0\n"
         "    return original_confirm(self, first, count)\n"
-        "sender.UnconfirmedWindow.confirm = lossy_confirm\n")
+        "confirm.UnconfirmedWindow.confirm = lossy_confirm\n")
     sender = patched_sender(tmp_path, lose_first, ["--confirm", "--workers", "5", "--messages",
                                                     "20", "--delay", "0.01", "--timeout", "1",
                                                     "--quiet"], receiver.endpoint)
