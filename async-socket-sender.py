@@ -574,7 +574,7 @@ def main(argv=None):
             return EXIT_NOT_ALL_SENT
         config = dataclasses.replace(config, curve_keys=(public, secret, server_public))
     return cli.run_script("async-socket-sender", config, send_run, EXIT_NOT_ALL_SENT,
-                               exit_on_second=True)
+                          exit_on_second=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import threading
 
 from pushpull.threads import POLL_S
 
+
 class StopSignals:
     """Counts Ctrl+C / SIGTERM: the first sets `first`, the second `second`, a third exits.
 
@@ -55,9 +56,8 @@ class SendTurns:
     send: with fifty workers ready at once, each send woke another worker for
     nothing. Fifty workers sent at 150k msg/s into a fast sink, one at 550k;
     taking turns brought fifty back to 400-500k (bench figure (2), README,
-    Performance). A worker
-    holds its turn for at most TURN_MESSAGES messages, and never while it waits
-    for the receiver, its delay or its window.
+    Performance). A worker holds its turn for at most TURN_MESSAGES messages,
+    and never while it waits for the receiver, its delay or its window.
     """
 
     def __init__(self):
