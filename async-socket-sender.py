@@ -356,14 +356,14 @@ def send_run(config, signals, log):
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries)
-    confirmations = confirm.Confirmations(config.workers, config.window) if config.confirm \
-        else None
+    confirmations = (confirm.Confirmations(config.workers, config.window)
+                     if config.confirm else None)
     started = time.monotonic()
     workers = []
     ctx = zmq.Context()
     try:
         helpers = [HeartbeatMonitor(ctx, config, health, stop, log)]
-        if confirmations:
+        if confirmations is not None:
             sources = [confirm.confirm_endpoint(ep) for ep in config.endpoints]
             helpers.append(confirm.ConfirmListener(ctx, sources, run.run_id, confirmations,
                                                    config.curve_keys, stop, log))
@@ -433,7 +433,8 @@ def report(config, run, workers, health, confirmations, flush_result, duration, 
            log):
     """Log the summary table (and write the JSON); returns the exit status."""
     counts = totals(config, workers)
-    confirmation = confirmation_data(config, workers, confirmations) if confirmations else None
+    confirmation = (confirmation_data(config, workers, confirmations)
+                    if confirmations is not None else None)
     data = summary_data(config, run, counts, health, duration, flush_result, confirmation)
     log.info("\n" + summary_table(data))
     if config.json_path:
