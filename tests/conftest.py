@@ -42,16 +42,21 @@ def load_script(name):
 
 
 class Proc:
-    """A script running as a child process, its console captured to a file."""
+    """A script running as a child process, its console captured to a file.
 
-    def __init__(self, script, args, cwd, name):
+    `prefix` goes before the interpreter, e.g. ("ip", "netns", "exec", NS); it must
+    exec the command, so that the child's pid and signals are the script's.
+    """
+
+    def __init__(self, script, args, cwd, name, prefix=()):
         self.out_path = Path(cwd) / f"{name}.out"
         self.json_path = Path(cwd) / f"{name}.json"
         self.args = list(args)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.out_path, "wb") as out:
             self.popen = subprocess.Popen(
-                [sys.executable, str(script), *self.args, "--json", str(self.json_path)],
+                [*prefix, sys.executable, str(script), *self.args, "--json",
+                 str(self.json_path)],
                 cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     @property
