@@ -1,5 +1,6 @@
 """Command-line and output helpers: flag types, shared flags, JSON and table output."""
 
+import errno
 import json
 import os
 import socket
@@ -109,3 +110,14 @@ def non_negative(kind):
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
+
+
+def bind_error(endpoint, what, address, exc):
+    """A one-line reason why a socket could not bind `endpoint` (what: "port 5560")."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = f"{what} is in use by another program"
+    elif exc.errno in (errno.EINVAL, errno.ENODEV, errno.EADDRNOTAVAIL):
+        reason = f"bad address {address!r} ({exc.strerror})"
+    else:
+        reason = exc.strerror
+    return f"cannot bind {endpoint}: {reason}"

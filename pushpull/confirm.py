@@ -24,21 +24,22 @@ CONFIRM_RANGE = struct.Struct("!III")
 
 
 def task_ranges(tasks):
-    """Sorted (first, count) runs covering the task numbers in `tasks`."""
+    """(worker, first task, count) triples covering the (worker, task) pairs in `tasks`."""
     ranges = []
-    for task in sorted(tasks):
-        if ranges and ranges[-1][0] + ranges[-1][1] == task:
-            ranges[-1][1] += 1
-        elif not ranges or ranges[-1][0] + ranges[-1][1] < task:
-            ranges.append([task, 1])
+    for worker, task in sorted(tasks):
+        if ranges and ranges[-1][0] == worker:
+            end = ranges[-1][1] + ranges[-1][2]
+            if task == end:
+                ranges[-1][2] += 1
+            if task <= end:
+                continue  # extended, or a task listed twice
+        ranges.append([worker, task, 1])
     return ranges
 
 
-def encode_confirmations(run_id, per_worker):
-    """One confirmation frame pair: [topic, ranges] for {worker: tasks processed}."""
-    body = b"".join(CONFIRM_RANGE.pack(worker, first, count)
-                    for worker, tasks in per_worker.items()
-                    for first, count in task_ranges(tasks))
+def encode_confirmations(run_id, tasks):
+    """One confirmation frame pair: [topic, ranges] for the (worker, task) pairs processed."""
+    body = b"".join(CONFIRM_RANGE.pack(*triple) for triple in task_ranges(tasks))
     return [CONFIRM_TOPIC.pack(run_id), body]
 
 
@@ -262,3 +263,36 @@ class ConfirmingSender(PushSender):
                 return failure
             self.window.resent += 1
         return None
+
+
+# ---------------------------------------------------------------------------
+# The receiver's side: what was processed and not yet confirmed, published as ranges
+# ---------------------------------------------------------------------------
+class ConfirmPublisher:
+    """Tasks processed but not yet confirmed, published on the processor's PUB socket
+    at most every `interval` seconds: one [topic, ranges] message per run."""
+
+    def __init__(self, sock, interval):
+        self.sock = sock
+        self.interval = interval
+        self._pending = {}  # run id -> [(worker, task), ...] since the last publication
+        self._next = 0.0
+
+    def add(self, run_id, worker, task):
+        """A task of a --confirm run was processed (or arrived again after it was)."""
+        self._pending.setdefault(run_id, []).append((worker, task))
+
+    def publish_if_due(self):
+        """Publish what is pending if `interval` has passed since the last publication."""
+        if self._pending and time.monotonic() >= self._next:
+            self.publish()
+
+    def publish(self):
+        """Publish what is pending now."""
+        self._next = time.monotonic() + self.interval
+        pending, self._pending = self._pending, {}
+        for run_id, tasks in pending.items():
+            try:
+                self.sock.send_multipart(encode_confirmations(run_id, tasks), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # PUB never blocks; a sender that misses this resends, and is re-confirmed

@@ -1,8 +1,10 @@
-"""Flow control between threads: stop signals; the sender's turns to send."""
+"""Flow control between threads: stop signals; the sender's turns to send; the
+receiver's batch queue and stops."""
 
 import collections
 import contextlib
 import os
+import queue
 import signal
 import sys
 import threading
@@ -133,3 +135,81 @@ class WorkerTurn:
         self.give()
         yield  # an error leaves without the turn: nobody waits for it behind the queue
         self.take()
+
+
+# ---------------------------------------------------------------------------
+# The receiver: batches between its receive and processor threads, and its stops
+# ---------------------------------------------------------------------------
+class Batch:
+    """Messages received together, and when (time.time_ns(); None for a spill file's)."""
+
+    __slots__ = ("recv_ns", "items", "recovered")
+
+    def __init__(self, recv_ns, items, recovered=False):
+        self.recv_ns = recv_ns
+        self.items = items
+        self.recovered = recovered  # read back from a spill file
+
+    def rest(self, start):
+        """The same batch from message `start` on."""
+        return Batch(self.recv_ns, self.items[start:], self.recovered)
+
+
+class BatchQueue(queue.Queue):
+    """A queue.Queue of batches whose size and bound count messages, not batches."""
+
+    def _init(self, maxsize):
+        super()._init(maxsize)
+        self.depth = 0
+
+    def _qsize(self):
+        return self.depth
+
+    def _put(self, batch):
+        self.queue.append(batch)
+        self.depth += len(batch.items)
+
+    def _get(self):
+        batch = self.queue.popleft()
+        self.depth -= len(batch.items)
+        return batch
+
+    def wait_for_room(self, timeout):
+        """Wait until the queue has room; returns how many messages fit (0 on timeout)."""
+        with self.not_full:
+            self.not_full.wait_for(lambda: self.depth < self.maxsize, timeout)
+            return max(0, self.maxsize - self.depth)
+
+    def put_past_bound(self, batch):
+        """Put a batch even when the queue is full: used only while stopping."""
+        with self.mutex:
+            self._put(batch)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def put_front(self, batch):
+        """Put back a batch taken but not finished (a cold stop), ahead of all others."""
+        with self.mutex:
+            self.queue.appendleft(batch)
+            self.depth += len(batch.items)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def take_all(self):
+        """Remove and return every queued message, in order (for the spill file)."""
+        with self.mutex:
+            items = [msg for batch in self.queue for msg in batch.items]
+            self.queue.clear()
+            self.depth = 0
+            self.not_full.notify_all()
+            return items
+
+
+class StopEvents:
+    """The receiver's stops: warm (finish the backlog) and cold (stop now, spill the
+    backlog), and receive_done (the receive thread has let go of its socket)."""
+
+    def __init__(self):
+        self.warm = threading.Event()
+        self.cold = threading.Event()
+        self.receive_done = threading.Event()

@@ -1,6 +1,13 @@
-"""CURVE keys (pyzmq's certificate format, zmq.auth)."""
+"""CURVE keys (pyzmq's certificate format, zmq.auth); the receiver's ZAP gatekeeper,
+server-side CURVE, and its watch over who connects."""
 
 import os
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
 
 class KeyFileError(Exception):
     """A certificate file is missing, unreadable or of the wrong kind."""
@@ -8,7 +15,6 @@ class KeyFileError(Exception):
 
 def generate_keys(directory):
     """Write server and client certificates (public and secret) into `directory`."""
-    import zmq.auth
     os.makedirs(directory, exist_ok=True)
     return [path for name in ("server", "client")
             for path in zmq.auth.create_certificates(directory, name)]
@@ -28,7 +34,6 @@ def load_public_key(path):
 
 
 def _load_certificate(path):
-    import zmq.auth
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -39,3 +44,158 @@ def apply_client_keys(sock, keys):
     """Make `sock` a CURVE client: keys is (public, secret, server public), or None for none."""
     if keys:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys
+
+
+# ---------------------------------------------------------------------------
+# The receiver: who may connect (ZAP, CURVE), and who tried
+# ---------------------------------------------------------------------------
+ZAP_DOMAIN = "global"  # the ZAP domain the receiver's sockets and the authenticator share
+# The monitor events PeerWatch reads.
+PEER_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def load_server_keys(secret_path, allow_dir):
+    """The receiver's CURVE keys (public, secret) from its secret certificate, or None
+    without one; KeyFileError if it, or the directory of allowed clients, is unusable."""
+    if allow_dir and not os.path.isdir(allow_dir):
+        raise KeyFileError(f"--curve-allow {allow_dir} is not a directory")
+    return load_secret_certificate(secret_path) if secret_path else None
+
+
+def apply_server_security(sock, server_keys):
+    """Put a server socket under the gatekeeper, and CURVE when server_keys (public, secret)."""
+    # With a ZAP domain every peer passes the authenticator, and libzmq refuses
+    # ZMTP/1.0 peers: without it, raw bytes on the port are read as old-protocol
+    # frames and can come out as messages.
+    sock.zap_domain = ZAP_DOMAIN.encode()
+    if server_keys:
+        sock.curve_publickey, sock.curve_secretkey = server_keys
+        sock.curve_server = True
+
+
+class Gatekeeper(ThreadAuthenticator):
+    """pyzmq's ZAP authenticator thread, logging each refused peer once as [AUTH]."""
+
+    def __init__(self, ctx, log):
+        super().__init__(ctx)
+        self.app_log = log
+        self._address = "?"
+        self._refused = set()
+
+    async def handle_zap_message(self, msg):
+        """Remember the peer's address for the reply, then authenticate as pyzmq does."""
+        if len(msg) >= 6:
+            self._address = msg[3].decode("utf-8", "replace")
+        await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous"):
+        if status_code != b"200":
+            peer = (self._address, status_text)
+            if peer not in self._refused:
+                self._refused.add(peer)
+                self.app_log.warning(f"[AUTH] refused peer {self._address}:"
+                                     f" {status_text.decode('utf-8', 'replace')}")
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def start_gatekeeper(ctx, log, allow_ips, curve, curve_allow):
+    """Start ZAP authentication: open to all unless CURVE or an IP allow list is on.
+
+    With curve, clients need a key from the directory curve_allow (None: any key).
+    """
+    gatekeeper = Gatekeeper(ctx, log)
+    gatekeeper.start()
+    if allow_ips:
+        gatekeeper.allow(*allow_ips)
+    if curve:
+        gatekeeper.configure_curve(domain=ZAP_DOMAIN,
+                                   location=curve_allow or zmq.auth.CURVE_ALLOW_ANY)
+    return gatekeeper
+
+
+def security_warnings(log, bind, port, curve, curve_allow):
+    """Say plainly when the receiver is open to anyone who can reach it."""
+    if bind in ("*", "0.0.0.0", "::") and not curve:
+        log.warning(f"[AUTH] bound to every interface without CURVE: anyone who can reach"
+                    f" port {port} can send (see README, Running across machines)")
+    elif curve and not curve_allow:
+        log.warning("[AUTH] CURVE on without --curve-allow: traffic is encrypted, but any"
+                    " client key is accepted")
+
+
+class PeerWatch:
+    """Counts a server socket's peers, and the connections refused or dropped before their
+    handshake ended, from its monitor socket (get_monitor_socket(PEER_EVENTS)).
+
+    Writes counters.peers, .rejected, .rejected_connections and .invalid. libzmq
+    reports no file descriptor with a successful handshake, so connections are
+    matched in aggregate: a DISCONNECTED while some accepted connection has no
+    handshake result yet is taken as a drop before the handshake. If a result then
+    arrives that the drop made impossible, the guess is undone.
+    """
+
+    def __init__(self, counters, warnings, curve):
+        self.counters = counters
+        self.warnings = warnings  # a logs.RateLimitedLog
+        self.curve = curve
+        self.accepted = 0
+        self.handshakes = 0  # succeeded or failed
+        self.dropped = 0  # closed before any handshake result
+
+    @property
+    def unresolved(self):
+        """Accepted connections with no handshake result yet."""
+        return self.accepted - self.handshakes - self.dropped
+
+    def read(self, monitor):
+        """Take every waiting event off the monitor socket."""
+        while monitor.poll(0):
+            self.on_event(recv_monitor_message(monitor)["event"])
+
+    def on_event(self, event):
+        """Count one monitor event."""
+        counters = self.counters
+        if event == zmq.EVENT_ACCEPTED:
+            self.accepted += 1
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._resolved()
+            counters.peers += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            if self.unresolved > 0:
+                # Junk bytes (or a peer gone mid-handshake): libzmq just drops them.
+                self.dropped += 1
+                self._not_zeromq("connection closed before a ZeroMQ handshake")
+            else:
+                counters.peers = max(0, counters.peers - 1)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
+                event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.curve):
+            # Refused by ZAP (logged with its address by the Gatekeeper), or a peer
+            # whose CURVE handshake could not work.
+            self._resolved(failed=True)
+            counters.rejected += 1
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self.warnings.warning("auth-protocol", "[AUTH] refused a peer whose CURVE"
+                                                       " handshake failed (no client key,"
+                                                       " or a wrong server key)")
+        else:
+            self._resolved(failed=True)
+            if not self.curve:  # with CURVE, the AUTH or PROTOCOL event counts the refusal
+                self._not_zeromq(f"handshake failed ({zmq.Event(event).name})")
+
+    def _resolved(self, failed=False):
+        """A handshake ended; correct an earlier drop that was really this connection's."""
+        self.handshakes += 1
+        if self.unresolved < 0:
+            self.dropped -= 1
+            self.counters.rejected_connections -= 1
+            self.counters.invalid -= 1
+        if failed:
+            self.counters.peers += 1  # its DISCONNECTED follows and takes it off again
+
+    def _not_zeromq(self, reason):
+        self.counters.rejected_connections += 1
+        self.counters.invalid += 1
+        self.warnings.warning("handshake", f"[INVALID] connection dropped: not a ZeroMQ peer:"
+                                           f" {reason}")

@@ -40,8 +40,8 @@ class ServiceThread(threading.Thread):
         while not self._ready.wait(poll_s):
             if not self.is_alive():
                 break
-        if self.startup_error is None and not self._ready.is_set():
-            return "thread ended before it was ready"
+        if self.startup_error is None and (self.failed or not self._ready.is_set()):
+            return f"thread {self.name} ended before it was ready"
         return self.startup_error
 
     def run(self):

@@ -101,10 +101,10 @@ def test_wire_roundtrip_keeps_every_field():
     assert wire.client_name(msg) == "Pusher-2" and client == "" and not resent
     assert abs(sent_ns - time.time_ns()) < 5e9
     again = wire.decode(wire.mark_resent(enc.data(1)), cache)
-    assert again[wire.RESENT] and again[wire.SEQ] == 1
+    assert again[wire.RESENT] and again[wire.TASK] == 1
     assert again[wire.RUN] is got_run  # the cached RunInfo
     end = wire.decode(enc.end(5), cache)
-    assert end[wire.KIND] == wire.MessageKind.END and end[wire.SEQ] == 5
+    assert end[wire.KIND] == wire.MessageKind.END and end[wire.TASK] == 5
 
 
 def test_padding_reaches_the_size_and_decodes_to_the_same_text():
@@ -118,15 +118,15 @@ def test_padding_reaches_the_size_and_decodes_to_the_same_text():
 def test_plain_text_decodes_without_a_run():
     """Plain frames: the seed's text yields client and task; other text is 'plain', no task."""
     seed = wire.decode(b"Pusher-1[PID:1/TID:2] - Task 3", {})
-    assert (seed[wire.RUN], wire.client_name(seed), seed[wire.SEQ]) == \
+    assert (seed[wire.RUN], wire.client_name(seed), seed[wire.TASK]) == \
         (None, "Pusher-1", 3)
     hello = wire.decode(b"hello", {})
-    assert (hello[wire.RUN], wire.client_name(hello), hello[wire.SEQ],
+    assert (hello[wire.RUN], wire.client_name(hello), hello[wire.TASK],
             hello[wire.TEXT]) == (None, "plain", -1, "hello")
     # Too many digits for int(), and digits that are not ASCII: text, but no task number.
     for text in ("x[y] - Task " + "9" * 5000, "x[y] - Task \u0663"):
         odd = wire.decode(text.encode(), {})
-        assert (wire.client_name(odd), odd[wire.SEQ]) == ("plain", -1), text[:20]
+        assert (wire.client_name(odd), odd[wire.TASK]) == ("plain", -1), text[:20]
 
 
 @pytest.mark.parametrize("frame", [
@@ -216,14 +216,14 @@ def test_send_turns_go_in_order_and_a_stop_frees_the_waiters():
 
 def test_batch_queue_counts_messages_not_batches():
     """BatchQueue.qsize() and its bound count the messages inside the batches."""
-    batches = RECEIVER.BatchQueue(10)
-    batches.put(RECEIVER.Batch(0, list(range(4))))
-    batches.put(RECEIVER.Batch(0, list(range(5))))
+    batches = flow.BatchQueue(10)
+    batches.put(flow.Batch(0, list(range(4))))
+    batches.put(flow.Batch(0, list(range(5))))
     assert batches.qsize() == 9
-    batches.put(RECEIVER.Batch(0, [1]))
+    batches.put(flow.Batch(0, [1]))
     assert batches.qsize() == 10 and batches.full()
     with pytest.raises(queue.Full):  # the bound is in messages
-        batches.put(RECEIVER.Batch(0, [1]), timeout=0.05)
+        batches.put(flow.Batch(0, [1]), timeout=0.05)
     assert len(batches.get().items) == 4
     assert batches.qsize() == 6
     assert len(batches.take_all()) == 6 and batches.qsize() == 0
