@@ -198,7 +198,7 @@ class Counters:
     def __init__(self):
         self.received = 0  # receive thread: taken off the socket
         self.recovered = 0  # main, before the threads start: read back from a spill file
-        self.invalid = 0  # receive thread (and its PeerWatch)
+        self.invalid = 0  # receive thread and its PeerWatch (main: a spill file's)
         self.rejected = 0  # PeerWatch: peers refused by CURVE or the IP allow list
         self.rejected_connections = 0  # PeerWatch: handshakes of non-ZeroMQ peers
         self.peers = 0  # PeerWatch: connected peers (sender sockets and health probes)
