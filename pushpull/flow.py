@@ -47,7 +47,7 @@ class StopSignals:
 # The sender: workers take turns to send
 # ---------------------------------------------------------------------------
 # Messages a worker sends before it lets a waiting worker have a turn: in bench
-# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (README, Performance).
+# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (bench/README.md).
 TURN_MESSAGES = 1000
 
 

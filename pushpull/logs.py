@@ -176,7 +176,7 @@ class BlockLog:
 
     One logging record per line cost more than sending the message; in blocks,
     a pair logging every message runs at about 150k msg/s (bench figure (3),
-    README, Performance).
+    bench/README.md).
     """
 
     def __init__(self, log, size):

@@ -2,7 +2,7 @@
 
 The worker's loop calls PushSender.send() once per message. The speed tricks of
 that path live here and in flow.SendTurns, each with the bench figure that
-justifies it (README, Performance); the script's loop reads plainly.
+justifies it (bench/README.md); the script's loop reads plainly.
 """
 
 import contextlib
@@ -119,7 +119,7 @@ class PushSender:
         self._sends = 0  # since this worker last let a waiting worker have the turn
         self._sock = sock
         # pyzmq's Socket.send checks for routing_id and group arguments first, which
-        # cost a third of a send in bench figure (2) (README, Performance); PUSH
+        # cost a third of a send in bench figure (2) (bench/README.md); PUSH
         # never uses them.
         self._send_now = super(zmq.Socket, sock).send
 
