@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import cli, confirm, flow, logs, push, security, wire
+from pushpull import cli, confirm, flow, logs, push, security, verdict, wire
 from pushpull.health import MONITOR_EVENTS, LinkState, ReceiverHealth, link_change
 from pushpull.push import Outcome
 from pushpull.threads import POLL_INTERVAL, ServiceThread
@@ -44,15 +44,21 @@ MAX_MESSAGE_SIZE = 1048576  # bytes; larger messages are refused (the receiver w
 SEND_HWM = 1000  # messages ZeroMQ may queue per worker socket (ZMQ_SNDHWM)
 CONFIRM_DELIVERY = False  # True: resend until the receiver confirms every task processed
 CONFIRM_WINDOW = 1000  # unconfirmed messages one worker may hold before it waits
+CONFIRM_PORT = None  # TCP port of each receiver's confirmation channel; None: its port + 1
+REPORT_TIMEOUT = 5.0  # seconds to wait after the run for the receivers' reports of it
+MAX_LOSS = None  # percent of planned messages a receiver may miss (gate); None: no gate
+MAX_P99 = None  # milliseconds of p99 latency the receivers may report (gate); None: no gate
 CURVE_CLIENT_KEY = None  # path of this sender's secret certificate; None: no CURVE
 CURVE_SERVER_PUBLIC = None  # path of the receiver's public certificate
 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
+MAX_REPORT_TIMEOUT = 3600.0  # seconds: the longest --report-timeout (and --max-p99 in ms / 1000)
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 
+GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_INTERRUPTED = 130
@@ -82,6 +88,10 @@ class Config:
     hwm: int
     confirm: bool
     window: int
+    confirm_port: "int | None"
+    report_timeout: float
+    max_loss: "float | None"
+    max_p99: "float | None"
     curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
     curve_client_key: "str | None"
     curve_server_public: "str | None"
@@ -145,6 +155,19 @@ def build_parser():
                    help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
     p.add_argument("--window", metavar="N", type=cli.positive(int), default=CONFIRM_WINDOW,
                    help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
+    p.add_argument("--confirm-port", metavar="PORT", type=cli.positive(int),
+                   default=CONFIRM_PORT,
+                   help="port of the receivers' confirmation channel; default: each receiver's"
+                        " port + 1 (CONFIRM_PORT)")
+    p.add_argument("--report-timeout", metavar="SECONDS", type=cli.non_negative(float),
+                   default=REPORT_TIMEOUT,
+                   help="wait after the run for the receivers' reports (REPORT_TIMEOUT)")
+    p.add_argument("--max-loss", metavar="PERCENT", type=cli.non_negative(float),
+                   default=MAX_LOSS,
+                   help="gate: exit 1 unless the receivers got all but PERCENT of the planned"
+                        " messages (MAX_LOSS)")
+    p.add_argument("--max-p99", metavar="MS", type=cli.non_negative(float), default=MAX_P99,
+                   help="gate: exit 1 unless the receivers' p99 latency is at most MS (MAX_P99)")
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
@@ -158,10 +181,15 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if bool(a.curve_client_key) != bool(a.curve_server_public):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
+    for flag, value, top in (("--report-timeout", a.report_timeout, MAX_REPORT_TIMEOUT),
+                             ("--max-loss", a.max_loss, 100.0),
+                             ("--max-p99", a.max_p99, MAX_REPORT_TIMEOUT * 1000)):
+        if value is not None and not value <= top:  # also refuses nan
+            p.error(f"argument {flag}: {value} is not between 0 and {top:g}")
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):
-                confirm.confirm_endpoint(ep)
+                confirm.confirm_endpoint(ep, a.confirm_port)
         except ValueError as exc:
             p.error(str(exc))
     return Config(workers=a.workers, messages=a.messages, delay=a.delay,
@@ -169,7 +197,8 @@ def parse_args(argv=None):
                   retries=a.retries, heartbeat_interval=a.heartbeat_interval,
                   log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
                   json_path=a.json, size=a.size, max_size=a.max_size, hwm=a.hwm,
-                  confirm=a.confirm, window=a.window,
+                  confirm=a.confirm, window=a.window, confirm_port=a.confirm_port,
+                  report_timeout=a.report_timeout, max_loss=a.max_loss, max_p99=a.max_p99,
                   curve_keys=None, curve_client_key=a.curve_client_key,
                   curve_server_public=a.curve_server_public, generate_keys=a.generate_keys)
 
@@ -331,8 +360,18 @@ class HeartbeatMonitor(ServiceThread):
             log(f"[HEARTBEAT] receiver {endpoint} {state.value}: {reason}")
 
 
+def open_sub_options(sub, config):
+    """The options of a confirmation-channel SUB socket, set before it connects."""
+    # ZMTP heartbeats drop a channel whose host died silently; libzmq then reconnects,
+    # and subscribes again, when the host is back.
+    set_heartbeats(sub, config.heartbeat_interval)
+    sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
+    sub.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
+    security.apply_client_keys(sub, config.curve_keys)
+
+
 def set_heartbeats(sock, interval):
-    """ZMTP heartbeats, for the probe socket only: they find a hung receiver.
+    """ZMTP heartbeats, for the probe and the confirmation channel: they find a hung receiver.
 
     Data sockets go without: a heartbeat timeout would drop the connection and
     every message queued on it, where a receiver that was only paused (SIGSTOP)
@@ -358,33 +397,61 @@ def send_run(config, signals, log):
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries)
     confirmations = (confirm.Confirmations(config.workers, config.window)
                      if config.confirm else None)
+    channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
+                                     confirmations, config.timeout, config.retries)
     started = time.monotonic()
+    duration = None
     workers = []
+    reports = []
     ctx = zmq.Context()
     try:
-        helpers = [HeartbeatMonitor(ctx, config, health, stop, log)]
-        if confirmations is not None:
-            sources = [confirm.confirm_endpoint(ep) for ep in config.endpoints]
-            helpers.append(confirm.ConfirmListener(ctx, sources, run.run_id, confirmations,
-                                                   config.curve_keys, stop, log))
+        helpers = [HeartbeatMonitor(ctx, config, health, stop, log),
+                   confirm.ConfirmListener(ctx, channel, health,
+                                           lambda sub: open_sub_options(sub, config), stop, log)]
         for thread in helpers:
             thread.start()
+        channel.wait_settled(config.heartbeat_interval, stop)
         counter = itertools.count(1)
         workers = [PushWorker(n, ctx, config, run, team, counter, confirmations)
                    for n in range(1, config.workers + 1)]
         log.info(f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
-                 f" {config.messages} messages -> {', '.join(config.endpoints)}")
+                 f" {config.messages} messages -> {', '.join(config.endpoints)}"
+                 f" | confirmations and reports from {channel.describe()}")
         for worker in workers:
             worker.start()
         wait_for_workers(config, workers, health, signals, stop, log)
+        duration = time.monotonic() - started  # the run's; the wait for reports is not in it
+        reports = wait_for_reports(config, channel, health, signals)
         stop.set()
         for thread in helpers:
             thread.join()
     finally:
         stop.set()  # after an unexpected error: threads let go of their sockets
         flush_result = flush(ctx, config, totals(config, workers))
-    return report(config, run, workers, health, confirmations, flush_result,
-                  time.monotonic() - started, signals.first.is_set(), log)
+    verdict_data = receiver_verdict(config, channel, reports)
+    if duration is None:  # an unexpected error ended the run early
+        duration = time.monotonic() - started
+    return report(config, run, workers, health, confirmations, flush_result, verdict_data,
+                  duration, signals.first.is_set(), log)
+
+
+def wait_for_reports(config, channel, health, signals):
+    """After the run: the receivers' reports of it, waited for at most REPORT_TIMEOUT."""
+    if signals.first.is_set() or not health.is_up():
+        return channel.reports()  # Ctrl+C, or no receiver left to report: no waiting
+    return channel.wait_for_reports(config.report_timeout, signals.first)
+
+
+def receiver_verdict(config, channel, reports):
+    """The receiver_report JSON: the reports merged, and why any are missing."""
+    if not reports:
+        return {"receivers": 0, "of": len(config.endpoints), "reason": channel.why_no_report()}
+    result = verdict.merge(reports, config.planned)
+    result["of"] = len(config.endpoints)
+    if len(reports) < len(config.endpoints):
+        result["reason"] = f"not every receiver reported: {channel.why_no_report()}"
+    result["reports"] = reports
+    return result
 
 
 def wait_for_workers(config, workers, health, signals, stop, log):
@@ -429,20 +496,37 @@ def flush(ctx, config, counts):
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------
-def report(config, run, workers, health, confirmations, flush_result, duration, interrupted,
-           log):
-    """Log the summary table (and write the JSON); returns the exit status."""
+def report(config, run, workers, health, confirmations, flush_result, receiver_report,
+           duration, interrupted, log):
+    """Log the summary table and the gates (and write the JSON); returns the exit status."""
     counts = totals(config, workers)
     confirmation = (confirmation_data(config, workers, confirmations)
                     if confirmations is not None else None)
     data = summary_data(config, run, counts, health, duration, flush_result, confirmation)
+    data["receiver_report"] = receiver_report
+    data["gates"] = judge_gates(config, receiver_report)
     log.info("\n" + summary_table(data))
+    for record in data["gates"]:
+        (log.info if record["passed"] else log.error)(
+            verdict.gate_line(record, GATE_UNITS[record["name"]]))
     if config.json_path:
         cli.write_json(config.json_path, data)
     status, reason = exit_reason(counts, config, flush_result, interrupted, confirmation)
+    failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
+    if status == EXIT_OK and failed_gates:
+        status, reason = EXIT_NOT_ALL_SENT, f"gate failed: {', '.join(failed_gates)}"
     if reason:
         log.error(f"[EXIT] {reason}")
     return status
+
+
+def judge_gates(config, receiver_report):
+    """The JSON `gates`: each gate set on the command line, judged on the receivers' report."""
+    gates = [verdict.Gate(name, limit) for name, limit in (("max-loss", config.max_loss),
+                                                           ("max-p99", config.max_p99))
+             if limit is not None]
+    merged = receiver_report if receiver_report["receivers"] else None
+    return [gate.judge(merged, f"no report: {receiver_report.get('reason')}") for gate in gates]
 
 
 def totals(config, workers):
@@ -536,6 +620,12 @@ def summary_table(data):
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
     rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"))
     rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
+    report_data = data["receiver_report"]
+    if report_data["receivers"]:
+        rows.append(("receiver", verdict.report_line(report_data)))
+    if "reason" in report_data:
+        rows.append(("receiver" if not report_data["receivers"] else "",
+                     f"no report: {report_data['reason']}"))
     if "confirmed" not in data:
         rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
                              " receiver that dies before reading them loses them (--confirm"

@@ -1,26 +1,88 @@
-"""The confirmation channel: a receiver's PUB tells --confirm senders what it processed.
+"""The confirmation channel: a receiver's PUB tells senders what it processed, and how a run went.
 
-Frames are [topic, ranges]: topic = run id (8 bytes), then (worker, first task,
-count) triples for tasks processed since the last confirmation.
+Every message is three frames, sealed with a key only the run's sender and the
+receivers holding its data know (docs/internals.md, "The confirmation channel"):
+    [topic (8 bytes), body, mac (16 bytes)]
+topic = the first 8 bytes of HMAC-SHA256(run id, "topic"); body = a kind byte,
+then the payload; mac = the first 16 bytes of HMAC-SHA256(run id, topic + body).
+The run id travels only in data frames, so a peer that binds the confirmation
+port sees a topic it cannot invert and cannot seal a message of its own.
+Kinds: CONFIRM, (worker, first task, count) triples processed since the last
+one; REPORT, the receiver's 8-byte instance id then its runs[] entry as JSON,
+published once when the run's [RUN] line is logged.
 
 Both ends live here: the frame format and the endpoint rule they share, then the
 sender's side (its unconfirmed windows, the listener, when to resend), then the
 receiver's.
 """
 
+import enum
+import hashlib
+import hmac
+import json
+import os
 import re
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import security, wire
+from pushpull import verdict, wire
 from pushpull.push import Outcome, PushSender
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 
-CONFIRM_TOPIC = struct.Struct("!Q")
+RUN_KEY = struct.Struct("!Q")  # the run id, as the HMAC key
 CONFIRM_RANGE = struct.Struct("!III")
+TOPIC_SIZE = 8  # bytes of the derived topic
+MAC_SIZE = 16  # bytes of the truncated HMAC-SHA256
+RECEIVER_ID_SIZE = 8  # bytes of a receiver's random instance id, in a REPORT
+TOPIC_LABEL = b"pushpull confirmation topic"
+CHANNEL_MAX_BYTES = 4 * 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
+SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
+REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel may bring
+# Link events of a confirmation channel: connected, or lost / refused.
+LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class Kind(enum.IntEnum):
+    """What a confirmation-channel message carries."""
+
+    CONFIRM = 1  # (worker, first task, count) triples processed
+    REPORT = 2  # the receiver's runs[] entry for the run, when its [RUN] line is logged
+
+
+class RunSeal:
+    """The keys of one run's confirmation channel, derived from its run id."""
+
+    def __init__(self, run_id):
+        self._key = RUN_KEY.pack(run_id)
+        self.topic = self._mac(TOPIC_LABEL)[:TOPIC_SIZE]
+
+    def _mac(self, data):
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
+    def seal(self, kind, payload):
+        """The three frames of one message of `kind`."""
+        body = bytes([kind]) + payload
+        return [self.topic, body, self._mac(self.topic + body)[:MAC_SIZE]]
+
+    def open(self, frames):
+        """(Kind, payload) of a message sealed for this run, or None for anything else."""
+        if len(frames) != 3 or frames[0] != self.topic or len(frames[2]) != MAC_SIZE:
+            return None
+        body = frames[1]
+        if not body or not hmac.compare_digest(self._mac(self.topic + body)[:MAC_SIZE],
+                                               frames[2]):
+            return None
+        try:
+            return Kind(body[0]), body[1:]
+        except ValueError:
+            return None
 
 
 def task_ranges(tasks):
@@ -37,10 +99,10 @@ def task_ranges(tasks):
     return ranges
 
 
-def encode_confirmations(run_id, tasks):
-    """One confirmation frame pair: [topic, ranges] for the (worker, task) pairs processed."""
+def encode_confirmations(seal, tasks):
+    """One CONFIRM message for the (worker, task) pairs processed, sealed for its run."""
     body = b"".join(CONFIRM_RANGE.pack(*triple) for triple in task_ranges(tasks))
-    return [CONFIRM_TOPIC.pack(run_id), body]
+    return seal.seal(Kind.CONFIRM, body)
 
 
 def decode_confirmations(body):
@@ -87,7 +149,10 @@ class UnconfirmedWindow:
         """Drop confirmed tasks; returns how many were waiting for it."""
         with self.changed:
             pop = self.frames.pop
-            hits = sum(1 for task in range(first, first + count) if pop(task, None) is not None)
+            # A range wider than the window walks the window, not the range it names.
+            tasks = (range(first, first + count) if count <= len(self.frames)
+                     else [task for task in list(self.frames) if first <= task < first + count])
+            hits = sum(1 for task in tasks if pop(task, None) is not None)
             if hits:
                 self.confirmed += hits
                 self.changed.notify_all()
@@ -127,6 +192,7 @@ class Confirmations:
         self.windows = [UnconfirmedWindow(size) for _ in range(workers)]
         self.last = time.monotonic()  # when any confirmation last arrived
         self.stalls = 0
+        self.failure = None  # the Outcome every worker gives up with: no channel confirms
         self._last_stall = 0.0
         self._lock = threading.Lock()
 
@@ -144,6 +210,10 @@ class Confirmations:
                 self._last_stall = now
             return self.stalls
 
+    def pending(self):
+        """Tasks sent and not yet confirmed, over all workers."""
+        return sum(len(w) for w in self.windows)
+
     def confirmed(self):
         """Tasks confirmed processed, over all workers."""
         return sum(w.confirmed for w in self.windows)
@@ -153,37 +223,218 @@ class Confirmations:
         return sum(w.resent for w in self.windows)
 
 
-class ConfirmListener(ServiceThread):
-    """Subscribes to the receivers' confirmations of one run and empties the windows."""
+@dataclass
+class ChannelSource:
+    """One receiver's confirmation channel, as the sender's listener sees it."""
 
-    def __init__(self, ctx, sources, run_id, confirmations, client_keys, stop, log):
+    endpoint: str  # where the receiver publishes (confirm_endpoint of data_endpoint)
+    data_endpoint: str  # the receiver's data endpoint, as the user wrote it
+    connected: bool = False
+    settled: bool = False  # connected once, or refused once: the run's start need not wait
+    authentic: int = 0  # messages sealed for this run
+    dropped: int = 0  # messages not sealed for this run (forged, or another run's)
+    last_authentic: float = 0.0  # monotonic time of the last one
+    warnings: int = 0  # SERVER_TIMEOUTs of silence said so far, in this silence
+    gave_up: bool = False
+    reports: dict = field(default_factory=dict)  # receiver instance id -> runs[] entry
+
+    def why_silent(self):
+        """A short guess at why nothing arrives from this channel."""
+        if not self.connected:
+            return ("not connected: is the receiver's confirmation port another one"
+                    " (--confirm-port), or is the port firewalled?")
+        if self.dropped:
+            return (f"connected, but {self.dropped} messages were not sealed for this run:"
+                    " is another program bound to that port?")
+        if self.authentic:
+            return "connected; the receiver is slow or stopped processing"
+        return "connected, but the publisher never spoke for this run: is it our receiver?"
+
+
+class ConfirmChannel:
+    """The sender's side of one run's confirmation channel: what the listener learned.
+
+    Written by the listener thread; main waits on it for the receivers' reports.
+    """
+
+    def __init__(self, run_id, data_endpoints, port, confirmations, timeout, retries):
+        self.seal = RunSeal(run_id)
+        self.confirmations = confirmations  # None in plain mode: reports only
+        self.timeout = timeout
+        self.retries = retries
+        self.sources = []
+        self.unreachable = []  # data endpoints with no confirmation channel (ipc://)
+        for data_endpoint in data_endpoints:
+            try:
+                self.sources.append(ChannelSource(confirm_endpoint(data_endpoint, port),
+                                                  data_endpoint))
+            except ValueError:
+                self.unreachable.append(data_endpoint)
+        self.changed = threading.Condition()
+        self._pending_since = None  # when the windows last went from empty to not
+
+    def describe(self):
+        """The confirmation endpoints, for the [START] line."""
+        return ", ".join([s.endpoint for s in self.sources]
+                         + [f"none for {ep}" for ep in self.unreachable])
+
+    def wait_settled(self, within, stop):
+        """Wait (at most `within` s) until each channel connected or was refused once.
+
+        A receiver publishes its report once; a subscription made after that hears nothing.
+        """
+        self._wait(lambda: all(s.settled for s in self.sources), within, stop)
+
+    def reports(self):
+        """Every report received so far, one per receiver instance."""
+        with self.changed:
+            return [entry for s in self.sources for entry in s.reports.values()]
+
+    def wait_for_reports(self, within, stop):
+        """Wait (at most `within` s) until every channel brought a report; returns them."""
+        self._wait(lambda: all(s.reports for s in self.sources), within, stop)
+        return self.reports()
+
+    def _wait(self, done, within, stop):
+        """Wait until done() is true, `within` seconds pass, or `stop` is set."""
+        deadline = time.monotonic() + within
+        with self.changed:
+            while not done() and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.changed.wait(min(left, POLL_S))
+
+    def why_no_report(self):
+        """Why no receiver's report arrived, in a few words."""
+        if not self.sources:
+            return "no confirmation channel (ipc:// endpoints have none)"
+        reasons = []
+        for source in self.sources:
+            if not source.connected:
+                reasons.append(f"{source.endpoint} not connected")
+            elif source.dropped and not source.authentic:
+                reasons.append(f"{source.endpoint} sent {source.dropped} messages not sealed"
+                               " for this run")
+            else:
+                reasons.append(f"{source.endpoint} connected, but the receiver had not"
+                               " reported the run (still processing? see its [RUN] line)")
+        return "; ".join(reasons)
+
+    def on_message(self, source, frames, log):
+        """Apply one message from `source`'s channel; anything not sealed for the run is dropped."""
+        opened = self.seal.open(frames)
+        if opened is None:
+            source.dropped += 1
+            return
+        kind, payload = opened
+        with self.changed:
+            source.authentic += 1
+            source.last_authentic = time.monotonic()
+            source.warnings = 0
+            if kind is Kind.CONFIRM and self.confirmations is not None:
+                for worker, first, count in decode_confirmations(payload):
+                    self.confirmations.confirm(worker, first, count)
+            elif kind is Kind.REPORT:
+                self._on_report(source, payload, log)
+            self.changed.notify_all()
+
+    def _on_report(self, source, payload, log):
+        receiver_id, entry = payload[:RECEIVER_ID_SIZE], verdict.parse_report(
+            payload[RECEIVER_ID_SIZE:])
+        if len(receiver_id) != RECEIVER_ID_SIZE or entry is None:
+            log.warning(f"[CONFIRM] a report from {source.endpoint} is not a run report;"
+                        " ignored")
+        elif receiver_id not in source.reports and len(source.reports) < REPORTS_PER_SOURCE:
+            source.reports[receiver_id] = entry
+
+    def on_link(self, source, connected):
+        """The listener's socket monitor saw `source`'s channel connect, or fail to."""
+        with self.changed:
+            source.connected = connected
+            source.settled = True
+            self.changed.notify_all()
+
+    def check_silence(self, health, log):
+        """Say so when a channel brings no confirmation for SERVER_TIMEOUT while work waits;
+        give up on it after SERVER_TIMEOUT x (1 + retries) if it never proved it is ours."""
+        if self.confirmations is None:
+            return
+        now = time.monotonic()
+        if not self.confirmations.pending():
+            self._pending_since = None
+            return
+        if self._pending_since is None:
+            self._pending_since = now
+        for source in self.sources:
+            if source.gave_up or not health.is_endpoint_up(source.data_endpoint):
+                continue  # a receiver that is down: the heartbeat's give-up rules apply
+            silent = now - max(source.last_authentic, self._pending_since)
+            if silent >= self.timeout * (source.warnings + 1):
+                source.warnings += 1
+                self._say_silent(source, silent, log)
+        if self.sources and all(s.gave_up for s in self.sources):
+            self.confirmations.failure = Outcome.RECEIVER_DOWN
+
+    def _say_silent(self, source, silent, log):
+        proven = source.connected and source.authentic
+        if source.warnings > self.retries and not proven:
+            source.gave_up = True
+            log.error(f"[CONFIRM] no confirmations from {source.endpoint} for {silent:.1f} s:"
+                      f" giving up on it ({source.why_silent()})")
+        else:
+            log.warning(f"[CONFIRM] no confirmations from {source.endpoint} for {silent:.1f} s"
+                        f" ({source.why_silent()})")
+
+
+class ConfirmListener(ServiceThread):
+    """Subscribes to each receiver's confirmation channel for one run: applies confirmations,
+    keeps reports, and watches each channel's link (ZMTP heartbeats find a dead host)."""
+
+    def __init__(self, ctx, channel, health, options, stop, log):
         super().__init__("confirm-listener", log)
         self.ctx = ctx
-        self.sources = sources  # confirmation endpoints, one per receiver
-        self.topic = CONFIRM_TOPIC.pack(run_id)
-        self.confirmations = confirmations
-        self.client_keys = client_keys
+        self.channel = channel
+        self.health = health
+        self.options = options  # applies the sender's socket options: CURVE keys, heartbeats
         self.stop = stop
 
     def serve(self):
-        """Subscribe, then apply each confirmation until the stop."""
-        with self.ctx.socket(zmq.SUB) as sub:
-            sub.linger = 0
-            security.apply_client_keys(sub, self.client_keys)
-            sub.subscribe(self.topic)
-            for endpoint in self.sources:
-                sub.connect(endpoint)
+        """Subscribe to every channel, then follow messages and link events until the stop."""
+        subs, monitors = [], []
+        poller = zmq.Poller()
+        try:
+            for source in self.channel.sources:
+                sub = self.ctx.socket(zmq.SUB)
+                subs.append(sub)
+                self.options(sub)
+                sub.setsockopt(zmq.MAXMSGSIZE, CHANNEL_MAX_BYTES)
+                sub.subscribe(self.channel.seal.topic)
+                monitors.append(sub.get_monitor_socket(LINK_EVENTS))
+                sub.connect(source.endpoint)
+                poller.register(sub, zmq.POLLIN)
+                poller.register(monitors[-1], zmq.POLLIN)
             self.started()
-            while not self.stop.is_set():
-                if sub.poll(POLL_INTERVAL):
-                    self.on_message(sub.recv_multipart())
+            self.follow(poller, dict(zip(subs, self.channel.sources)),
+                        dict(zip(monitors, self.channel.sources)))
+        finally:
+            for sub, monitor in zip(subs, monitors):
+                sub.disable_monitor()
+                monitor.close(linger=0)
+            for sub in subs:
+                sub.close(linger=0)
 
-    def on_message(self, frames):
-        """Apply a confirmation [topic, ranges]; anything else is skipped."""
-        if len(frames) != 2:
-            return
-        for worker, first, count in decode_confirmations(frames[1]):
-            self.confirmations.confirm(worker, first, count)
+    def follow(self, poller, subs, monitors):
+        """The loop: messages, link events, and the silence check between them."""
+        channel = self.channel
+        while not self.stop.is_set():
+            for sock, _ in poller.poll(POLL_INTERVAL):
+                if sock in subs:
+                    channel.on_message(subs[sock], sock.recv_multipart(), self.log)
+                else:
+                    event = recv_monitor_message(sock)["event"]
+                    channel.on_link(monitors[sock], event == zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            channel.check_silence(self.health, self.log)
 
 
 class ConfirmingSender(PushSender):
@@ -202,7 +453,8 @@ class ConfirmingSender(PushSender):
     def send(self, frame, task):
         """Send a task's frame once the window has room; None, or the failure's Outcome."""
         window = self.window
-        if len(window) >= window.size or self.health.down_transitions != self._downs_seen:
+        if (len(window) >= window.size or self.health.down_transitions != self._downs_seen
+                or self.confirmations.failure):
             failure = self._make_room()
             if failure:
                 return failure
@@ -242,6 +494,8 @@ class ConfirmingSender(PushSender):
         A receiver that dies takes what it had not processed with it; a confirmation
         can be missed. Returns None, or the failure's Outcome.
         """
+        if self.confirmations.failure:
+            return self.confirmations.failure  # the listener said why, naming the channel
         downs = self.health.down_transitions
         if not len(self.window):
             self._stalls_seen = self.confirmations.stalls  # no stall could concern us
@@ -266,16 +520,19 @@ class ConfirmingSender(PushSender):
 
 
 # ---------------------------------------------------------------------------
-# The receiver's side: what was processed and not yet confirmed, published as ranges
+# The receiver's side: what was processed and not yet confirmed, and each run's report
 # ---------------------------------------------------------------------------
 class ConfirmPublisher:
-    """Tasks processed but not yet confirmed, published on the processor's PUB socket
-    at most every `interval` seconds: one [topic, ranges] message per run."""
+    """Publishes on the processor's PUB socket, sealed for each run: the tasks processed
+    but not yet confirmed, at most every `interval` seconds (one CONFIRM per run), and a
+    run's report when its [RUN] line is logged."""
 
     def __init__(self, sock, interval):
         self.sock = sock
         self.interval = interval
+        self.receiver_id = os.urandom(RECEIVER_ID_SIZE)  # tells a sender which reports match
         self._pending = {}  # run id -> [(worker, task), ...] since the last publication
+        self._seals = {}  # run id -> RunSeal: one key derivation per run, not per message
         self._next = 0.0
 
     def add(self, run_id, worker, task):
@@ -292,7 +549,37 @@ class ConfirmPublisher:
         self._next = time.monotonic() + self.interval
         pending, self._pending = self._pending, {}
         for run_id, tasks in pending.items():
-            try:
-                self.sock.send_multipart(encode_confirmations(run_id, tasks), zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # PUB never blocks; a sender that misses this resends, and is re-confirmed
+            self._send(encode_confirmations(self._seal(run_id), tasks))
+
+    def report(self, run_id, entry):
+        """Publish a run's runs[] entry (its report), cut to REPORT_MAX_BYTES."""
+        payload = self.receiver_id + report_json(entry)
+        self._send(self._seal(run_id).seal(Kind.REPORT, payload))
+
+    def _seal(self, run_id):
+        seal = self._seals.get(run_id)
+        if seal is None:
+            if len(self._seals) >= SEAL_CACHE_SIZE:
+                self._seals.clear()  # bounded: recomputed on demand
+            seal = self._seals[run_id] = RunSeal(run_id)
+        return seal
+
+    def _send(self, frames):
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB never blocks; a sender that misses a confirmation resends
+
+
+def report_json(entry):
+    """A runs[] entry as JSON of at most REPORT_MAX_BYTES: long lists are cut until it fits."""
+    entry = dict(entry)
+    data = json.dumps(entry, separators=(",", ":")).encode()
+    while len(data) > verdict.REPORT_MAX_BYTES:
+        lists = [key for key, value in entry.items() if isinstance(value, list) and value]
+        if not lists:
+            return json.dumps({key: entry[key] for key in verdict.COUNTS if key in entry}).encode()
+        longest = max(lists, key=lambda key: len(entry[key]))
+        entry[longest] = entry[longest][:len(entry[longest]) // 2]
+        data = json.dumps(entry, separators=(",", ":")).encode()
+    return data

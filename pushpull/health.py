@@ -37,6 +37,10 @@ class ReceiverHealth:
         """True while at least one receiver is connected and answering."""
         return self._any_up.is_set()
 
+    def is_endpoint_up(self, ep):
+        """True while the receiver at `ep` is connected and answering."""
+        return self.states.get(ep) is LinkState.UP
+
     def all_rejected(self):
         """True when every receiver refused this sender's handshake."""
         return all(s is LinkState.REJECTED for s in self.states.values())

@@ -1,0 +1,93 @@
+"""Unit tests of the confirmation channel's parts: sealed messages, report validation,
+merging several receivers' reports, and the gates."""
+
+import json
+
+from conftest import load_script
+
+load_script("async-socket-sender")  # puts the project root on sys.path
+from pushpull import confirm, verdict  # noqa: E402
+
+RUN_ID = 0x1234_5678_9ABC_DEF0
+
+
+def test_a_sealed_message_opens_only_with_its_run_id():
+    """The topic is not the run id, and a message opens only under its own run's seal."""
+    seal = confirm.RunSeal(RUN_ID)
+    frames = seal.seal(confirm.Kind.CONFIRM, b"payload")
+    assert len(seal.topic) == confirm.TOPIC_SIZE
+    assert seal.topic != confirm.RUN_KEY.pack(RUN_ID)
+    assert RUN_ID.to_bytes(8, "big") not in b"".join(frames)
+    assert seal.open(frames) == (confirm.Kind.CONFIRM, b"payload")
+    assert confirm.RunSeal(RUN_ID + 1).open(frames) is None
+
+
+def test_forged_and_malformed_messages_are_refused():
+    """A peer that knows only the topic cannot forge: any change to a frame is refused."""
+    seal = confirm.RunSeal(RUN_ID)
+    topic, body, mac = seal.seal(confirm.Kind.REPORT, b"x" * 8 + b"{}")
+    forged_body = bytes([confirm.Kind.CONFIRM]) + confirm.CONFIRM_RANGE.pack(1, 0, 100)
+    assert seal.open([topic, forged_body, mac]) is None
+    assert seal.open([topic, body, bytes(confirm.MAC_SIZE)]) is None
+    assert seal.open([topic, body]) is None
+    assert seal.open([topic, body, mac, b""]) is None
+    assert seal.open([topic, b"", mac]) is None
+    assert seal.open([topic, body, mac[:-1]]) is None
+    unknown_kind = seal.seal(confirm.Kind.REPORT, b"")
+    unknown_kind[1] = b"\x7f"
+    unknown_kind[2] = seal._mac(unknown_kind[0] + unknown_kind[1])[:confirm.MAC_SIZE]
+    assert seal.open(unknown_kind) is None
+
+
+def test_a_huge_confirmed_range_walks_the_window_not_the_range():
+    """count = 2**32 - 1 from the network costs the window's size, not 4 billion steps."""
+    window = confirm.UnconfirmedWindow(10)
+    for task in range(5):
+        window.add(task, b"frame")
+    assert window.confirm(2, 2**32 - 1) == 3
+    assert [task for task, _ in window.unconfirmed()] == [0, 1]
+
+
+def test_a_report_is_bounded_escaped_and_checked():
+    """Counts must be counts; strings are escaped and cut; deep or huge values are dropped."""
+    entry = {"planned": 10, "received": 9, "duplicates": 0, "run_id": "ab\n[RUN] forged\x1b",
+             "latency_ms": {"p99": 0.5, "max": float("nan"), "p50": -1},
+             "missing_tasks": [f"Pusher-1:{t}" for t in range(1000)], "BAD KEY": 1,
+             "deep": {"a": {"b": {"c": {"d": 1}}}}, "text": "x" * 1000}
+    parsed = verdict.parse_report(json.dumps(entry).replace("NaN", "1e999").encode())
+    assert parsed["received"] == 9
+    assert "\n" not in parsed["run_id"] and "\x1b" not in parsed["run_id"]
+    assert "\\n" in parsed["run_id"] and "\\x1b" in parsed["run_id"]
+    assert len(parsed["missing_tasks"]) == verdict.REPORT_ITEMS
+    assert len(parsed["text"]) <= verdict.REPORT_TEXT
+    assert "BAD KEY" not in parsed and parsed["deep"]["a"]["b"]["c"] is None
+    assert verdict.latency(parsed) == {"p99": 0.5}
+    for bad in (b"\xff", b"[1]", b"{", json.dumps({**entry, "received": -1}).encode(),
+                json.dumps({**entry, "received": "9"}).encode(),
+                json.dumps({**entry, "planned": True}).encode(), b"[" * 100000):
+        assert verdict.parse_report(bad) is None, bad[:40]
+
+
+def test_reports_of_several_receivers_merge_into_one_verdict():
+    """Counts add up; the merged p99 is the largest receiver's, an upper bound."""
+    first = {"planned": 100, "received": 60, "duplicates": 1, "latency_ms": {"p99": 0.4}}
+    second = {"planned": 100, "received": 38, "duplicates": 0, "latency_ms": {"p99": 0.9}}
+    merged = verdict.merge([first, second], planned=100)
+    assert merged["received"] == 98 and merged["missing"] == 2 and merged["duplicates"] == 1
+    assert merged["latency_ms"]["p99"] == 0.9 and merged["receivers"] == 2
+    assert verdict.report_line(merged).startswith("98/100 received, missing 2")
+
+
+def test_gates_pass_fail_and_fail_without_a_report():
+    """{name, limit, value, passed}: a value over its limit fails, and so does no value."""
+    merged = verdict.merge([{"planned": 200, "received": 198, "duplicates": 0,
+                             "latency_ms": {"p99": 2.5}}], planned=200)
+    loss = verdict.Gate("max-loss", 1.0)
+    p99 = verdict.Gate("max-p99", 2.0)
+    assert loss.judge(merged, "") == {"name": "max-loss", "limit": 1.0, "value": 1.0,
+                                      "passed": True}
+    assert p99.judge(merged, "") == {"name": "max-p99", "limit": 2.0, "value": 2.5,
+                                     "passed": False}
+    none = loss.judge(None, "no report: not connected")
+    assert none["passed"] is False and none["value"] is None
+    assert "not connected" in verdict.gate_line(none, "%")
