@@ -52,7 +52,7 @@ def test_a_report_is_bounded_escaped_and_checked():
     """Counts must be counts; strings are escaped and cut; deep or huge values are dropped."""
     entry = {"planned": 10, "received": 9, "duplicates": 0, "run_id": "ab\n[RUN] forged\x1b",
              "latency_ms": {"p99": 0.5, "max": float("nan"), "p50": -1},
-             "missing_tasks": [f"Pusher-1:{t}" for t in range(1000)], "BAD KEY": 1,
+             "missing_tasks": [f"Pusher-1:{t}" for t in range(200)], "BAD KEY": 1,
              "deep": {"a": {"b": {"c": {"d": 1}}}}, "text": "x" * 1000}
     parsed = verdict.parse_report(json.dumps(entry).replace("NaN", "1e999").encode())
     assert parsed["received"] == 9
