@@ -352,9 +352,13 @@ class ProcessorThread(threads.ServiceThread):
         """Bind the confirmation socket, then process until a stop."""
         with open_confirm_socket(self.ctx, self.config, self.server_keys) as sock:
             confirms = confirm.ConfirmPublisher(sock, CONFIRM_INTERVAL)
-            self.started()
-            self.process_until_stop(confirms)
-            confirms.publish()
+            self.runs.reports = confirms  # each run's report goes out as its [RUN] line is logged
+            try:
+                self.started()
+                self.process_until_stop(confirms)
+                confirms.publish()
+            finally:
+                self.runs.reports = None  # the socket closes: later [RUN] lines are only logged
 
     def process_until_stop(self, confirms):
         """Process batches until a cold stop, or a warm one once all received is processed."""
@@ -453,7 +457,8 @@ def serve(config, signals, log):
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)
         if not start_threads(receiver, processor, recovered, config, log):
             return EXIT_STARTUP_FAILED
-        log.info(f"[START] PULL socket bound to {config.endpoint} | processing time"
+        log.info(f"[START] PULL socket bound to {config.endpoint} | confirmations and run"
+                 f" reports on {config.confirm_endpoint} | processing time"
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")

@@ -180,6 +180,9 @@ class RunLedger:
         self.log = log
         self.warnings = warnings  # a logs.RateLimitedLog
         self.runs = {}  # run id -> RunState
+        # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
+        # while its socket is open (None: the report is only logged).
+        self.reports = None
 
     def process(self, messages, received_ns, work, confirms):
         """Take a batch's messages in order: END frames and duplicates are only counted;
@@ -268,6 +271,8 @@ class RunLedger:
         run.closed = True
         level = self.log.info if run.complete or run.info.endpoints > 1 else self.log.warning
         level(run_line(run, reason))
+        if self.reports is not None:
+            self.reports.report(run.info.run_id, run.to_json())
 
     def report_silent(self, timeout):
         """Report every open run whose sender has said nothing for `timeout` seconds."""

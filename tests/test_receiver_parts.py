@@ -128,7 +128,7 @@ def test_ledger_records_a_task_only_after_its_work(log):
 
 
 def test_confirmations_published_as_ranges_per_run():
-    """Processed tasks go out as one [topic, ranges] message per run, each task once."""
+    """Processed tasks go out as one sealed CONFIRM message per run, each task once."""
     ctx = zmq.Context()
     with ctx.socket(zmq.PULL) as pull, ctx.socket(zmq.PUSH) as push:
         pull.bind("inproc://confirmations")
@@ -142,8 +142,11 @@ def test_confirmations_published_as_ranges_per_run():
         got = {}
         for _ in range(2):
             assert pull.poll(5000)
-            topic, body = pull.recv_multipart()
-            got[confirm.CONFIRM_TOPIC.unpack(topic)[0]] = confirm.decode_confirmations(body)
+            frames = pull.recv_multipart()
+            run_id = 7 if frames[0] == confirm.RunSeal(7).topic else 8
+            kind, body = confirm.RunSeal(run_id).open(frames)
+            assert kind is confirm.Kind.CONFIRM
+            got[run_id] = confirm.decode_confirmations(body)
         assert not pull.poll(50)
     ctx.term()
     assert got == {7: [(1, 3, 4), (2, 5, 2), (2, 9, 1)], 8: [(1, 0, 1)]}
