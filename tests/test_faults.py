@@ -325,7 +325,9 @@ def test_double_sigint_spills_backlog_and_next_start_recovers_it(procs, tmp_path
 def test_single_sigint_processes_whole_backlog(procs):
     """Warm stop: the backlog is really processed, with [STOP] backlog progress; nothing spilled."""
     receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.01")
-    sender = procs.sender(*sender_args(4, 100, 0), endpoints=[receiver.endpoint])
+    # --report-timeout 0: the sender leaves at once, the backlog still waiting.
+    sender = procs.sender(*sender_args(4, 100, 0, 1.0, 1, "--report-timeout", "0"),
+                          endpoints=[receiver.endpoint])
     assert sender.wait(30) == 0, sender.output()[-2000:]
     assert sender.summary()["sent"] == 400
     receiver.signal(signal.SIGINT)
