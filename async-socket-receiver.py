@@ -137,7 +137,11 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.curve_allow and not a.curve_server_key:
         p.error("--curve-allow needs --curve-server-key")
-    return Config(port=a.port, confirm_port=confirm.confirm_port(a.port, a.confirm_port),
+    try:
+        confirm_port = confirm.confirm_port(a.port, a.confirm_port)
+    except ValueError as exc:
+        p.error(str(exc))
+    return Config(port=a.port, confirm_port=confirm_port,
                   bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
                   hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,

@@ -34,6 +34,7 @@ from pushpull import verdict, wire
 from pushpull.push import Outcome, PushSender
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 
+MAX_PORT = 65535  # the largest TCP port
 RUN_KEY = struct.Struct("!Q")  # the run id, as the HMAC key
 CONFIRM_RANGE = struct.Struct("!III")
 TOPIC_SIZE = 8  # bytes of the derived topic
@@ -113,8 +114,14 @@ def decode_confirmations(body):
 
 
 def confirm_port(data_port, port=None):
-    """The port confirmations are published on: `port` when given, else the data port + 1."""
-    return port if port else data_port + 1
+    """The port confirmations are published on: `port` when given, else the data port + 1.
+
+    ValueError when that is no port number (data port 65535 without `port`)."""
+    result = port if port else data_port + 1
+    if not 1 <= result <= MAX_PORT:
+        raise ValueError(f"confirmation port {result} is not a port number (1-{MAX_PORT}):"
+                         " give --confirm-port")
+    return result
 
 
 def confirm_endpoint(endpoint, port=None):
@@ -307,10 +314,11 @@ class ConfirmChannel:
 
     def why_no_report(self):
         """Why no receiver's report arrived, in a few words."""
-        if not self.sources:
-            return "no confirmation channel (ipc:// endpoints have none)"
-        reasons = []
+        reasons = [f"{ep} has no confirmation channel (not tcp://, or port 65535)"
+                   for ep in self.unreachable]
         for source in self.sources:
+            if source.reports:
+                continue
             if not source.connected:
                 reasons.append(f"{source.endpoint} not connected")
             elif source.dropped and not source.authentic:
