@@ -101,7 +101,7 @@ def test_silently_dead_host_is_seen_down_with_its_connections_half_open(network)
     net.receiver(*RECEIVER_ARGS)
     sender = paced_sender(net, 2, 1000, 0.02)
     wait_until(lambda: sent_so_far(sender) >= 20, 15, "20 messages sent")
-    assert net.established(host) == 3  # two workers and the heartbeat probe
+    assert net.established(host) == 4  # two workers, the heartbeat probe, the confirmation SUB
     assert not heartbeat_lines(sender, "down"), sender.output()[-2000:]
     net.kill_host(host)
     sender.wait_for_output(r"\[HEARTBEAT\] .* down\b", timeout=10)
