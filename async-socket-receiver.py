@@ -96,20 +96,20 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--port", type=cli.positive(int), default=TCP_PORT,
+    p.add_argument("--port", type=cli.port, default=TCP_PORT,
                    help="TCP port to bind (TCP_PORT)")
-    p.add_argument("--confirm-port", metavar="PORT", type=cli.positive(int),
+    p.add_argument("--confirm-port", metavar="PORT", type=cli.port,
                    default=CONFIRM_PORT,
                    help="port of the confirmation socket; default: --port + 1 (CONFIRM_PORT)")
     p.add_argument("--bind", metavar="ADDRESS", default=BIND_ADDRESS,
                    help="interface to bind, * for all (BIND_ADDRESS)")
-    p.add_argument("--processing-time", metavar="SECONDS", type=cli.non_negative(float),
+    p.add_argument("--processing-time", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
                    default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
-    p.add_argument("--queue-size", metavar="N", type=cli.positive(int),
+    p.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
                    default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
-    p.add_argument("--hwm", metavar="N", type=cli.positive(int), default=RECEIVE_HWM,
+    p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=RECEIVE_HWM,
                    help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
-    p.add_argument("--max-size", metavar="BYTES", type=cli.positive(int),
+    p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
                    default=MAX_MESSAGE_SIZE, help="largest message accepted (MAX_MESSAGE_SIZE)")
     p.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
                    help="log file (LOG_FILE)")
@@ -118,14 +118,16 @@ def build_parser():
     cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
                    help="where a cold stop saves unprocessed messages (SPILL_FILE)")
-    p.add_argument("--run-timeout", metavar="SECONDS", type=cli.positive(float),
+    p.add_argument("--run-timeout", metavar="SECONDS",
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
                    default=RUN_IDLE_TIMEOUT,
                    help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
     p.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
                    help="receiver's secret certificate: turns CURVE on (CURVE_SERVER_KEY)")
     p.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
                    help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
-    p.add_argument("--allow-ip", metavar="ADDRESS", action="append", default=argparse.SUPPRESS,
+    p.add_argument("--allow-ip", metavar="ADDRESS", type=cli.ip_address, action="append",
+                   default=argparse.SUPPRESS,
                    help=f"client address allowed in, repeatable (ALLOWED_IPS) (default:"
                         f" {' '.join(ALLOWED_IPS) or 'any address'})")
     return p

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -62,7 +61,6 @@ GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_INTERRUPTED = 130
-ENDPOINT_PATTERN = re.compile(r"^(tcp|ipc|inproc)://\S+$")
 
 
 # ---------------------------------------------------------------------------
@@ -110,63 +108,61 @@ class Config:
         return f"{len(self.endpoints)} receivers"
 
 
-def endpoint(text):
-    """An argparse type: a ZeroMQ endpoint such as tcp://host:port."""
-    if not ENDPOINT_PATTERN.match(text):
-        raise ValueError(text)
-    return text
-
-
 def build_parser():
     """The command line: one flag per tuning constant, defaults from the constants."""
     p = argparse.ArgumentParser(
         description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=cli.positive(int), default=NUM_WORKERS,
-                   help="worker threads (NUM_WORKERS)")
-    p.add_argument("--messages", type=cli.non_negative(int), default=MESSAGES_PER_WORKER,
+    p.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
+                   help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
+    p.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX), default=MESSAGES_PER_WORKER,
                    help="messages per worker (MESSAGES_PER_WORKER)")
-    p.add_argument("--delay", metavar="SECONDS", type=cli.non_negative(float),
+    p.add_argument("--delay", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
                    default=MESSAGE_DELAY, help="pause between a worker's messages (MESSAGE_DELAY)")
     # SUPPRESS: "append" would add to a default list instead of replacing it.
-    p.add_argument("--connect", metavar="ENDPOINT", type=endpoint, action="append",
+    p.add_argument("--connect", metavar="ENDPOINT", type=cli.endpoint, action="append",
                    default=argparse.SUPPRESS,
                    help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS) (default:"
                         f" {' '.join(SERVER_ENDPOINTS)})")
-    p.add_argument("--timeout", metavar="SECONDS", type=cli.positive(float),
+    p.add_argument("--timeout", metavar="SECONDS",
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
                    default=SERVER_TIMEOUT,
                    help="wait for an absent receiver before a retry; flush bound (SERVER_TIMEOUT)")
-    p.add_argument("--retries", type=cli.non_negative(int),
+    p.add_argument("--retries", type=cli.count(0, cli.MAX_RETRIES),
                    default=CONNECTION_RETRY_ATTEMPTS,
                    help="retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)")
-    p.add_argument("--heartbeat-interval", metavar="SECONDS", type=cli.positive(float),
+    p.add_argument("--heartbeat-interval", metavar="SECONDS",
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_HEARTBEAT_INTERVAL),
                    default=HEARTBEAT_INTERVAL, help="receiver health checks (HEARTBEAT_INTERVAL)")
     p.add_argument("--log-file", metavar="PATH",
                    default=LOG_FILE if ENABLE_FILE_LOGGING else None,
                    help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
     cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
-    p.add_argument("--size", metavar="BYTES", type=cli.non_negative(int),
+    p.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
                    default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
-    p.add_argument("--max-size", metavar="BYTES", type=cli.positive(int),
+    p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
                    default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
-    p.add_argument("--hwm", metavar="N", type=cli.positive(int), default=SEND_HWM,
+    p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
     p.add_argument("--confirm", action="store_true", default=CONFIRM_DELIVERY,
                    help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
-    p.add_argument("--window", metavar="N", type=cli.positive(int), default=CONFIRM_WINDOW,
+    p.add_argument("--window", metavar="N", type=cli.count(1, wire.COUNT_MAX),
+                   default=CONFIRM_WINDOW,
                    help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
-    p.add_argument("--confirm-port", metavar="PORT", type=cli.positive(int),
+    p.add_argument("--confirm-port", metavar="PORT", type=cli.port,
                    default=CONFIRM_PORT,
                    help="port of the receivers' confirmation channel; default: each receiver's"
                         " port + 1 (CONFIRM_PORT)")
-    p.add_argument("--report-timeout", metavar="SECONDS", type=cli.non_negative(float),
+    p.add_argument("--report-timeout", metavar="SECONDS",
+                   type=cli.seconds(0, MAX_REPORT_TIMEOUT),
                    default=REPORT_TIMEOUT,
                    help="wait after the run for the receivers' reports (REPORT_TIMEOUT)")
-    p.add_argument("--max-loss", metavar="PERCENT", type=cli.non_negative(float),
+    p.add_argument("--max-loss", metavar="PERCENT", type=cli.number(0, 100, "percent"),
                    default=MAX_LOSS,
                    help="gate: exit 1 unless the receivers got all but PERCENT of the planned"
                         " messages (MAX_LOSS)")
-    p.add_argument("--max-p99", metavar="MS", type=cli.non_negative(float), default=MAX_P99,
+    p.add_argument("--max-p99", metavar="MS",
+                   type=cli.number(0, MAX_REPORT_TIMEOUT * 1000, "ms"), default=MAX_P99,
                    help="gate: exit 1 unless the receivers' p99 latency is at most MS (MAX_P99)")
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
@@ -181,11 +177,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if bool(a.curve_client_key) != bool(a.curve_server_public):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
-    for flag, value, top in (("--report-timeout", a.report_timeout, MAX_REPORT_TIMEOUT),
-                             ("--max-loss", a.max_loss, 100.0),
-                             ("--max-p99", a.max_p99, MAX_REPORT_TIMEOUT * 1000)):
-        if value is not None and not value <= top:  # also refuses nan
-            p.error(f"argument {flag}: {value} is not between 0 and {top:g}")
+    if a.workers * a.messages > cli.MAX_RUN_MESSAGES:
+        p.error(f"--workers {a.workers} x --messages {a.messages} is more than the"
+                f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):

@@ -31,10 +31,10 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pushpull import verdict, wire
+from pushpull.cli import MAX_PORT
 from pushpull.push import Outcome, PushSender
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 
-MAX_PORT = 65535  # the largest TCP port
 RUN_KEY = struct.Struct("!Q")  # the run id, as the HMAC key
 CONFIRM_RANGE = struct.Struct("!III")
 TOPIC_SIZE = 8  # bytes of the derived topic

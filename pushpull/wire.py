@@ -21,6 +21,7 @@ RUN_FIELDS = struct.Struct("!2sBBIIQ")
 MESSAGE_FIELDS = struct.Struct("!BBIIqH")
 # kind, message flags, worker, task, sent time (ns since the epoch), text length
 HEADER = struct.Struct("!2sBBIIQBBIIqH")  # RUN_FIELDS then MESSAGE_FIELDS
+COUNT_MAX = 2**32 - 1  # workers, messages per worker, tasks and an END's count are uint32
 MESSAGE_TAIL = struct.Struct("!IqH")  # task, sent time, text length: what a worker varies
 HEADER_SIZE = HEADER.size
 RUN_KEY_SIZE = RUN_FIELDS.size

@@ -13,7 +13,7 @@ from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
 SENDER = load_script("async-socket-sender")
-from pushpull import flow, runs, wire  # noqa: E402  (load_script put the project root on sys.path)
+from pushpull import cli, flow, runs, wire  # noqa: E402  (load_script put the root on sys.path)
 
 # Flag -> default shown by --help. Seed values where issue 3 fixes them, else the constant.
 RECEIVER_DEFAULTS = {
@@ -70,13 +70,64 @@ def test_help_lists_every_issue_flag_with_its_default(script, defaults):
     ("async-socket-receiver.py", ["--processing-time", "-1"], "--processing-time"),
     ("async-socket-receiver.py", ["--queue-size", "0"], "--queue-size"),
     ("async-socket-receiver.py", ["--stats-interval", "abc"], "--stats-interval"),
+    # Issue 13: values that wrapped, overflowed or silently disabled a feature.
+    ("async-socket-receiver.py", ["--port", "70000"], "--port"),
+    ("async-socket-receiver.py", ["--confirm-port", "99999"], "--confirm-port"),
+    ("async-socket-receiver.py", ["--port", "65535"], "--confirm-port"),  # no port + 1
+    ("async-socket-sender.py", ["--delay", "nan"], "--delay"),
+    ("async-socket-sender.py", ["--timeout", "inf"], "--timeout"),
+    ("async-socket-sender.py", ["--heartbeat-interval", "nan"], "--heartbeat-interval"),
+    ("async-socket-sender.py", ["--heartbeat-interval", "1000"], "--heartbeat-interval"),
+    ("async-socket-sender.py", ["--messages", "5000000000"], "--messages"),
+    ("async-socket-sender.py", ["--workers", "1000", "--messages", "5000000"], "--messages"),
+    ("async-socket-sender.py", ["--size", "10000000000000"], "--size"),
+    ("async-socket-receiver.py", ["--processing-time", "inf"], "--processing-time"),
+    ("async-socket-receiver.py", ["--run-timeout", "nan"], "--run-timeout"),
+    ("async-socket-receiver.py", ["--stats-interval", "nan"], "--stats-interval"),
+    ("async-socket-sender.py", ["--stats-interval", "nan"], "--stats-interval"),
+    ("async-socket-receiver.py", ["--hwm", "99999999999"], "--hwm"),
+    ("async-socket-sender.py", ["--hwm", "99999999999"], "--hwm"),
+    ("async-socket-receiver.py", ["--max-size", "99999999999"], "--max-size"),
+    ("async-socket-sender.py", ["--connect", "inproc://x"], "--connect"),
+    ("async-socket-sender.py", ["--connect", "tcp://127.0.0.1:0"], "--connect"),
+    ("async-socket-sender.py", ["--connect", "tcp://127.0.0.1:70000"], "--connect"),
+    ("async-socket-sender.py", ["--connect", "tcp://[::1]:70000"], "--connect"),
+    ("async-socket-sender.py", ["--connect", "tcp://::1:5560"], "--connect"),  # no brackets
+    ("async-socket-sender.py", ["--connect", "udp://127.0.0.1:5560"], "--connect"),
+    ("async-socket-sender.py", ["--confirm", "--connect", "tcp://127.0.0.1:65535"],
+     "--confirm"),  # its confirmations would come from port 65536
+    ("async-socket-sender.py", ["--workers", str(cli.MAX_WORKERS + 1)], "--workers"),
+    ("async-socket-sender.py", ["--workers", "100000"], "--workers"),
+    ("async-socket-receiver.py", ["--allow-ip", "some-hostname"], "--allow-ip"),
 ])
 def test_bad_values_exit_2_with_a_clear_error(script, args, flag):
-    """Zero/negative/garbage/unknown values: exit 2, an 'error:' naming the flag, no traceback."""
+    """Zero/negative/garbage/unknown/out-of-range values: exit 2, one 'error:' line naming
+    the flag, no traceback."""
     result = run_cli(script, *args)
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "error:" in result.stderr and flag in result.stderr, result.stderr
+    reason = result.stderr.strip().splitlines()[-1]  # after argparse's usage lines
+    assert "error:" in reason and flag in reason, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_inproc_is_refused_with_its_reason():
+    """--connect inproc://x names why: no receiver can live in another process."""
+    result = run_cli("async-socket-sender.py", "--connect", "inproc://x")
+    assert result.returncode == 2
+    assert "no receiver can live in another process" in result.stderr, result.stderr
+
+
+def test_good_endpoints_and_addresses_are_accepted():
+    """IPv4, host names, bracketed IPv6 and ipc:// endpoints; IPv4/IPv6 --allow-ip addresses."""
+    endpoints = ["tcp://127.0.0.1:5560", "tcp://localhost:1", "tcp://[::1]:65535",
+                 "ipc:///tmp/pushpull.ipc"]
+    config = SENDER.parse_args([a for ep in endpoints for a in ("--connect", ep)]
+                               + ["--workers", str(cli.MAX_WORKERS), "--delay", "0"])
+    assert list(config.endpoints) == endpoints and config.workers == cli.MAX_WORKERS
+    config = RECEIVER.parse_args(["--allow-ip", "127.0.0.1", "--allow-ip", "0:0::1",
+                                  "--port", "65535", "--confirm-port", "65534"])
+    assert config.allow_ips == ("127.0.0.1", "::1")  # as ZAP reports a peer's address
+    assert (config.port, config.confirm_port) == (65535, 65534)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pushpull import wire
+from pushpull import cli, wire
 from conftest import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -418,7 +418,8 @@ def test_sender_double_sigint_exits_at_once(procs):
 @pytest.mark.parametrize("workers, messages, delay, sent_first", [
     (2, 100, 0.05, 10),  # the seed's pace: workers wait between messages
     (20, 100000, 0, 20000),  # no delay: most workers wait for their turn to send
-], ids=["paced", "turns"])
+    (cli.MAX_WORKERS, 100, 0.5, 2 * cli.MAX_WORKERS),  # the cap: stopping them all is quick
+], ids=["paced", "turns", "max-workers"])
 def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs, workers, messages,
                                                                     delay, sent_first):
     """First Ctrl+C: stop, flush, summary, exit 130; sent + interrupted == planned."""
