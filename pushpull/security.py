@@ -13,11 +13,21 @@ class KeyFileError(Exception):
     """A certificate file is missing, unreadable or of the wrong kind."""
 
 
+SECRET_FILE_MODE = 0o600  # a secret key file is readable by its owner only
+
+
 def generate_keys(directory):
     """Write server and client certificates (public and secret) into `directory`."""
     os.makedirs(directory, exist_ok=True)
-    return [path for name in ("server", "client")
-            for path in zmq.auth.create_certificates(directory, name)]
+    paths = []
+    for name in ("server", "client"):
+        secret = os.path.join(directory, f"{name}.key_secret")
+        # zmq.auth writes with open("w"), which keeps an existing file's mode: made
+        # private first, the secret is never readable by others, not even for a moment.
+        os.close(os.open(secret, os.O_WRONLY | os.O_CREAT, SECRET_FILE_MODE))
+        os.chmod(secret, SECRET_FILE_MODE)
+        paths += zmq.auth.create_certificates(directory, name)
+    return paths
 
 
 def load_secret_certificate(path):

@@ -5,6 +5,7 @@ loudly, and nothing they try to send may reach the receiver.
 """
 
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -100,6 +101,22 @@ def test_generate_keys_writes_four_certificates(tmp_path, script):
     assert server_secret and client_secret and server_public != client_public
     assert zmq.auth.load_certificate(target / "server.key") == (server_public, None)
     assert zmq.auth.load_certificate(target / "client.key") == (client_public, None)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no POSIX file modes")
+def test_generate_keys_writes_secret_files_for_the_owner_only(tmp_path):
+    """Secret key files get mode 0600, even over an old world-readable file."""
+    target = tmp_path / "keys"
+    target.mkdir()
+    old = target / "client.key_secret"
+    old.write_text("old")
+    old.chmod(0o644)
+    done = subprocess.run([sys.executable, str(RECEIVER), "--generate-keys", str(target)],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("server.key_secret", "client.key_secret"):
+        assert stat.S_IMODE((target / name).stat().st_mode) == 0o600, name
+    assert zmq.auth.load_certificate(old)[1], "the old file was overwritten with a key"
 
 
 def test_curve_authorized_client_gets_everything_through(procs, keys):
