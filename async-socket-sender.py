@@ -56,6 +56,7 @@ UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table list
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
+SOCKETS_PER_WORKER = 3  # its PUSH, and a monitor pair while it connects to several receivers
 
 GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
 EXIT_OK = 0
@@ -203,6 +204,7 @@ def parse_args(argv=None):
 def open_push_socket(ctx, config):
     """A PUSH socket with the options every socket here shares; connect it, then send."""
     sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.IPV6, cli.wants_ipv6(config.endpoints))
     # Queue only toward a connected receiver, never toward an absent one.
     sock.setsockopt(zmq.IMMEDIATE, 1)
     # A hung listener's port still accepts TCP; without a handshake limit it
@@ -359,6 +361,7 @@ def open_sub_options(sub, config):
     # ZMTP heartbeats drop a channel whose host died silently; libzmq then reconnects,
     # and subscribes again, when the host is back.
     set_heartbeats(sub, config.heartbeat_interval)
+    sub.setsockopt(zmq.IPV6, cli.wants_ipv6(config.endpoints))
     sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
     sub.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
     security.apply_client_keys(sub, config.curve_keys)
@@ -398,6 +401,9 @@ def send_run(config, signals, log):
     workers = []
     reports = []
     ctx = zmq.Context()
+    # libzmq's default of 1023 sockets is too few for MAX_WORKERS. The heartbeat probe,
+    # and each receiver's channel SUB, need as many as a worker: a socket, a monitor pair.
+    ctx.set(zmq.MAX_SOCKETS, SOCKETS_PER_WORKER * (config.workers + 1 + len(config.endpoints)))
     try:
         helpers = [HeartbeatMonitor(ctx, config, health, stop, log),
                    confirm.ConfirmListener(ctx, channel, health,

@@ -9,6 +9,7 @@ import signal
 import time
 
 from conftest import wait_until
+from pushpull import cli
 
 SLOW_HANDSHAKE_LAG = 0.3  # seconds a live receiver takes to answer, in the slow test
 RECEIVER_ARGS = ("--processing-time", "0", "--no-file-log", "--run-timeout", "1")
@@ -149,3 +150,17 @@ def test_end_frames_after_complete_run_are_not_late_messages(procs):
     assert run_share(receiver)[0]["received"] == 10  # stopped: its output is final
     late = receiver.lines(r"arrived after the run was reported")
     assert not late, "\n".join(receiver.lines(r"\[RUN\]"))
+
+
+def test_max_workers_reach_two_receivers(procs):
+    """--workers MAX_WORKERS with two receivers: each worker's PUSH socket and its connect
+    monitor fit the context (libzmq's default of 1023 sockets did not); all sent, exit 0."""
+    receivers = [procs.receiver(*RECEIVER_ARGS, "--quiet") for _ in range(2)]
+    # The delay keeps every worker, and so its socket, alive at the same time.
+    sender = procs.sender("--workers", str(cli.MAX_WORKERS), "--messages", "3", "--delay", "0.5",
+                          "--quiet", endpoints=[r.endpoint for r in receivers])
+    planned = 3 * cli.MAX_WORKERS
+    assert sender.wait() == 0, sender.output()[-2000:]
+    assert sender.summary()["sent"] == planned
+    assert "Traceback" not in sender.output()
+    assert sum(run["received"] for r in receivers for run in run_share(r)) == planned
