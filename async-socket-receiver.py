@@ -83,12 +83,12 @@ class Config:
     @property
     def endpoint(self):
         """The address the PULL socket binds."""
-        return f"tcp://{self.bind}:{self.port}"
+        return cli.tcp_endpoint(self.bind, self.port)
 
     @property
     def confirm_endpoint(self):
         """The address of the PUB socket that confirms processed tasks to senders."""
-        return f"tcp://{self.bind}:{self.confirm_port}"
+        return cli.tcp_endpoint(self.bind, self.confirm_port)
 
 
 def build_parser():
@@ -101,8 +101,8 @@ def build_parser():
     p.add_argument("--confirm-port", metavar="PORT", type=cli.port,
                    default=CONFIRM_PORT,
                    help="port of the confirmation socket; default: --port + 1 (CONFIRM_PORT)")
-    p.add_argument("--bind", metavar="ADDRESS", default=BIND_ADDRESS,
-                   help="interface to bind, * for all (BIND_ADDRESS)")
+    p.add_argument("--bind", metavar="ADDRESS", type=cli.bind_address, default=BIND_ADDRESS,
+                   help="interface to bind, * for all, :: for all IPv6 too (BIND_ADDRESS)")
     p.add_argument("--processing-time", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
                    default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
     p.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
@@ -188,6 +188,7 @@ def bind(sock, endpoint, server_keys, what, address):
     """Secure and bind a server socket; if it cannot bind, close it and raise StartupError."""
     security.apply_server_security(sock, server_keys)
     sock.handshake_ivl = int(HANDSHAKE_TIMEOUT * 1000)
+    sock.ipv6 = cli.wants_ipv6([endpoint])
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:

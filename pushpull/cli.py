@@ -10,6 +10,8 @@ import re
 import socket
 import sys
 
+import zmq
+
 from pushpull.logs import LogSetupError, start_logging
 from pushpull.flow import StopSignals
 from pushpull.security import generate_keys
@@ -201,6 +203,15 @@ def ip_address(text):
                                          f" matched: give its address)") from None
 
 
+def bind_address(text):
+    """An argparse type: the address to bind: *, an IP address (IPv6 with or without
+    brackets) or an interface name; whether this host has it is seen at bind time."""
+    address = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not address or any(ch.isspace() or ch in "/[]" for ch in address):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address or interface name")
+    return address
+
+
 def tcp_endpoint(host, port_number):
     """tcp://HOST:PORT, with an IPv6 address in brackets."""
     if ":" in host:
@@ -210,10 +221,14 @@ def tcp_endpoint(host, port_number):
 
 def bind_error(endpoint, what, address, exc):
     """A one-line reason why a socket could not bind `endpoint` (what: "port 5560")."""
-    if exc.errno == errno.EADDRINUSE:
+    if exc.errno == zmq.EADDRINUSE:
         reason = f"{what} is in use by another program"
-    elif exc.errno in (errno.EINVAL, errno.ENODEV, errno.EADDRNOTAVAIL):
-        reason = f"bad address {address!r} ({exc.strerror})"
+    elif exc.errno == zmq.EADDRNOTAVAIL:
+        reason = f"{address!r} is not an address of this host"
+    elif exc.errno == errno.ENODEV:  # pyzmq 27 has no zmq.ENODEV; libzmq uses errno's
+        reason = f"{address!r} is neither an address nor an interface of this host"
+    elif exc.errno == zmq.EINVAL:
+        reason = f"{address!r} is not a valid address"
     else:
-        reason = exc.strerror
+        reason = zmq.strerror(exc.errno)
     return f"cannot bind {endpoint}: {reason}"

@@ -118,7 +118,9 @@ def start_gatekeeper(ctx, log, allow_ips, curve, curve_allow):
     gatekeeper = Gatekeeper(ctx, log)
     gatekeeper.start()
     if allow_ips:
-        gatekeeper.allow(*allow_ips)
+        # Bound to IPv6 (--bind ::), a socket sees an IPv4 peer as ::ffff:a.b.c.d.
+        mapped = [f"::ffff:{ip}" for ip in allow_ips if ":" not in ip]
+        gatekeeper.allow(*allow_ips, *mapped)
     if curve:
         gatekeeper.configure_curve(domain=ZAP_DOMAIN,
                                    location=curve_allow or zmq.auth.CURVE_ALLOW_ANY)

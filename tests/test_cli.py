@@ -99,6 +99,7 @@ def test_help_lists_every_issue_flag_with_its_default(script, defaults):
     ("async-socket-sender.py", ["--workers", str(cli.MAX_WORKERS + 1)], "--workers"),
     ("async-socket-sender.py", ["--workers", "100000"], "--workers"),
     ("async-socket-receiver.py", ["--allow-ip", "some-hostname"], "--allow-ip"),
+    ("async-socket-receiver.py", ["--bind", "two words"], "--bind"),
 ])
 def test_bad_values_exit_2_with_a_clear_error(script, args, flag):
     """Zero/negative/garbage/unknown/out-of-range values: exit 2, one 'error:' line naming
@@ -128,6 +129,10 @@ def test_good_endpoints_and_addresses_are_accepted():
                                   "--port", "65535", "--confirm-port", "65534"])
     assert config.allow_ips == ("127.0.0.1", "::1")  # as ZAP reports a peer's address
     assert (config.port, config.confirm_port) == (65535, 65534)
+    for bind in ("::1", "[::1]"):  # an IPv6 address goes in brackets in the endpoint
+        config = RECEIVER.parse_args(["--bind", bind, "--port", "5560"])
+        assert (config.endpoint, config.confirm_endpoint) == ("tcp://[::1]:5560",
+                                                              "tcp://[::1]:5561")
 
 
 # ---------------------------------------------------------------------------

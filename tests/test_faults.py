@@ -465,10 +465,37 @@ def test_unwritable_log_file_fails_at_once(procs):
     assert "/nonexistent/dir/x.log" in output, output
 
 
-def test_bad_bind_address_fails_at_once(procs):
-    """--bind 999.1.1.1: non-zero exit naming the bad address."""
-    output = start_must_fail(procs, "--no-file-log", "--bind", "999.1.1.1")
-    assert "999.1.1.1" in output, output
+def host_has(address):
+    """True if this host has `address`, an IP address or an interface name."""
+    if address in {name for _, name in socket.if_nameindex()}:
+        return True
+    try:
+        with socket.socket(socket.AF_INET) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("999.1.1.1", "neither an address nor an interface"),  # not an address at all
+    ("192.0.2.1", "not an address of this host"),  # TEST-NET-1, not configured here
+    ("nonsense", "neither an address nor an interface"),
+    ("eth99", "neither an address nor an interface"),  # an interface this host lacks
+])
+def test_bad_bind_address_is_one_line_and_exit_1(procs, address, reason):
+    """--bind to what this host does not have: exit 1, one line naming it and why."""
+    if host_has(address):
+        pytest.skip(f"this host has {address}")
+    started = time.monotonic()
+    receiver = procs.receiver("--no-file-log", "--bind", address, wait_ready=False)
+    assert receiver.wait(15) == 1, receiver.output()
+    assert time.monotonic() - started < 10, "a bind error is seen at once"
+    output = receiver.output()
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "cannot bind" in errors[0], output
+    assert repr(address) in errors[0] and reason in errors[0], errors[0]
+    assert "Traceback" not in output and "Server is running" not in output
 
 
 def test_corrupt_spill_file_fails_at_once_and_is_kept(procs, tmp_path):

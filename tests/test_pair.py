@@ -4,6 +4,7 @@ import re
 import socket
 import time
 
+import pytest
 import zmq
 
 from conftest import free_port
@@ -212,6 +213,33 @@ def test_sender_without_receiver_fails_with_one_exit_line(procs):
     assert tail.strip() == "", f"[EXIT] reason is not the last, single line: {tail!r}"
     result = sender.summary()
     assert (result["planned"], result["sent"], result["failed"]) == (12, 0, 12)
+
+
+def host_has_ipv6_loopback():
+    """True if a TCP socket can bind ::1 here."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not host_has_ipv6_loopback(), reason="this host has no ::1")
+def test_pair_runs_over_ipv6(procs):
+    """--bind ::1 and --connect tcp://[::1]:PORT: data, confirmations and --allow-ip ::1."""
+    port = free_port()
+    receiver = procs.receiver(*FAST_RECEIVER, "--bind", "::1", "--allow-ip", "::1", port=port)
+    receiver.wait_for_output(rf"\[START\] PULL socket bound to tcp://\[::1\]:{port}")
+    sender = procs.sender("--workers", "2", "--messages", "10", "--delay", "0", "--confirm",
+                          endpoints=[f"tcp://[::1]:{port}"])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    assert sender.summary()["confirmed"] == 20
+    receiver.wait_for_output(r"\[RUN\].*received 20/20")
+    assert receiver.stop() == 0
+    assert receiver.summary()["processed"] == 20
 
 
 def test_padded_messages_are_all_counted(procs):

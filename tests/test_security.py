@@ -5,6 +5,7 @@ loudly, and nothing they try to send may reach the receiver.
 """
 
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -194,9 +195,13 @@ def test_wrong_server_public_key_fails_within_timeout(procs, keys):
     assert sender.lines(r"\[HEARTBEAT\].*(rejected|handshake failed)")
 
 
-def test_ip_allow_list_admits_listed_address(procs):
-    """--allow-ip 127.0.0.1 lets a sender from 127.0.0.1 deliver everything."""
-    receiver = procs.receiver(*QUIET_RECEIVER, "--allow-ip", "127.0.0.1")
+@pytest.mark.parametrize("bind", ["127.0.0.1", "::"], ids=["ipv4", "dual-stack"])
+def test_ip_allow_list_admits_listed_address(procs, bind):
+    """--allow-ip 127.0.0.1 lets a sender from 127.0.0.1 deliver everything, also to a
+    receiver bound to :: (IPv6 and IPv4), which sees it as ::ffff:127.0.0.1."""
+    if bind == "::" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    receiver = procs.receiver(*QUIET_RECEIVER, "--allow-ip", "127.0.0.1", "--bind", bind)
     sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10", "--delay", "0")
     assert sender.wait() == 0, sender.output()[-2000:]
     receiver.wait_for_output(r"\[RUN\].*received 20/20")
