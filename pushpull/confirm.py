@@ -457,6 +457,7 @@ class ConfirmingSender(PushSender):
         self.window = window
         self._downs_seen = 0
         self._stalls_seen = 0
+        self._down_since = None  # when this worker, waiting for confirmations, saw none up
 
     def send(self, frame, task):
         """Send a task's frame once the window has room; None, or the failure's Outcome."""
@@ -476,7 +477,7 @@ class ConfirmingSender(PushSender):
     def finish(self):
         """After the last task: wait until every sent task is confirmed, resending as needed."""
         while len(self.window) and not self.stop.is_set():
-            if self.health.all_rejected() or self.resend_if_lost():
+            if self.health.all_rejected() or self.resend_if_lost() or self.down_too_long():
                 return
             self.window.wait_for_change(POLL_S)
 
@@ -487,7 +488,7 @@ class ConfirmingSender(PushSender):
             while not self.window.wait_for_room(POLL_S):
                 if self.stop.is_set():
                     return Outcome.INTERRUPTED
-                failure = self.resend_if_lost()
+                failure = self.resend_if_lost() or self.down_too_long()
                 if failure:
                     return failure
                 if not waited:
@@ -495,6 +496,26 @@ class ConfirmingSender(PushSender):
                     self.log.info(f"[WAIT] {self.name} waiting: {len(self.window)} messages"
                                   " unconfirmed, window full (backpressure)")
             return self.resend_if_lost()
+
+    def down_too_long(self):
+        """Give up (Outcome.RECEIVER_DOWN) once no receiver was up for SERVER_TIMEOUT x
+        (1 + retries) while this worker waited for confirmations; else None.
+
+        A resend into a connection that a silent partition left open does not block,
+        so the send path's own give-up never comes: this clock does.
+        """
+        if self.health.is_up():
+            self._down_since = None
+            return None
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        limit = self.timeout * (1 + self.retries)
+        if now - self._down_since < limit:
+            return None
+        self.log.error(f"[FAIL] {self.name} gives up: no receiver up for {limit:g} s with"
+                       f" {len(self.window)} messages unconfirmed")
+        return Outcome.RECEIVER_DOWN
 
     def resend_if_lost(self):
         """Resend every unconfirmed task after a receiver went down, or when confirmations stall.
