@@ -145,7 +145,7 @@ def number(low, high, unit):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
         if not math.isfinite(value) or not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{text} is not a number of {unit}"
-                                             f" from {low:g} to {high:g}")
+                                             f" from {low:.15g} to {high:.15g}")
         return value
     return parse
 
