@@ -40,6 +40,7 @@ CONFIRM_PORT = None  # TCP port of the confirmation PUB socket; None: TCP_PORT +
 CURVE_SERVER_KEY = None  # path of the receiver's secret certificate; None: no encryption
 CURVE_ALLOW_DIR = None  # directory of allowed clients' public certificates; None: any key
 ALLOWED_IPS = []  # client addresses allowed in (ZAP); empty: every address
+CSV_FILE = None  # path of a CSV file with one row per stats interval, or None
 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
@@ -49,6 +50,9 @@ SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressu
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 SILENCE_CHECK_INTERVAL = 1.0  # seconds between checks for silent senders while busy
+
+CSV_COLUMNS = ("time_s", "received", "processed", "rate_msg_s", "queue", "latency_p50_ms",
+               "latency_p99_ms", "latency_max_ms", "invalid")
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -79,6 +83,7 @@ class Config:
     curve_allow: "str | None"
     allow_ips: tuple
     generate_keys: "str | None"
+    csv_path: "str | None"
 
     @property
     def endpoint(self):
@@ -115,7 +120,7 @@ def build_parser():
                    help="log file (LOG_FILE)")
     p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
                    help="log to the console only (ENABLE_FILE_LOGGING = False)")
-    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
+    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
                    help="where a cold stop saves unprocessed messages (SPILL_FILE)")
     p.add_argument("--run-timeout", metavar="SECONDS",
@@ -151,7 +156,7 @@ def parse_args(argv=None):
                   spill_file=a.spill_file, run_timeout=a.run_timeout,
                   curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
                   allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)),
-                  generate_keys=a.generate_keys)
+                  generate_keys=a.generate_keys, csv_path=a.csv)
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +454,11 @@ def serve(config, signals, log):
     except (spill.SpillError, security.KeyFileError) as exc:
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
+    try:
+        series = cli.CsvSeries(config.csv_path, CSV_COLUMNS)  # report() closes it
+    except OSError as exc:
+        log.error(f"[ERROR] cannot write --csv {config.csv_path}: {exc.strerror}")
+        return EXIT_STARTUP_FAILED
     counters.recovered = count_data(recovered)
     curve = server_keys is not None
     security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
@@ -469,14 +479,16 @@ def serve(config, signals, log):
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")
-        dead = wait_for_stop(signals, counters, config, log, (receiver, processor))
+        dead = wait_for_stop(signals, counters, config, log, (receiver, processor),
+                             CsvRows(series, processor.runs, started))
         stop_kind = shut_down(dead, signals, receiver, processor, config, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
         if gatekeeper is not None:
             gatekeeper.stop()
         ctx.term()
-    return report(counters, processor.runs, started, stop_kind, config, log)
+    return report(counters, processor.runs, started, stop_kind, config, log,
+                  CsvRows(series, processor.runs, started))
 
 
 def count_data(messages):
@@ -506,9 +518,9 @@ def start_threads(receiver, processor, recovered, config, log):
     return True
 
 
-def wait_for_stop(signals, counters, config, log, watched):
+def wait_for_stop(signals, counters, config, log, watched, rows):
     """Block until Ctrl+C/SIGTERM (returns None) or a thread of `watched` dies (returns it),
-    printing [STATS] while busy."""
+    printing [STATS] while busy and a --csv row every interval."""
     last = (counters.received, counters.processed)
     last_time = time.monotonic()
     while not signals.first.wait(POLL_S):
@@ -520,6 +532,7 @@ def wait_for_stop(signals, counters, config, log, watched):
             current = (counters.received, counters.processed)
             if current != last or counters.backlog:
                 log.info(stats_line(counters, last, now - last_time))
+            rows.add(counters, counters.backlog, cli.rate(current[1] - last[1], now - last_time))
             last, last_time = current, now
     return None
 
@@ -587,20 +600,27 @@ def save_spill(messages, path, counters, ledger, log):
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------
-def report(counters, ledger, started, stop_kind, config, log):
-    """Print the summary (and write it as JSON with --json); returns the exit status."""
+def report(counters, ledger, started, stop_kind, config, log, rows):
+    """Print the summary (and write it as JSON with --json, its last --csv row); returns the
+    exit status."""
     lost = counters.backlog - counters.spilled
-    data = summary_data(counters, ledger, lost, started, stop_kind)
-    log.info("\n" + summary_table(data))
+    data = summary_data(counters, ledger, lost, started, stop_kind, config)
+    text = summary_table(data)
+    if not config.quiet and data["latency_ms"]["max"]:
+        text += "\n" + "\n".join(ledger.latency().text_lines("Latency, every run"))
+    log.info("\n" + text)
+    rows.add(counters, lost, data["processed_per_s"])
+    rows.close()
     if config.json_path:
         cli.write_json(config.json_path, data)
     return EXIT_OK if stop_kind is not StopKind.FAILED and not lost else EXIT_FAILED
 
 
-def summary_data(counters, ledger, queued, started, stop_kind):
+def summary_data(counters, ledger, queued, started, stop_kind, config):
     """The final summary, as the JSON written by --json."""
     duration = time.monotonic() - started
     return {
+        **cli.run_facts(config),
         "received": counters.received + counters.recovered,
         "recovered": counters.recovered,
         "processed": counters.processed,
@@ -615,7 +635,30 @@ def summary_data(counters, ledger, queued, started, stop_kind):
         "processed_per_s": round(cli.rate(counters.processed, duration), 1),
         "stop": stop_kind.value,
         "runs": ledger.to_json(),
+        "latency_ms": ledger.latency().summary_ms(),
+        "latency_raw_ms": ledger.latency(raw=True).summary_ms(),
     }
+
+
+class CsvRows:
+    """--csv: the receiver's rows (CSV_COLUMNS), counts cumulative since the start."""
+
+    def __init__(self, series, ledger, started):
+        self.series = series
+        self.ledger = ledger
+        self.started = started
+
+    def add(self, counters, queue, rate):
+        """One row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
+        lat = self.ledger.latency().summary_ms()
+        self.series.row((round(time.monotonic() - self.started, 3),
+                         counters.received + counters.recovered, counters.processed,
+                         round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
+                         counters.invalid))
+
+    def close(self):
+        """Close the file (the last row is written)."""
+        self.series.close()
 
 
 def summary_table(data):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import cli, confirm, flow, logs, push, security, verdict, wire
+from pushpull import cli, confirm, flow, latency, logs, push, schedule, security, verdict, wire
 from pushpull.health import MONITOR_EVENTS, LinkState, ReceiverHealth, link_change
 from pushpull.push import Outcome
 from pushpull.threads import POLL_INTERVAL, ServiceThread
@@ -49,8 +49,14 @@ MAX_LOSS = None  # percent of planned messages a receiver may miss (gate); None:
 MAX_P99 = None  # milliseconds of p99 latency the receivers may report (gate); None: no gate
 CURVE_CLIENT_KEY = None  # path of this sender's secret certificate; None: no CURVE
 CURVE_SERVER_PUBLIC = None  # path of the receiver's public certificate
+TARGET_RATE = None  # messages per second across all workers (open loop); None: MESSAGE_DELAY
+RUN_DURATION = None  # seconds of schedule to send, instead of MESSAGES_PER_WORKER; None: off
+WARMUP = 0.0  # seconds at the start whose messages are kept out of the latency figures
+MESSAGE_FORMAT = "binary"  # "binary" (the wire format) or "text" (any text consumer reads it)
+CSV_FILE = None  # path of a CSV file with one row per [STATS] interval, or None
 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
+MIN_RATE, MAX_RATE = 0.001, 10_000_000.0  # msg/s: --rate's range (far beyond what a pair sends)
 MAX_REPORT_TIMEOUT = 3600.0  # seconds: the longest --report-timeout (and --max-p99 in ms / 1000)
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
@@ -62,6 +68,9 @@ GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_INTERRUPTED = 130
+FORMATS = {"binary": wire.MessageEncoder, "text": wire.TextEncoder}  # MESSAGE_FORMAT choices
+CSV_COLUMNS = ("time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting", "receivers_up")
+SECRET_SETTINGS = ("curve_keys",)  # Config fields never written to the JSON summary
 
 
 # ---------------------------------------------------------------------------
@@ -95,11 +104,21 @@ class Config:
     curve_client_key: "str | None"
     curve_server_public: "str | None"
     generate_keys: "str | None"
+    rate: "float | None"
+    duration: "float | None"
+    warmup: float
+    format: str
+    csv_path: "str | None"
 
     @property
     def planned(self):
         """Messages this run plans to send."""
         return self.workers * self.messages
+
+    @property
+    def scheduled(self):
+        """True when messages have intended send times (--rate or --delay)."""
+        return bool(self.rate or self.delay)
 
     @property
     def target(self):
@@ -116,10 +135,7 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
                    help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
-    p.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX), default=MESSAGES_PER_WORKER,
-                   help="messages per worker (MESSAGES_PER_WORKER)")
-    p.add_argument("--delay", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
-                   default=MESSAGE_DELAY, help="pause between a worker's messages (MESSAGE_DELAY)")
+    add_load_flags(p)
     # SUPPRESS: "append" would add to a default list instead of replacing it.
     p.add_argument("--connect", metavar="ENDPOINT", type=cli.endpoint, action="append",
                    default=argparse.SUPPRESS,
@@ -138,7 +154,7 @@ def build_parser():
     p.add_argument("--log-file", metavar="PATH",
                    default=LOG_FILE if ENABLE_FILE_LOGGING else None,
                    help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
-    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY)
+    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
     p.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
                    default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
     p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
@@ -172,14 +188,48 @@ def build_parser():
     return p
 
 
+def add_load_flags(p):
+    """How much to send and when: count or duration, delay or rate, warmup, format."""
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX),
+                       default=MESSAGES_PER_WORKER, help="messages per worker (MESSAGES_PER_WORKER)")
+    count.add_argument("--duration", metavar="SECONDS",
+                       type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                       default=RUN_DURATION,
+                       help="send what the schedule holds in SECONDS instead (RUN_DURATION)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--delay", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
+                      default=MESSAGE_DELAY,
+                      help="each worker sends at start + k x SECONDS (MESSAGE_DELAY)")
+    pace.add_argument("--rate", metavar="MSG_PER_S",
+                      type=cli.number(MIN_RATE, MAX_RATE, "messages per second"),
+                      default=TARGET_RATE,
+                      help="messages per second across all workers, open loop (TARGET_RATE)")
+    p.add_argument("--warmup", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
+                   default=WARMUP,
+                   help="keep the first SECONDS' messages out of latency figures (WARMUP)")
+    p.add_argument("--format", choices=tuple(FORMATS), default=MESSAGE_FORMAT,
+                   help="binary wire format, or the seed's text + a readable trailer"
+                        " (MESSAGE_FORMAT)")
+
+
 def parse_args(argv=None):
     """Read the command line into a Config."""
     p = build_parser()
     a = p.parse_args(argv)
     if bool(a.curve_client_key) != bool(a.curve_server_public):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
-    if a.workers * a.messages > cli.MAX_RUN_MESSAGES:
-        p.error(f"--workers {a.workers} x --messages {a.messages} is more than the"
+    if a.format == "text" and a.confirm:
+        p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
+    delay = 0.0 if a.rate else a.delay
+    messages = a.messages
+    if a.duration is not None:
+        messages = schedule.messages_for_duration(a.duration, a.workers, a.rate, delay)
+        if messages < 1:
+            p.error("--duration needs a schedule (--rate, or --delay > 0) that holds at least"
+                    " one message per worker")
+    if a.workers * messages > cli.MAX_RUN_MESSAGES:
+        p.error(f"--workers {a.workers} x {messages} messages per worker is more than the"
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     if a.confirm:
         try:
@@ -187,7 +237,7 @@ def parse_args(argv=None):
                 confirm.confirm_endpoint(ep, a.confirm_port)
         except ValueError as exc:
             p.error(str(exc))
-    return Config(workers=a.workers, messages=a.messages, delay=a.delay,
+    return Config(workers=a.workers, messages=messages, delay=delay,
                   endpoints=tuple(getattr(a, "connect", SERVER_ENDPOINTS)), timeout=a.timeout,
                   retries=a.retries, heartbeat_interval=a.heartbeat_interval,
                   log_file=a.log_file, quiet=a.quiet, stats_interval=a.stats_interval,
@@ -195,7 +245,9 @@ def parse_args(argv=None):
                   confirm=a.confirm, window=a.window, confirm_port=a.confirm_port,
                   report_timeout=a.report_timeout, max_loss=a.max_loss, max_p99=a.max_p99,
                   curve_keys=None, curve_client_key=a.curve_client_key,
-                  curve_server_public=a.curve_server_public, generate_keys=a.generate_keys)
+                  curve_server_public=a.curve_server_public, generate_keys=a.generate_keys,
+                  rate=a.rate, duration=a.duration, warmup=a.warmup, format=a.format,
+                  csv_path=a.csv)
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +279,7 @@ def open_push_socket(ctx, config):
 class PushWorker(ServiceThread):
     """The seed's push worker: its own PUSH socket, its tasks in order, then an END frame."""
 
-    def __init__(self, number, ctx, config, run, team, counter, confirmations=None):
+    def __init__(self, number, ctx, config, run, team, counter, clock, confirmations=None):
         super().__init__(f"Pusher-{number}", team.log)
         self.number = number
         self.ctx = ctx
@@ -237,6 +289,11 @@ class PushWorker(ServiceThread):
         self.counter = counter  # numbers the [MSG] lines of all workers
         self.confirmations = confirmations  # None unless --confirm
         self.tally = push.WorkerTally()
+        self.schedule = schedule.worker_schedule(clock, number, config.workers, config.rate,
+                                                 config.delay, config.warmup)
+        # A flood has no schedule; with --warmup its messages are flagged until then.
+        self.warmup_until = clock.monotonic + config.warmup
+        self.lag = latency.Histogram()  # send lag (ns) of scheduled messages past the warmup
 
     def serve(self):
         """Connect, send every task, await confirmations (--confirm), say END, close."""
@@ -245,8 +302,8 @@ class PushWorker(ServiceThread):
             push.connect_all(sock, config.endpoints, team.health, team.stop,
                              within=config.heartbeat_interval)
             sender = self.new_sender(sock)
-            encoder = wire.MessageEncoder(self.run_info, self.number, os.getpid(),
-                                          threading.get_ident(), config.size)
+            encoder = FORMATS[config.format](self.run_info, self.number, os.getpid(),
+                                             threading.get_ident(), config.size)
             with sender.turn_held():
                 self.send_tasks(sender, encoder)
             sender.finish()
@@ -261,16 +318,18 @@ class PushWorker(ServiceThread):
                                         self.confirmations, window)
 
     def send_tasks(self, sender, encoder):
-        """The seed's loop: for each task, build its message, send it, log it, pause."""
+        """The seed's loop: for each task, wait for its time, build its message, send it, log it."""
         config, tally = self.config, self.tally
-        # Without a delay, [MSG] lines are logged in blocks of LOG_BLOCK.
-        lines = None if config.quiet else logs.BlockLog(self.log, LOG_BLOCK if not config.delay
-                                                         else 1)
+        paced = self.schedule is not None
+        # Without a pause of 10 ms or more, [MSG] lines are logged in blocks of LOG_BLOCK.
+        slow = paced and self.schedule.interval >= 0.01
+        lines = None if config.quiet else logs.BlockLog(self.log, 1 if slow else LOG_BLOCK)
+        timed = paced or config.warmup > 0
         for task in range(config.messages):
+            frame = self.due_frame(sender, encoder, task) if timed else encoder.data(task)
             if self.team.stop.is_set():
                 tally.not_sending(range(task, config.messages), Outcome.INTERRUPTED)
                 break
-            frame = encoder.data(task)
             if len(frame) > config.max_size:
                 tally.not_sending(range(task, task + 1), Outcome.TOO_LARGE)
                 self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
@@ -284,16 +343,36 @@ class PushWorker(ServiceThread):
             if lines is not None:
                 lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
                                         encoder.text(task)))
-            if config.delay:
-                sender.pause(config.delay)  # the loop's stop check counts what is left
         if lines is not None:
             lines.flush()
+
+    def due_frame(self, sender, encoder, task):
+        """Wait (off turn) until the task's intended time, then its frame; record the lag.
+
+        Open loop: a worker that is late sends at once, without waiting, until it
+        has caught up; the loop's stop check comes after the wait.
+        """
+        plan = self.schedule
+        if plan is None:  # a flood with --warmup: intended = actual
+            warmup = time.monotonic() < self.warmup_until
+            return encoder.data_at(task, time.time_ns(), warmup)
+        due = plan.due(task)
+        late = time.monotonic() - plan.clock.monotonic - due
+        if late < 0:
+            sender.pause(-late)
+            late = time.monotonic() - plan.clock.monotonic - due
+        warmup = due < plan.warmup
+        if not warmup:
+            self.lag.add(int(late * 1e9))
+        return encoder.data_at(task, plan.intended_ns(due), warmup)
 
     def send_end(self, sender, encoder):
         """Best effort, uncounted: an END frame lets each receiver close its share at once."""
         tally, team = self.tally, self.team
         if tally.sent and not tally.gave_up() and not team.stop.is_set() and team.health.is_up():
             end = encoder.end(tally.sent)
+            if end is None:  # --format text sends none
+                return
             for _ in self.config.endpoints:  # PUSH deals consecutive frames to each in turn
                 if sender.deliver(end):
                     break
@@ -388,7 +467,12 @@ def set_heartbeats(sock, interval):
 def send_run(config, signals, log):
     """Start the monitor and the workers, wait for them, flush, report."""
     run = wire.RunInfo(random.getrandbits(63), config.workers, config.messages,
-                       len(config.endpoints), config.confirm)
+                       len(config.endpoints), config.confirm, config.scheduled)
+    try:
+        series = cli.CsvSeries(config.csv_path, CSV_COLUMNS)
+    except OSError as exc:
+        log.error(f"[EXIT] cannot write --csv {config.csv_path}: {exc.strerror}")
+        return cli.EXIT_USAGE
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries)
@@ -412,14 +496,17 @@ def send_run(config, signals, log):
             thread.start()
         channel.wait_settled(config.heartbeat_interval, stop)
         counter = itertools.count(1)
-        workers = [PushWorker(n, ctx, config, run, team, counter, confirmations)
+        clock = schedule.Clock.now()
+        workers = [PushWorker(n, ctx, config, run, team, counter, clock, confirmations)
                    for n in range(1, config.workers + 1)]
         log.info(f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
-                 f" {config.messages} messages -> {', '.join(config.endpoints)}"
+                 f" {config.messages} messages{pace_text(config)}"
+                 f" -> {', '.join(config.endpoints)}"
                  f" | confirmations and reports from {channel.describe()}")
         for worker in workers:
             worker.start()
-        wait_for_workers(config, workers, health, signals, stop, log)
+        with series:
+            wait_for_workers(config, workers, health, signals, stop, log, series)
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         reports = wait_for_reports(config, channel, health, signals)
         stop.set()
@@ -454,8 +541,23 @@ def receiver_verdict(config, channel, reports):
     return result
 
 
-def wait_for_workers(config, workers, health, signals, stop, log):
-    """Join the workers, printing [STATS]; the first Ctrl+C stops them, the second exits."""
+def pace_text(config):
+    """How the run is paced, for the [START] line."""
+    text = f", {config.format} format" if config.format != "binary" else ""
+    if config.rate:
+        text += f", {config.rate:g} msg/s in all (open loop)"
+    elif config.delay:
+        text += f", every {config.delay:g} s per worker"
+    if config.warmup:
+        text += f", {config.warmup:g} s warmup"
+    return text
+
+
+def wait_for_workers(config, workers, health, signals, stop, log, series):
+    """Join the workers, printing [STATS] (and --csv rows); the first Ctrl+C stops them.
+
+    The last CSV row is written once every worker is done: it agrees with the summary.
+    """
     started = last_time = time.monotonic()
     last_sent = 0
     for worker in workers:
@@ -467,10 +569,31 @@ def wait_for_workers(config, workers, health, signals, stop, log):
                             " (Ctrl+C again to exit at once)")
             now = time.monotonic()
             if now - last_time >= config.stats_interval:
+                series.row(csv_row(workers, health, last_sent, now - last_time, now - started))
                 line, last_sent = stats_line(config, workers, health, last_sent,
                                              now - last_time, now - started)
                 log.info(line)
                 last_time = now
+    now = time.monotonic()
+    series.row(csv_row(workers, health, last_sent, now - last_time, now - started))
+
+
+def csv_row(workers, health, last_sent, elapsed, total_elapsed):
+    """One --csv row (CSV_COLUMNS), counts cumulative since the start."""
+    sent = sum(w.tally.sent for w in workers)
+    lag = merged_lag(workers)
+    return (round(total_elapsed, 3), sent, round(cli.rate(sent - last_sent, elapsed), 1),
+            round(lag.percentile(0.99) / 1e6, 3) if lag.count else "",
+            sum(1 for w in workers if w.tally.waiting),
+            sum(1 for state in health.states.values() if state is LinkState.UP))
+
+
+def merged_lag(workers):
+    """The send lag of every worker, in one histogram."""
+    lag = latency.Histogram()
+    for worker in workers:
+        lag.merge(worker.lag)
+    return lag
 
 
 @dataclass
@@ -505,7 +628,11 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     data = summary_data(config, run, counts, health, duration, flush_result, confirmation)
     data["receiver_report"] = receiver_report
     data["gates"] = judge_gates(config, receiver_report)
-    log.info("\n" + summary_table(data))
+    data["send_lag_ms"] = merged_lag(workers).summary_ms() if config.scheduled else None
+    text = summary_table(data)
+    if config.scheduled and not config.quiet:
+        text += "\n" + "\n".join(merged_lag(workers).text_lines("Send lag"))
+    log.info("\n" + text)
     for record in data["gates"]:
         (log.info if record["passed"] else log.error)(
             verdict.gate_line(record, GATE_UNITS[record["name"]]))
@@ -581,7 +708,7 @@ def summary_data(config, run, counts, health, duration, flush, confirmation):
     """The final summary, as the JSON written by --json."""
     sent = counts[Outcome.SENT]
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
-    return {**(confirmation or {}),
+    return {**cli.run_facts(config, SECRET_SETTINGS), **(confirmation or {}),
         "run_id": wire.run_label(run.run_id),
         "planned": config.planned,
         "sent": sent,
@@ -595,6 +722,7 @@ def summary_data(config, run, counts, health, duration, flush, confirmation):
         "workers": config.workers,
         "duration_s": round(duration, 3),
         "sent_per_s": round(cli.rate(sent, duration), 1),
+        "target_rate_msg_s": config.rate,
     }
 
 
@@ -618,7 +746,13 @@ def summary_table(data):
     rows.append(("flush", "complete" if data["flush_complete"] else
                  f"TIMED OUT: up to {data['unflushed_at_most']} queued messages discarded"))
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
-    rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"))
+    target = data["target_rate_msg_s"]
+    rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"
+                 + (f" (--rate {target:g} msg/s)" if target else "")))
+    if data.get("send_lag_ms"):
+        lag = data["send_lag_ms"]
+        rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms"
+                                 " (actual - intended send time)"))
     rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
     report_data = data["receiver_report"]
     if report_data["receivers"]:

@@ -7,6 +7,9 @@
     python3 bench/raw_pushpull.py lat-push PORT THREADS COUNT DELAY SIZE
                                                        # THREADS sockets, each COUNT time-stamped
                                                        # frames, DELAY s apart (the pair's pattern)
+    python3 bench/raw_pushpull.py rate-push PORT THREADS RATE COUNT SIZE
+                                                       # paced: RATE frames/s in all, open loop,
+                                                       # stamped with their intended send time
 
 The PULL side times from the first frame received to the last, so process start-up and
 connection set-up are not counted: this is the best case the pair can hope for.
@@ -72,7 +75,7 @@ def lat_pull(port, count):
         return 1
     pick = lambda fraction: latencies[min(n - 1, int(fraction * n))] / 1e6  # noqa: E731
     print(json.dumps({"count": n, "p50_ms": pick(0.50), "p99_ms": pick(0.99),
-                      "max_ms": latencies[-1] / 1e6}), flush=True)
+                      "p99_9_ms": pick(0.999), "max_ms": latencies[-1] / 1e6}), flush=True)
     sock.close(linger=0)
     ctx.term()
     return 0
@@ -100,7 +103,39 @@ def lat_push(port, threads, count, delay, size):
     return 0
 
 
+def rate_push(port, threads, rate, count, size):
+    """Like the pair's --rate: each thread's frame k is due at start + (n + k x threads) / rate,
+    sent at once when late, stamped with that intended time (latency without coordinated
+    omission, the floor for the pair's latency_ms)."""
+    ctx = zmq.Context()
+    padding = b"x" * max(0, size - 8)
+    start_mono, start_ns = time.monotonic() + 0.2, time.time_ns() + 200_000_000
+    stop = threading.Event()
+
+    def worker(number):
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        for k in range(count):
+            due = (number + k * threads) / rate
+            wait = start_mono + due - time.monotonic()
+            if wait > 0:
+                stop.wait(wait)
+            sock.send(struct.pack("!q", start_ns + int(due * 1e9)) + padding)
+        sock.close(linger=5000)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    ctx.term()
+    return 0
+
+
 def main(argv):
+    if len(argv) >= 6 and argv[0] == "rate-push":
+        return rate_push(int(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]),
+                         int(argv[5]))
     if len(argv) >= 3 and argv[0] == "lat-pull":
         return lat_pull(int(argv[1]), int(argv[2]))
     if len(argv) >= 6 and argv[0] == "lat-push":

@@ -304,12 +304,14 @@ def runs0(summary):
     return summary["runs"][0]
 
 
-def bench_quiet(tmp, scripts, sizes, raw):
+def bench_quiet(tmp, scripts, sizes, raw, fmt="binary"):
     workers, messages = sizes["quiet_workers"], sizes["quiet_messages"]
     with Pair(tmp, scripts, "--quiet", "--processing-time", "0", "--no-file-log") as pair:
         rate, stamped = end_to_end(pair, workers * messages,
                                    ["--workers", workers, "--messages", messages,
-                                    "--delay", "0", "--quiet"], 180)
+                                    "--delay", "0", "--quiet", "--format", fmt], 180)
+    if fmt != "binary":
+        return {f"quiet_{fmt}": rate, f"quiet_{fmt}_ratio": rate / raw if raw else None}
     out = {"quiet": rate, "quiet_ratio": rate / raw if raw else None}
     if stamped:
         out["quiet_stamped"] = stamped
@@ -479,6 +481,7 @@ def one_run(scripts, sizes, size, log, idle_wait):
 
     step("raw", bench_raw, sizes, size)
     step("quiet", bench_quiet, scripts, sizes, values.get("raw"))
+    step("quiet-text", bench_quiet, scripts, sizes, values.get("quiet"), "text")
     step("confirm", bench_confirm, scripts, sizes, values.get("quiet"))
     step("logging", bench_logging, scripts, sizes)
     step("latency", bench_latency, scripts, sizes)
@@ -521,6 +524,9 @@ ROWS = [
      "", None),
     ("quiet_ratio", "(2) … ratio to (1), same run", "", ratio, "≥ 0.30× (stretch 0.5×)",
      lambda v: v >= 0.30),
+    ("quiet_text", "(2t) pair, quiet, --format text, 50×{quiet_messages}, end to end",
+     "msg/s", rate_text, "", None),
+    ("quiet_text_ratio", "(2t) … ratio to (2), same run", "", ratio, "info", None),
     ("confirm", "(2c) pair, quiet, --confirm, 50×{quiet_messages}, end to end", "msg/s",
      rate_text, "", None),
     ("confirm_ratio", "(2c) … ratio to (2), same run", "", ratio, "≥ 0.50× (issue 7)",

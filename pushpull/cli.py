@@ -1,11 +1,14 @@
 """Command-line and output helpers: flag types, shared flags, JSON and table output."""
 
 import argparse
+import csv
+import dataclasses
 import errno
 import ipaddress
 import json
 import math
 import os
+import platform
 import re
 import socket
 import sys
@@ -34,6 +37,10 @@ TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^\[\]/:\s]+):(?P<port>[0
 IPC_ENDPOINT = re.compile(r"^ipc://\S+$")
 
 
+SCHEMA_VERSION = 2  # of both JSON summaries; 2 added config, versions and the latency keys
+EXIT_USAGE = 2  # a bad flag value, as argparse exits
+
+
 def format_table(title, rows):
     """An aligned two-column table: rows are (label, value) pairs."""
     width = max(len(label) for label, _ in rows)
@@ -49,6 +56,44 @@ def write_json(path, data):
         json.dump(data, out, indent=2)
         out.write("\n")
     os.replace(temporary, path)
+
+
+def run_facts(config, secret_fields=()):
+    """What both JSON summaries start with: schema version, configuration as run, versions."""
+    settings = {name: value for name, value in dataclasses.asdict(config).items()
+                if name not in secret_fields}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": settings,
+        "versions": {"python": platform.python_version(), "pyzmq": zmq.__version__,
+                     "libzmq": zmq.zmq_version()},
+    }
+
+
+class CsvSeries:
+    """--csv: one row per stats interval, written and flushed as it comes; no file: no-op."""
+
+    def __init__(self, path, columns):
+        self._out = open(path, "w", newline="", encoding="utf-8") if path else None
+        self._writer = csv.writer(self._out) if self._out else None
+        self.row(columns)
+
+    def row(self, values):
+        """Write one row (a no-op without a file)."""
+        if self._writer is not None:
+            self._writer.writerow(values)
+            self._out.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Close the file, if any."""
+        if self._out is not None:
+            self._out.close()
 
 
 def rate(count, seconds):
@@ -79,8 +124,8 @@ def run_script(name, config, body, startup_failed, exit_on_second=False):
         listener.stop()
 
 
-def add_report_flags(parser, quiet, stats_interval, json_path):
-    """The flags both scripts share: output, statistics, JSON summary, key generation.
+def add_report_flags(parser, quiet, stats_interval, json_path, csv_path=None):
+    """The flags both scripts share: output, statistics, JSON summary, CSV, key generation.
 
     The defaults are the calling script's own constants, named in each help text.
     """
@@ -92,6 +137,8 @@ def add_report_flags(parser, quiet, stats_interval, json_path):
                         help="seconds between [STATS] lines (STATS_INTERVAL)")
     parser.add_argument("--json", metavar="PATH", default=json_path,
                         help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
+    parser.add_argument("--csv", metavar="FILE", default=csv_path,
+                        help="write one row per stats interval to FILE (CSV_FILE)")
     parser.add_argument("--generate-keys", metavar="DIR",
                         help="write server and client certificates into DIR, then exit")
 

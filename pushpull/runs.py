@@ -1,71 +1,12 @@
-"""Per-run statistics: the latency histogram, each run's ledger, the [RUN] line and its JSON."""
+"""Per-run statistics: each run's ledger and latency histograms, the [RUN] line and its JSON."""
 
 import time
 
 from pushpull import wire
+from pushpull.latency import Histogram
 from pushpull.wire import DATA, END, KIND, RUN, TASK, WORKER
 
 MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
-
-
-class LatencyHistogram:
-    """Log-linear histogram of microseconds: constant memory, about 1.5 % resolution."""
-
-    SUB_BUCKETS = 64
-
-    def __init__(self):
-        self.counts = {}
-        self.count = 0
-        self.max_us = 0
-
-    def add_batch(self, received_ns, sent_ns):
-        """Record the latencies of messages received together at `received_ns`, one per
-        send time in `sent_ns` (ns since the epoch); one call per batch, not per message."""
-        received_us = received_ns // 1000
-        counts = self.counts
-        get = counts.get
-        small = 2 * self.SUB_BUCKETS
-        sub_buckets = self.SUB_BUCKETS
-        top = self.max_us
-        for sent in sent_ns:
-            micros = received_us - sent // 1000
-            if micros < small:
-                # The clocks of two hosts can disagree: never report negative time.
-                bucket = micros if micros > 0 else 0
-            else:
-                shift = micros.bit_length() - 7  # 2 ** 7 == small
-                bucket = shift * sub_buckets + (micros >> shift)
-            if micros > top:
-                top = micros
-            counts[bucket] = get(bucket, 0) + 1
-        self.max_us = top
-        self.count += len(sent_ns)
-
-    def percentile(self, fraction):
-        """The latency (µs) below which `fraction` of the samples lie."""
-        if not self.count:
-            return 0
-        rank = max(1, int(fraction * self.count + 0.999999))
-        seen = 0
-        for bucket in sorted(self.counts):
-            seen += self.counts[bucket]
-            if seen >= rank:
-                return min(self._upper_bound(bucket), self.max_us)
-        return self.max_us
-
-    def _upper_bound(self, bucket):
-        if bucket < 2 * self.SUB_BUCKETS:
-            return bucket
-        shift = bucket // self.SUB_BUCKETS - 1
-        return ((bucket - shift * self.SUB_BUCKETS + 1) << shift) - 1
-
-    def summary_ms(self):
-        """p50, p99 and max in milliseconds, for the JSON summary."""
-        return {
-            "p50": round(self.percentile(0.50) / 1000, 3),
-            "p99": round(self.percentile(0.99) / 1000, 3),
-            "max": round(self.max_us / 1000, 3),
-        }
 
 
 class RunState:
@@ -81,10 +22,15 @@ class RunState:
         self.resent = 0  # tasks marked as resends by a --confirm sender
         self.spilled = 0  # tasks saved to the spill file by a cold stop
         self.ends = {}  # worker -> tasks it says it sent (END frame)
-        self.latency = LatencyHistogram()
-        # Send times of recorded tasks not yet in `latency`, and when their batch was
-        # received (None for a spill file's): the histogram takes them once per batch.
+        # Latency from the intended send time, and from the actual one: the same
+        # histogram for a run without a schedule, where the two times are equal.
+        self.latency = Histogram()
+        self.latency_raw = Histogram() if info.scheduled else self.latency
+        # Intended (and actual) send times of recorded tasks not yet in the histograms,
+        # and when their batch was received (None for a spill file's): the histograms
+        # take them once per batch.
         self.unrecorded = []
+        self.unrecorded_raw = []
         self.unrecorded_received_ns = None
         self.last_seen = now
         self.closed = False
@@ -93,7 +39,7 @@ class RunState:
         """True unless this task was recorded before."""
         return task >= self.next_task[worker] and task not in self.ahead.get(worker, ())
 
-    def record(self, worker, task, sent_ns, resent):
+    def record(self, worker, task, sent_ns, intended_ns, resent):
         """Account one processed task; False, and nothing changed, if it was recorded before."""
         expected = self.next_task[worker]
         if task == expected:
@@ -112,16 +58,22 @@ class RunState:
         else:
             return False
         self.received += 1
-        self.unrecorded.append(sent_ns)
+        if intended_ns is not None:  # None: a message of the sender's --warmup
+            self.unrecorded.append(intended_ns)
+            if self.info.scheduled:
+                self.unrecorded_raw.append(sent_ns)
         if resent:
             self.resent += 1
         return True
 
     def record_latencies(self):
-        """Move the unrecorded send times into the latency histogram."""
+        """Move the unrecorded send times into the latency histograms."""
         if self.unrecorded and self.unrecorded_received_ns:
             self.latency.add_batch(self.unrecorded_received_ns, self.unrecorded)
+            if self.unrecorded_raw:
+                self.latency_raw.add_batch(self.unrecorded_received_ns, self.unrecorded_raw)
         self.unrecorded = []
+        self.unrecorded_raw = []
 
     def missing_tasks(self, limit):
         """Up to `limit` (worker, task) pairs that have not arrived, and their count."""
@@ -166,6 +118,8 @@ class RunState:
             "endpoints": self.info.endpoints,
             "complete": self.complete,
             "latency_ms": self.latency.summary_ms(),
+            "latency_raw_ms": self.latency_raw.summary_ms(),
+            "latency_samples": self.latency.count,
         }
 
 
@@ -197,7 +151,7 @@ class RunLedger:
         now = time.monotonic()
         last_info = run = None
         for index, msg in enumerate(messages):
-            _, info, kind, worker, task, sent_ns, resent, _, _ = msg
+            _, info, kind, worker, task, sent_ns, resent, _, _, intended_ns = msg
             if info is not last_info:
                 if run is not None:
                     run.record_latencies()
@@ -223,7 +177,7 @@ class RunLedger:
                     return index
                 now = run.last_seen = time.monotonic()
             # Without work, record() is the duplicate check too: one call per message.
-            if not run.record(worker, task, sent_ns, resent):
+            if not run.record(worker, task, sent_ns, intended_ns, resent):
                 self._duplicate(run, msg, confirms)
                 continue
             counters.processed += 1
@@ -298,6 +252,13 @@ class RunLedger:
         """Every run's entry in the JSON summary."""
         return [run.to_json() for run in self.runs.values()]
 
+    def latency(self, raw=False):
+        """Every run's latency (raw: from the actual send time) merged in one histogram."""
+        merged = Histogram()
+        for run in list(self.runs.values()):  # list: the processor may add a run meanwhile
+            merged.merge(run.latency_raw if raw else run.latency)
+        return merged
+
 
 def run_line(run, reason):
     """The one [RUN] line that reports a finished (or silent) sender run."""
@@ -315,9 +276,13 @@ def run_line(run, reason):
         missing_text = f"share of {info.endpoints} receivers"
         received = f"received {run.received} of {run.planned} planned"
     resent = f" | resent {run.resent}" if info.confirm else ""
+    raw = run.latency_raw.summary_ms()
+    raw_text = (f" (raw p99 {raw['p99']:.2f} ms max {raw['max']:.2f} ms)"
+                if info.scheduled else "")
     return (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
             f" | duplicates {run.duplicates}{resent} | latency p50 {lat['p50']:.2f} ms"
-            f" p99 {lat['p99']:.2f} ms max {lat['max']:.2f} ms | {reason}")
+            f" p99 {lat['p99']:.2f} ms p99.9 {lat['p99_9']:.2f} ms max {lat['max']:.2f} ms"
+            f"{raw_text} | {reason}")
 
 
 def run_row(entry):
@@ -327,4 +292,4 @@ def run_row(entry):
     return (f"run {entry['run_id']}",
             f"{entry['received']}/{entry['planned']} received, missing {missing},"
             f" duplicates {entry['duplicates']}, p50 {lat['p50']:.2f} ms,"
-            f" p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms")
+            f" p99 {lat['p99']:.2f} ms, p99.9 {lat['p99_9']:.2f} ms, max {lat['max']:.2f} ms")

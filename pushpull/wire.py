@@ -1,6 +1,7 @@
 """The wire format: one ZeroMQ frame per message, its encoder and its decoder.
 
-One frame per message:  HEADER (40 bytes) + UTF-8 text + padding.
+One frame per message:  HEADER (48 bytes) + UTF-8 text + padding (--format binary),
+or the seed's text + a readable trailer (--format text, see TextEncoder).
 The first byte 0xFF can never start valid UTF-8 text, so a frame from any
 other PUSH client (plain text) is never mistaken for one of ours.
 The header's first 20 bytes are the same in every frame of a run, so the
@@ -15,21 +16,24 @@ from dataclasses import dataclass
 
 import zmq
 
-WIRE_MAGIC = b"\xff\x01"  # 0xFF, then format version 1
+WIRE_MAGIC = b"\xff\x02"  # 0xFF, then format version 2 (2 added the intended send time)
 RUN_FIELDS = struct.Struct("!2sBBIIQ")
 # magic, run flags, endpoints, workers, messages per worker, run id
-MESSAGE_FIELDS = struct.Struct("!BBIIqH")
-# kind, message flags, worker, task, sent time (ns since the epoch), text length
-HEADER = struct.Struct("!2sBBIIQBBIIqH")  # RUN_FIELDS then MESSAGE_FIELDS
+MESSAGE_FIELDS = struct.Struct("!BBIIqqH")
+# kind, message flags, worker, task, intended and actual send times (ns since the epoch),
+# text length
+HEADER = struct.Struct("!2sBBIIQBBIIqqH")  # RUN_FIELDS then MESSAGE_FIELDS
 COUNT_MAX = 2**32 - 1  # workers, messages per worker, tasks and an END's count are uint32
-MESSAGE_TAIL = struct.Struct("!IqH")  # task, sent time, text length: what a worker varies
+MESSAGE_TAIL = struct.Struct("!IqqH")  # task, intended, sent, text length: what a worker varies
 HEADER_SIZE = HEADER.size
 RUN_KEY_SIZE = RUN_FIELDS.size
 RESENT_OFFSET = RUN_KEY_SIZE + 1  # byte offset of the message flags
 SEND_TIME = struct.Struct("!q")
-SEND_TIME_OFFSET = RUN_KEY_SIZE + struct.calcsize("!BBII")  # byte offset of the send time
+SEND_TIME_OFFSET = RUN_KEY_SIZE + struct.calcsize("!BBIIq")  # byte offset of the send time
 FLAG_CONFIRM = 0x01  # run flag: the sender wants confirmations (--confirm)
+FLAG_SCHEDULED = 0x02  # run flag: intended send times follow a schedule (--rate, --delay)
 FLAG_RESENT = 0x01  # message flag: a resend of a task that was not confirmed in time
+FLAG_WARMUP = 0x02  # message flag: sent in the --warmup seconds, kept out of latency figures
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
 RUN_CACHE_SIZE = 1024  # runs remembered by decode() before the cache starts over
 # ASCII digits, at most nine: int() of "Task" followed by thousands of digits raises.
@@ -61,6 +65,7 @@ class RunInfo:
     messages_per_worker: int
     endpoints: int
     confirm: bool = False
+    scheduled: bool = False  # intended send times differ from actual ones: two histograms
 
     @property
     def planned(self):
@@ -80,23 +85,34 @@ class MessageEncoder:
         self.run = run
         self.worker = worker
         self.pad_to = pad_to
-        flags = FLAG_CONFIRM if run.confirm else 0
+        flags = (FLAG_CONFIRM if run.confirm else 0) | (FLAG_SCHEDULED if run.scheduled else 0)
         self.text_prefix = MESSAGE_TEXT.format(worker=worker, pid=pid, tid=tid, task="")
         self._text_prefix = self.text_prefix.encode()
         run_bytes = RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
                                     run.messages_per_worker, run.run_id)
-        self._data_prefix = run_bytes + bytes([MessageKind.DATA, 0]) + worker.to_bytes(4, "big")
-        self._end_prefix = run_bytes + bytes([MessageKind.END, 0]) + worker.to_bytes(4, "big")
+        number = worker.to_bytes(4, "big")
+        self._data_prefix = run_bytes + bytes([MessageKind.DATA, 0]) + number
+        self._warmup_prefix = run_bytes + bytes([MessageKind.DATA, FLAG_WARMUP]) + number
+        self._end_prefix = run_bytes + bytes([MessageKind.END, 0]) + number
 
     def text(self, task):
         """The human-readable text of task number `task`."""
         return f"{self.text_prefix}{task}"
 
     def data(self, task):
-        """A DATA frame for `task`, stamped with the current time."""
+        """A DATA frame for `task` without a schedule: intended = actual = now."""
+        now = time.time_ns()
+        return self._frame(self._data_prefix, task, now, now)
+
+    def data_at(self, task, intended_ns, warmup=False):
+        """A DATA frame for `task`, meant to leave at `intended_ns`, stamped with now."""
+        prefix = self._warmup_prefix if warmup else self._data_prefix
+        return self._frame(prefix, task, intended_ns, time.time_ns())
+
+    def _frame(self, prefix, task, intended_ns, sent_ns):
         digits = b"%d" % task
         text_size = len(self._text_prefix) + len(digits)
-        frame = b"".join((self._data_prefix, MESSAGE_TAIL.pack(task, time.time_ns(), text_size),
+        frame = b"".join((prefix, MESSAGE_TAIL.pack(task, intended_ns, sent_ns, text_size),
                           self._text_prefix, digits))
         if len(frame) < self.pad_to:
             frame += b" " * (self.pad_to - len(frame))
@@ -104,7 +120,49 @@ class MessageEncoder:
 
     def end(self, sent):
         """The END frame a worker sends last, saying how many tasks it sent."""
-        return self._end_prefix + MESSAGE_TAIL.pack(sent, time.time_ns(), 0)
+        now = time.time_ns()
+        return self._end_prefix + MESSAGE_TAIL.pack(sent, now, now, 0)
+
+
+# --format text: the seed's message, then this trailer (README, "The text format").
+TEXT_TRAILER = (" | pushpull run={run:016x} shape={workers}x{messages}x{endpoints}"
+                " intended={intended} sent={sent}")
+TEXT_WARMUP = " warmup"  # appended to the trailer of a message sent in the --warmup seconds
+TEXT_PATTERN = re.compile(
+    r"^(?P<text>Pusher-(?P<worker>[0-9]{1,9})\[[^\]]{0,80}\] - Task (?P<task>[0-9]{1,9}))"
+    r" \| pushpull run=(?P<run>[0-9a-f]{16}) shape=(?P<workers>[0-9]{1,9})x"
+    r"(?P<messages>[0-9]{1,9})x(?P<endpoints>[0-9]{1,3}) intended=(?P<intended>[0-9]{1,19})"
+    r" sent=(?P<sent>[0-9]{1,19})(?P<warmup> warmup)? *$")
+TEXT_MARK = " | pushpull run="  # a plain message with this is read as the text format
+
+
+class TextEncoder(MessageEncoder):
+    """Builds --format text frames: any text consumer reads them, ours accounts for them."""
+
+    def __init__(self, run, worker, pid, tid, pad_to=0):
+        super().__init__(run, worker, pid, tid, pad_to)
+        self._shape = dict(run=run.run_id, workers=run.workers,
+                           messages=run.messages_per_worker, endpoints=run.endpoints)
+
+    def data(self, task):
+        """A text frame for `task` without a schedule: intended = actual = now."""
+        now = time.time_ns()
+        return self._text_frame(task, now, now, False)
+
+    def data_at(self, task, intended_ns, warmup=False):
+        """A text frame for `task`, meant to leave at `intended_ns`, stamped with now."""
+        return self._text_frame(task, intended_ns, time.time_ns(), warmup)
+
+    def _text_frame(self, task, intended_ns, sent_ns, warmup):
+        trailer = TEXT_TRAILER.format(intended=intended_ns, sent=sent_ns, **self._shape)
+        frame = f"{self.text_prefix}{task}{trailer}{TEXT_WARMUP if warmup else ''}".encode()
+        if len(frame) < self.pad_to:
+            frame += b" " * (self.pad_to - len(frame))
+        return frame
+
+    def end(self, sent):
+        """None: a text run sends no END frame, which a text consumer would count as a task."""
+        return None
 
 
 def mark_resent(frame):
@@ -126,16 +184,19 @@ def restamp(frame):
 #     worker   1 ... run.workers; 0 for plain text
 #     task     DATA: the task number (-1 for plain text without one);
 #              END: how many tasks the worker sent
-#     sent_ns  send time, ns since the epoch (0 for plain text)
+#     sent_ns  actual send time, ns since the epoch (0 for plain text)
 #     resent   True for a --confirm sender's resend
-#     text     the message text
+#     text     the message text (for --format text: without the trailer)
 #     client   the name read from plain text; "" for frames in the wire format
+#     intended_ns  intended send time, ns since the epoch (= sent_ns for a flood);
+#              None for a message of the --warmup seconds and for plain text:
+#              no latency recorded
 # The receiver decodes one per message. A tuple subclass with named fields
 # (namedtuple's accessors, tuple's own constructor) cost 0.13 µs more to build and
 # 0.05 µs more to unpack: under the load of figure (2) (bench/README.md) the
 # receiver's CPU per message rose by 10 %, and the pair's throughput fell by as
 # much. The hot paths unpack the tuple into names instead.
-RAW, RUN, KIND, WORKER, TASK, SENT_NS, RESENT, TEXT, CLIENT = range(9)
+RAW, RUN, KIND, WORKER, TASK, SENT_NS, RESENT, TEXT, CLIENT, INTENDED_NS = range(10)
 
 
 def client_name(msg):
@@ -154,11 +215,12 @@ def decode(frame, run_cache):
         if not frame:
             raise InvalidMessage("empty message")
         if frame[0] != 0xFF:
-            return decode_plain(frame)
+            return decode_plain(frame, run_cache)
         run = new_run(frame, run_cache)
     if len(frame) < HEADER_SIZE:
         raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
-    kind, flags, worker, task, sent_ns, text_len = MESSAGE_FIELDS.unpack_from(frame, RUN_KEY_SIZE)
+    kind, flags, worker, task, intended_ns, sent_ns, text_len = MESSAGE_FIELDS.unpack_from(
+        frame, RUN_KEY_SIZE)
     if kind > END or HEADER_SIZE + text_len > len(frame):
         raise InvalidMessage("bad header")
     if not 1 <= worker <= run.workers or (kind == DATA and task >= run.messages_per_worker):
@@ -167,7 +229,8 @@ def decode(frame, run_cache):
         text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"text is not UTF-8 ({exc.reason})") from None
-    return frame, run, kind, worker, task, sent_ns, flags & FLAG_RESENT != 0, text, ""
+    return (frame, run, kind, worker, task, sent_ns, flags & FLAG_RESENT != 0, text, "",
+            None if flags & FLAG_WARMUP else intended_ns)
 
 
 def new_run(frame, run_cache):
@@ -177,25 +240,49 @@ def new_run(frame, run_cache):
     magic, flags, endpoints, workers, per_worker, run_id = RUN_FIELDS.unpack_from(frame)
     if magic != WIRE_MAGIC or not workers:
         raise InvalidMessage("bad header")
-    run = RunInfo(run_id, workers, per_worker, endpoints, bool(flags & FLAG_CONFIRM))
+    run = RunInfo(run_id, workers, per_worker, endpoints, bool(flags & FLAG_CONFIRM),
+                  bool(flags & FLAG_SCHEDULED))
     if len(run_cache) >= RUN_CACHE_SIZE:
         run_cache.clear()  # bounded: garbage with random run ids must not grow it forever
     run_cache[frame[:RUN_KEY_SIZE]] = run
     return run
 
 
-def decode_plain(frame):
-    """A single-frame text message from another PUSH client."""
+def decode_plain(frame, run_cache):
+    """A single-frame text message: --format text from our sender, or another PUSH client."""
     try:
         text = frame.decode()
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not text.isprintable():
         raise InvalidMessage("text has control characters")
+    if TEXT_MARK in text:
+        return decode_text_format(frame, text, run_cache)
     match = PLAIN_TEXT_PATTERN.match(text)
     if match:
-        return frame, None, DATA, 0, int(match["task"]), 0, False, text, match["client"]
-    return frame, None, DATA, 0, -1, 0, False, text, "plain"
+        return frame, None, DATA, 0, int(match["task"]), 0, False, text, match["client"], None
+    return frame, None, DATA, 0, -1, 0, False, text, "plain", None
+
+
+def decode_text_format(frame, text, run_cache):
+    """A --format text message: the seed's text, then the trailer with the run's accounting."""
+    match = TEXT_PATTERN.match(text)
+    if not match:
+        raise InvalidMessage("bad text-format trailer")
+    workers, per_worker = int(match["workers"]), int(match["messages"])
+    worker, task, endpoints = int(match["worker"]), int(match["task"]), int(match["endpoints"])
+    if not (1 <= worker <= workers and task < per_worker and endpoints <= 0xFF):
+        raise InvalidMessage(f"worker {worker} or task {task} outside its run")
+    key = ("text", match["run"], workers, per_worker, endpoints)
+    run = run_cache.get(key)
+    if run is None:
+        if len(run_cache) >= RUN_CACHE_SIZE:
+            run_cache.clear()
+        run = run_cache[key] = RunInfo(int(match["run"], 16), workers, per_worker, endpoints,
+                                       scheduled=True)
+    intended = None if match["warmup"] else int(match["intended"])
+    return (frame, run, DATA, worker, task, int(match["sent"]), False, match["text"], "",
+            intended)
 
 
 def receive_messages(sock, limit, run_cache, invalid):

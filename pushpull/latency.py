@@ -1,0 +1,123 @@
+"""Latency histograms: constant memory, relative error under 1 %, mergeable; and their text form.
+
+Both scripts use them: the receiver for latency_ms / latency_raw_ms, the sender
+for send_lag_ms. Values are nanoseconds, so even a 10 µs latency is exact to 1 %.
+"""
+
+PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99_9", 0.999))
+TEXT_BARS = 10  # rows of the text histogram
+TEXT_WIDTH = 40  # characters of its longest bar
+
+
+class Histogram:
+    """Log-linear histogram of nanoseconds, as HdrHistogram does it.
+
+    Values under 2 x SUB_BUCKETS are kept exactly; above, each power of two is
+    split into SUB_BUCKETS equal buckets, so a bucket's upper bound is within
+    1 / SUB_BUCKETS (0.78 %) of any value in it. Two histograms merge by adding counts.
+    """
+
+    SUB_BUCKETS = 128
+    EXACT = 2 * SUB_BUCKETS
+    SHIFT_BASE = EXACT.bit_length() - 1  # 8: log2(EXACT)
+
+    def __init__(self):
+        self.counts = {}  # bucket -> samples
+        self.count = 0
+        self.max_ns = 0
+
+    def add_batch(self, received_ns, stamps):
+        """Record received_ns - stamp for each stamp (ns): one call per batch of messages."""
+        counts = self.counts
+        get = counts.get
+        exact, sub, base = self.EXACT, self.SUB_BUCKETS, self.SHIFT_BASE
+        top = self.max_ns
+        for stamp in stamps:
+            value = received_ns - stamp
+            if value < exact:
+                # The clocks of two hosts can disagree: never report negative time.
+                bucket = value if value > 0 else 0
+            else:
+                shift = value.bit_length() - base
+                bucket = shift * sub + (value >> shift)
+                if value > top:
+                    top = value
+            counts[bucket] = get(bucket, 0) + 1
+        self.max_ns = top
+        self.count += len(stamps)
+
+    def add(self, value):
+        """Record one nanosecond value (the batch path skips the max under EXACT ns)."""
+        self.add_batch(value, (0,))
+        if value > self.max_ns:
+            self.max_ns = value
+
+    def merge(self, other):
+        """Add another histogram's samples to this one."""
+        get = self.counts.get
+        for bucket, n in other.counts.copy().items():  # copy: its owner may be adding
+            self.counts[bucket] = get(bucket, 0) + n
+        self.count += other.count
+        self.max_ns = max(self.max_ns, other.max_ns)
+
+    def copy(self):
+        """An independent histogram with the same samples."""
+        twin = Histogram()
+        twin.merge(self)
+        return twin
+
+    def percentile(self, fraction):
+        """The value (ns) at or below which `fraction` of the samples lie, within 1 %."""
+        if not self.count:
+            return 0
+        rank = max(1, int(fraction * self.count + 0.999999))
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return min(upper_bound(bucket), self.max_ns)
+        return self.max_ns
+
+    def summary_ms(self):
+        """p50, p90, p99, p99_9 and max in milliseconds (the JSON form)."""
+        result = {name: round(self.percentile(f) / 1e6, 3) for name, f in PERCENTILES}
+        result["max"] = round(self.max_ns / 1e6, 3)
+        return result
+
+    def text_lines(self, title):
+        """A small text histogram as `hey` prints one: TEXT_BARS log-spaced rows, in ms."""
+        if not self.count:
+            return [f"{title}: no samples"]
+        low = max(lower_bound(min(self.counts)), 1000)
+        high = max(self.max_ns, low)
+        ratio = (high / low) ** (1 / TEXT_BARS) if high > low else 1.0
+        edges = [low * ratio ** (i + 1) for i in range(TEXT_BARS)]
+        rows = [0] * TEXT_BARS
+        for bucket, n in self.counts.items():
+            value = upper_bound(bucket)
+            row = next((i for i, edge in enumerate(edges) if value <= edge * 1.000001),
+                       TEXT_BARS - 1)
+            rows[row] += n
+        peak = max(rows) or 1
+        digits = len(str(peak))
+        lines = [f"{title} (ms, up to):"]
+        for edge, n in zip(edges, rows):
+            bar = "#" * round(TEXT_WIDTH * n / peak)
+            lines.append(f"  {edge / 1e6:10.3f} [{n:>{digits}}] |{bar}")
+        return lines
+
+
+def upper_bound(bucket):
+    """The largest value (ns) that falls into `bucket`."""
+    if bucket < Histogram.EXACT:
+        return bucket
+    shift = bucket // Histogram.SUB_BUCKETS - 1
+    return ((bucket - shift * Histogram.SUB_BUCKETS + 1) << shift) - 1
+
+
+def lower_bound(bucket):
+    """The smallest value (ns) that falls into `bucket`."""
+    if bucket < Histogram.EXACT:
+        return bucket
+    shift = bucket // Histogram.SUB_BUCKETS - 1
+    return (bucket - shift * Histogram.SUB_BUCKETS) << shift
