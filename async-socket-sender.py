@@ -229,7 +229,9 @@ def parse_args(argv=None):
             p.error("--duration needs a schedule (--rate, or --delay > 0) that holds at least"
                     " one message per worker")
     if a.workers * messages > cli.MAX_RUN_MESSAGES:
-        p.error(f"--workers {a.workers} x {messages} messages per worker is more than the"
+        counted = f"--messages {messages}" if a.duration is None else \
+            f"the {messages} messages per worker of --duration"
+        p.error(f"--workers {a.workers} x {counted} is more than the"
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     if a.confirm:
         try:
