@@ -607,7 +607,8 @@ def report_json(entry):
     while len(data) > verdict.REPORT_MAX_BYTES:
         lists = [key for key, value in entry.items() if isinstance(value, list) and value]
         if not lists:
-            return json.dumps({key: entry[key] for key in verdict.COUNTS if key in entry}).encode()
+            kept = (*verdict.COUNTS, "run_id", "missing", "latency_ms")  # what the sender uses
+            return json.dumps({key: entry[key] for key in kept if key in entry}).encode()
         longest = max(lists, key=lambda key: len(entry[key]))
         entry[longest] = entry[longest][:len(entry[longest]) // 2]
         data = json.dumps(entry, separators=(",", ":")).encode()

@@ -91,3 +91,16 @@ def test_gates_pass_fail_and_fail_without_a_report():
     none = loss.judge(None, "no report: not connected")
     assert none["passed"] is False and none["value"] is None
     assert "not connected" in verdict.gate_line(none, "%")
+
+
+def test_a_report_too_large_is_cut_to_fit_keeping_what_the_sender_uses():
+    """Long lists are halved until the JSON fits; without lists, the counts and latency stay."""
+    entry = {"planned": 10, "received": 9, "duplicates": 0, "latency_ms": {"p99": 0.5},
+             "missing_tasks": [f"Pusher-1:{t}" for t in range(100000)]}
+    data = confirm.report_json(entry)
+    assert len(data) <= verdict.REPORT_MAX_BYTES
+    parsed = verdict.parse_report(data)
+    assert parsed["received"] == 9 and 0 < len(parsed["missing_tasks"]) < 100000
+    huge = {**entry, "missing_tasks": [], "histogram": {str(k): k for k in range(10000)}}
+    parsed = verdict.parse_report(confirm.report_json(huge))
+    assert parsed["latency_ms"] == {"p99": 0.5} and "histogram" not in parsed
