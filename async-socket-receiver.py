@@ -479,16 +479,15 @@ def serve(config, signals, log):
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")
-        dead = wait_for_stop(signals, counters, config, log, (receiver, processor),
-                             CsvRows(series, processor.runs, started))
+        rows = CsvRows(series, processor.runs, started)
+        dead = wait_for_stop(signals, counters, config, log, (receiver, processor), rows)
         stop_kind = shut_down(dead, signals, receiver, processor, config, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
         if gatekeeper is not None:
             gatekeeper.stop()
         ctx.term()
-    return report(counters, processor.runs, started, stop_kind, config, log,
-                  CsvRows(series, processor.runs, started))
+    return report(counters, processor.runs, started, stop_kind, config, log, rows)
 
 
 def count_data(messages):

@@ -474,7 +474,7 @@ def send_run(config, signals, log):
         series = cli.CsvSeries(config.csv_path, CSV_COLUMNS)
     except OSError as exc:
         log.error(f"[EXIT] cannot write --csv {config.csv_path}: {exc.strerror}")
-        return cli.EXIT_USAGE
+        return EXIT_NOT_ALL_SENT  # cannot start, as for a log file
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries)

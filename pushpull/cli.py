@@ -38,7 +38,6 @@ IPC_ENDPOINT = re.compile(r"^ipc://\S+$")
 
 
 SCHEMA_VERSION = 2  # of both JSON summaries; 2 added config, versions and the latency keys
-EXIT_USAGE = 2  # a bad flag value, as argparse exits
 
 
 def format_table(title, rows):
