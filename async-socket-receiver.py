@@ -29,6 +29,7 @@ ENABLE_FILE_LOGGING = True  # also write the log to LOG_FILE
 LOG_FILE = "server_logs.txt"  # path of the log file
 PROCESSING_TIME = 0.1  # seconds of simulated work per message
 QUEUE_MAXSIZE = 10000  # messages waiting between the receive and processor threads
+QUEUE_MAXBYTES = 33554432  # bytes of messages waiting there (32 MiB): whichever bound comes first
 RECEIVE_HWM = 200  # messages ZeroMQ may buffer per sender connection (ZMQ_RCVHWM)
 MAX_MESSAGE_SIZE = 1048576  # bytes; ZeroMQ drops a peer that sends more (ZMQ_MAXMSGSIZE)
 QUIET = False  # True: no per-message lines, only [STATS], [RUN] and the summary
@@ -71,6 +72,7 @@ class Config:
     bind: str
     processing_time: float
     queue_size: int
+    queue_bytes: int
     hwm: int
     max_size: int
     log_file: "str | None"
@@ -112,6 +114,9 @@ def build_parser():
                    default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
     p.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
                    default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
+    p.add_argument("--queue-bytes", metavar="BYTES", type=cli.count(1, cli.MAX_QUEUE_BYTES),
+                   default=QUEUE_MAXBYTES,
+                   help="bytes of messages the queue holds (QUEUE_MAXBYTES)")
     p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=RECEIVE_HWM,
                    help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
     p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
@@ -150,6 +155,7 @@ def parse_args(argv=None):
         p.error(str(exc))
     return Config(port=a.port, confirm_port=confirm_port,
                   bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
+                  queue_bytes=a.queue_bytes,
                   hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
@@ -217,6 +223,7 @@ class Counters:
         self.processed = 0  # processor thread (its RunLedger)
         self.duplicates = 0  # processor thread: tasks processed before, dropped
         self.plain = 0  # processor thread: messages in no sender run
+        self.clock_skew = 0  # processor thread: send times kept out of the latencies
         self.spilled = 0  # main
 
     @property
@@ -231,7 +238,7 @@ class Counters:
 class ReceiveThread(threads.ServiceThread):
     """Owns the PULL socket: binds it, takes its messages off in batches, queues them."""
 
-    def __init__(self, ctx, config, server_keys, batches, counters, stops, log):
+    def __init__(self, ctx, config, server_keys, batches, counters, stops, log, run_cache):
         super().__init__("receiver", log)
         self.ctx = ctx
         self.config = config
@@ -241,7 +248,7 @@ class ReceiveThread(threads.ServiceThread):
         self.stops = stops
         self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
         self.peers = security.PeerWatch(counters, self.warnings, curve=bool(server_keys))
-        self.run_cache = {}  # wire.decode()'s: a run's header bytes -> its RunInfo
+        self.run_cache = run_cache  # wire.decode()'s: a run's header bytes -> its RunInfo
         self.target = f"Server:{config.bind}:{config.port}"
 
     def serve(self):
@@ -273,19 +280,21 @@ class ReceiveThread(threads.ServiceThread):
             if sock in ready:
                 # Take no more than the queue has room for: its bound is exact, and
                 # what stays in the socket pushes back on the senders.
-                room = self.batches.wait_for_room(POLL_S)
-                batch = self.receive(sock, min(BATCH_MAX, room)) if room else None
+                room, byte_room = self.batches.wait_for_room(POLL_S)
+                batch = self.receive(sock, min(BATCH_MAX, room), byte_room) if room else None
                 if batch is not None:
                     self.hand_over(batch)
 
-    def receive(self, sock, limit):
-        """Take up to `limit` waiting messages off the socket as one Batch; None if none."""
-        messages, ends = wire.receive_messages(sock, limit, self.run_cache, self.invalid)
+    def receive(self, sock, limit, max_bytes):
+        """Take up to `limit` waiting messages, about `max_bytes` (one message past it at
+        most), off the socket as one Batch; None if none."""
+        messages, ends, size = wire.receive_messages(sock, limit, max_bytes, self.run_cache,
+                                                     self.invalid)
         if not messages:
             return None
         # Stamped once the batch is off the socket: latencies never count a frame as
         # received before it was.
-        batch = flow.Batch(time.time_ns(), messages)
+        batch = flow.Batch(time.time_ns(), messages, nbytes=size)
         first = self.counters.received + 1
         self.counters.received += len(messages) - ends  # END frames are bookkeeping
         if not self.config.quiet:
@@ -316,18 +325,20 @@ class ReceiveThread(threads.ServiceThread):
     def drain_for_stop(self, sock):
         """Warm stop: take what is already on its way (socket and TCP buffers), then stop.
 
-        Bounded in time and to one more queue's worth of messages, so a sender that
-        keeps flooding cannot grow memory or hold the stop up.
+        Bounded in time and to one more queue's worth of messages and bytes, so a sender
+        that keeps flooding cannot grow memory or hold the stop up.
         """
         deadline = time.monotonic() + STOP_DRAIN_LIMIT
-        room = self.config.queue_size
-        while room > 0 and time.monotonic() < deadline and not self.stops.cold.is_set():
+        room, byte_room = self.config.queue_size, self.config.queue_bytes
+        while room > 0 and byte_room > 0 and time.monotonic() < deadline \
+                and not self.stops.cold.is_set():
             if not sock.poll(STOP_DRAIN_QUIET):
                 return
-            batch = self.receive(sock, min(BATCH_MAX, room))
+            batch = self.receive(sock, min(BATCH_MAX, room), byte_room)
             if batch is not None:
                 self.batches.put_past_bound(batch)
                 room -= len(batch.items)
+                byte_room -= batch.nbytes
         if sock.poll(0):
             self.log.warning("[STOP] senders are still sending; messages not taken off the"
                              " socket by now are not received (their senders counted them"
@@ -336,7 +347,7 @@ class ReceiveThread(threads.ServiceThread):
     def invalid(self, reason):
         """Count a message dropped as invalid, and say why (rate-limited)."""
         self.counters.invalid += 1
-        self.warnings.warning("invalid", f"[INVALID] message dropped: {reason}"
+        self.warnings.warning("invalid", f"[INVALID] message dropped: {logs.shown(reason)}"
                               f" (invalid so far: {self.counters.invalid})")
 
 
@@ -464,13 +475,15 @@ def serve(config, signals, log):
     security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
     started = time.monotonic()
     stops = flow.StopEvents()
-    batches = flow.BatchQueue(config.queue_size)
+    batches = flow.BatchQueue(config.queue_size, config.queue_bytes)
+    run_cache = known_runs(recovered)
     ctx = zmq.Context()
     gatekeeper = None
     try:
         gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips, curve,
                                                config.curve_allow)
-        receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log)
+        receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
+                                 run_cache)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)
         if not start_threads(receiver, processor, recovered, config, log):
             return EXIT_STARTUP_FAILED
@@ -488,6 +501,17 @@ def serve(config, signals, log):
             gatekeeper.stop()
         ctx.term()
     return report(counters, processor.runs, started, stop_kind, config, log, rows)
+
+
+def known_runs(recovered):
+    """wire.decode()'s run cache, knowing the recovered messages' runs: new frames of
+    those runs must agree with them."""
+    run_cache = {}
+    for msg in recovered:
+        info = msg[wire.RUN]
+        if info is not None and info.run_id not in run_cache:
+            wire.remember_run(run_cache, info)
+    return run_cache
 
 
 def count_data(messages):
@@ -628,6 +652,7 @@ def summary_data(counters, ledger, queued, started, stop_kind, config):
         "spilled": counters.spilled,
         "unprocessed": queued,
         "plain": counters.plain,
+        "clock_skew": counters.clock_skew,
         "rejected": counters.rejected,
         "rejected_connections": counters.rejected_connections,
         "duration_s": round(duration, 3),
@@ -636,6 +661,7 @@ def summary_data(counters, ledger, queued, started, stop_kind, config):
         "runs": ledger.to_json(),
         "latency_ms": ledger.latency().summary_ms(),
         "latency_raw_ms": ledger.latency(raw=True).summary_ms(),
+        "runs_left_out": ledger.left_out,
     }
 
 
@@ -676,7 +702,14 @@ def summary_table(data):
     ]
     if data["unprocessed"]:
         rows.append(("LOST", f"{data['unprocessed']} received but neither processed nor spilled"))
+    if data["clock_skew"]:
+        rows.append(("clock skew", f"{data['clock_skew']} send times out of"
+                                   f" {runs.SENT_TIME_WINDOW} s of their receipt"
+                                   " (not in the latencies)"))
     rows += [runs.run_row(entry) for entry in data["runs"]]
+    if data["runs_left_out"]:
+        rows.append(("runs left out", f"{data['runs_left_out']} older finished runs"
+                                      f" (at most {runs.RUNS_LISTED} are kept)"))
     return cli.format_table("Receiver summary", rows)
 
 

@@ -32,6 +32,7 @@ MAX_HEARTBEAT_INTERVAL = 300.0  # seconds; ZMQ_HEARTBEAT_TTL (2 intervals) is a 
 MAX_HWM = 1_000_000  # messages per connection; beyond that the high-water mark bounds nothing
 MAX_FRAME_SIZE = 2**30  # bytes; a frame is built whole in memory; spill files store 4-byte sizes
 MAX_QUEUE_SIZE = 10_000_000  # messages between the receiver's threads
+MAX_QUEUE_BYTES = 2**40  # bytes between the receiver's threads (1 TiB): more than any memory
 MAX_RETRIES = 1000  # waits of --timeout each; more is no bound on how long a worker waits
 TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^\[\]/:\s]+):(?P<port>[0-9]+)$")
 IPC_ENDPOINT = re.compile(r"^ipc://\S+$")

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from pushpull.threads import POLL_S
+from pushpull.wire import RAW
 
 
 class StopSignals:
@@ -141,14 +142,16 @@ class WorkerTurn:
 # The receiver: batches between its receive and processor threads, and its stops
 # ---------------------------------------------------------------------------
 class Batch:
-    """Messages received together, and when (time.time_ns(); None for a spill file's)."""
+    """Messages received together, and when (time.time_ns(); None for a spill file's),
+    and their frames' size in bytes."""
 
-    __slots__ = ("recv_ns", "items", "recovered")
+    __slots__ = ("recv_ns", "items", "recovered", "nbytes")
 
-    def __init__(self, recv_ns, items, recovered=False):
+    def __init__(self, recv_ns, items, recovered=False, nbytes=None):
         self.recv_ns = recv_ns
         self.items = items
         self.recovered = recovered  # read back from a spill file
+        self.nbytes = sum(len(msg[RAW]) for msg in items) if nbytes is None else nbytes
 
     def rest(self, start):
         """The same batch from message `start` on."""
@@ -156,11 +159,17 @@ class Batch:
 
 
 class BatchQueue(queue.Queue):
-    """A queue.Queue of batches whose size and bound count messages, not batches."""
+    """A queue.Queue of batches whose size and bound count messages, not batches; it
+    also counts their bytes, against a second bound, maxbytes."""
+
+    def __init__(self, maxsize, maxbytes):
+        self.maxbytes = maxbytes
+        super().__init__(maxsize)
 
     def _init(self, maxsize):
         super()._init(maxsize)
         self.depth = 0
+        self.nbytes = 0
 
     def _qsize(self):
         return self.depth
@@ -168,17 +177,22 @@ class BatchQueue(queue.Queue):
     def _put(self, batch):
         self.queue.append(batch)
         self.depth += len(batch.items)
+        self.nbytes += batch.nbytes
 
     def _get(self):
         batch = self.queue.popleft()
         self.depth -= len(batch.items)
+        self.nbytes -= batch.nbytes
         return batch
 
     def wait_for_room(self, timeout):
-        """Wait until the queue has room; returns how many messages fit (0 on timeout)."""
+        """Wait until the queue has room; returns how many messages and bytes fit
+        ((0, 0) on timeout)."""
         with self.not_full:
-            self.not_full.wait_for(lambda: self.depth < self.maxsize, timeout)
-            return max(0, self.maxsize - self.depth)
+            if not self.not_full.wait_for(
+                    lambda: self.depth < self.maxsize and self.nbytes < self.maxbytes, timeout):
+                return 0, 0
+            return self.maxsize - self.depth, self.maxbytes - self.nbytes
 
     def put_past_bound(self, batch):
         """Put a batch even when the queue is full: used only while stopping."""
@@ -192,6 +206,7 @@ class BatchQueue(queue.Queue):
         with self.mutex:
             self.queue.appendleft(batch)
             self.depth += len(batch.items)
+            self.nbytes += batch.nbytes
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
@@ -200,7 +215,7 @@ class BatchQueue(queue.Queue):
         with self.mutex:
             items = [msg for batch in self.queue for msg in batch.items]
             self.queue.clear()
-            self.depth = 0
+            self.depth = self.nbytes = 0
             self.not_full.notify_all()
             return items
 

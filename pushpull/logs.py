@@ -14,18 +14,32 @@ COUNTER_WIDTH = 7  # digits of [MSG #nnnnnnn]
 CLIENT_WIDTH = 12  # "Pusher-99999"
 TASK_WIDTH = 6  # task numbers up to 999999
 LOG_FORMAT = "%(asctime)s - %(levelname)-7s - %(message)s"
+TEXT_SHOWN = 8192  # characters of a network text a log line shows at most
+
+
+def shown(text):
+    """Text from the network made safe for a log line: control characters escaped
+    (\\n, \\x1b, \\u2028 ...), so it can neither end the line nor drive a terminal,
+    and at most TEXT_SHOWN characters."""
+    # Ordinary text costs one isprintable() call (C, about 0.1 µs for a [MSG] text).
+    if text.isprintable() and len(text) <= TEXT_SHOWN:
+        return text
+    cut = text[:TEXT_SHOWN]
+    escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in cut)
+    more = len(text) - len(cut)
+    return escaped + (f" ... (+{more} characters)" if more else "")
 
 
 def msg_line(counter, client, target, task, text):
-    """The seed's [MSG] line, columns fixed."""
-    return (f"[MSG #{counter:0{COUNTER_WIDTH}d}] ZMQ [{client:<{CLIENT_WIDTH}}] -> [{target}]"
-            f" | Task {task_cell(task)} | {text}")
+    """The seed's [MSG] line, columns fixed; client and text as shown()."""
+    return (f"[MSG #{counter:0{COUNTER_WIDTH}d}] ZMQ [{shown(client):<{CLIENT_WIDTH}}] ->"
+            f" [{target}] | Task {task_cell(task)} | {shown(text)}")
 
 
 def proc_line(server, client, task, text):
-    """The seed's [PROC] line, columns fixed."""
-    return (f"[PROC] {server} | {client:<{CLIENT_WIDTH}} | Task {task_cell(task)}"
-            f" | Processing: {text}")
+    """The seed's [PROC] line, columns fixed; client and text as shown()."""
+    return (f"[PROC] {server} | {shown(client):<{CLIENT_WIDTH}} | Task {task_cell(task)}"
+            f" | Processing: {shown(text)}")
 
 
 def task_cell(task):

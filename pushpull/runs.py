@@ -1,27 +1,46 @@
 """Per-run statistics: each run's ledger and latency histograms, the [RUN] line and its JSON."""
 
+import collections
 import time
 
-from pushpull import wire
+from pushpull import logs, wire
 from pushpull.latency import Histogram
 from pushpull.wire import DATA, END, KIND, RUN, TASK, WORKER
 
-MISSING_LISTED = 20  # a [RUN] line lists missing task numbers up to this many
+MISSING_LISTED = 20  # a [RUN] line lists up to this many ranges of missing tasks
+OPEN_RUNS_MAX = 1000  # runs whose per-task state is kept (open, or reported incomplete)
+RUNS_LISTED = 1000  # runs kept for the JSON summary; older finished ones are left out
+LIST_WORKERS_MAX = 1024  # runs of at most this many workers keep next_task in a list (8 KB)
+SENT_TIME_WINDOW = 3600  # seconds: a send time further than this from the receive time,
+# either way, is clock skew (or a forged header): counted, and kept out of the latencies
+SENT_TIME_WINDOW_NS = SENT_TIME_WINDOW * 1_000_000_000
 
 
 class RunState:
-    """What the receiver knows of one sender run: which tasks were processed, and how fast."""
+    """What the receiver knows of one sender run: which tasks were processed, and how fast.
+
+    Its cost is proportional to what was received, never to what the header claims
+    (beyond LIST_WORKERS_MAX workers): per-task state is kept only for workers and
+    tasks seen. free() drops that state
+    and keeps the summary (the counts, the latency histogram, the END frames).
+    """
 
     def __init__(self, info, now):
         self.info = info
         self.planned = info.planned
-        self.next_task = [0] * (info.workers + 1)  # per worker: every task below is recorded
+        # Per worker: every task below this one is recorded. A list indexed by worker is
+        # 35 ns a message faster than a dict (7 % of the processor's hot path, bench
+        # figure (2)), and our senders have at most 1000 workers (cli.MAX_WORKERS); a
+        # run that claims more gets a dict of the workers seen.
+        self.next_task = [0] * (info.workers + 1) if info.workers <= LIST_WORKERS_MAX else {}
         self.ahead = {}  # worker -> tasks recorded beyond a missing one
         self.received = 0  # tasks recorded: processed once each
         self.duplicates = 0
         self.resent = 0  # tasks marked as resends by a --confirm sender
         self.spilled = 0  # tasks saved to the spill file by a cold stop
-        self.ends = {}  # worker -> tasks it says it sent (END frame)
+        self.clock_skew = 0  # tasks whose send time is outside SENT_TIME_WINDOW
+        self.untracked = 0  # tasks processed after free() with the run incomplete
+        self.ends = {}  # worker -> tasks it says it sent (its first END frame)
         # Latency from the intended send time, and from the actual one: the same
         # histogram for a run without a schedule, where the two times are equal.
         self.latency = Histogram()
@@ -33,15 +52,25 @@ class RunState:
         self.unrecorded_raw = []
         self.unrecorded_received_ns = None
         self.last_seen = now
-        self.closed = False
+        self.closed = False  # reported in a [RUN] line
+        self.tracked = True  # per-task state kept (see free)
+        self.missing_listed = []  # missing_ranges() as free() found them
 
     def is_new(self, worker, task):
         """True unless this task was recorded before."""
-        return task >= self.next_task[worker] and task not in self.ahead.get(worker, ())
+        try:
+            expected = self.next_task[worker]
+        except KeyError:
+            expected = 0
+        return task >= expected and task not in self.ahead.get(worker, ())
 
     def record(self, worker, task, sent_ns, intended_ns, resent):
         """Account one processed task; False, and nothing changed, if it was recorded before."""
-        expected = self.next_task[worker]
+        next_task = self.next_task
+        try:
+            expected = next_task[worker]
+        except KeyError:  # a dict's first task of the worker (a try costs nothing otherwise)
+            expected = 0
         if task == expected:
             expected += 1
             ahead = self.ahead.get(worker)
@@ -49,7 +78,7 @@ class RunState:
                 while expected in ahead:
                     ahead.remove(expected)
                     expected += 1
-            self.next_task[worker] = expected
+            next_task[worker] = expected
         elif task > expected:
             ahead = self.ahead.setdefault(worker, set())
             if task in ahead:
@@ -58,35 +87,98 @@ class RunState:
         else:
             return False
         self.received += 1
+        self._record_times(sent_ns, intended_ns, resent)
+        return True
+
+    def record_untracked(self, worker, task, sent_ns, intended_ns, resent):
+        """record() once the per-task state is freed and the run incomplete: the task is
+        processed but cannot be checked against the earlier ones."""
+        self.untracked += 1
+        self._record_times(sent_ns, intended_ns, resent)
+        return True
+
+    def _record_times(self, sent_ns, intended_ns, resent):
         if intended_ns is not None:  # None: a message of the sender's --warmup
             self.unrecorded.append(intended_ns)
             if self.info.scheduled:
                 self.unrecorded_raw.append(sent_ns)
         if resent:
             self.resent += 1
-        return True
+
+    def free(self):
+        """Drop the per-task state, keep the summary. A complete run's later tasks are
+        all duplicates; an incomplete run's are processed and counted `untracked`."""
+        self.missing_listed = self.missing_ranges(MISSING_LISTED)
+        self.next_task = self.ahead = None
+        self.tracked = False
+        # Instance attributes in place of the methods: the hot loop calls them unchanged.
+        if self.complete:
+            self.is_new = self.record = _recorded_before
+        else:
+            self.is_new = _not_recorded
+            self.record = self.record_untracked
 
     def record_latencies(self):
-        """Move the unrecorded send times into the latency histograms."""
-        if self.unrecorded and self.unrecorded_received_ns:
-            self.latency.add_batch(self.unrecorded_received_ns, self.unrecorded)
+        """Move the unrecorded send times into the latency histograms; returns how many
+        were left out as clock skew (judged by the intended send time)."""
+        received_ns, skewed = self.unrecorded_received_ns, 0
+        if self.unrecorded and received_ns:
+            skewed = self.latency.add_batch(received_ns, self.unrecorded, SENT_TIME_WINDOW_NS)
             if self.unrecorded_raw:
-                self.latency_raw.add_batch(self.unrecorded_received_ns, self.unrecorded_raw)
+                self.latency_raw.add_batch(received_ns, self.unrecorded_raw,
+                                           SENT_TIME_WINDOW_NS)
+            self.clock_skew += skewed
         self.unrecorded = []
         self.unrecorded_raw = []
+        return skewed
 
-    def missing_tasks(self, limit):
-        """Up to `limit` (worker, task) pairs that have not arrived, and their count."""
-        listed, count = [], 0
-        per_worker = self.info.messages_per_worker
-        for worker in range(1, self.info.workers + 1):
-            ahead = self.ahead.get(worker, ())
-            for task in range(self.next_task[worker], per_worker):
-                if task not in ahead:
-                    count += 1
-                    if len(listed) < limit:
-                        listed.append((worker, task))
-        return listed, count
+    def missing_ranges(self, limit):
+        """Up to `limit` ranges of tasks not recorded, in order, each as (first worker,
+        last worker, first task, last task): workers never heard from make one range.
+        Time proportional to the workers and the out-of-order tasks seen."""
+        if not self.tracked:
+            return self.missing_listed[:limit]
+        per_worker, ranges, previous = self.info.messages_per_worker, [], 0
+        if not per_worker:
+            return ranges
+        for worker in self._workers_seen():
+            if worker > previous + 1:  # workers never heard from: all their tasks
+                ranges.append((previous + 1, worker - 1, 0, per_worker - 1))
+            ranges += self._worker_gaps(worker, per_worker)
+            if len(ranges) >= limit:
+                return ranges[:limit]
+            previous = worker
+        if previous < self.info.workers:
+            ranges.append((previous + 1, self.info.workers, 0, per_worker - 1))
+        return ranges[:limit]
+
+    def _workers_seen(self):
+        next_task = self.next_task
+        seen = set(self.ahead)
+        if isinstance(next_task, list):
+            seen.update(worker for worker, task in enumerate(next_task) if task)
+        else:
+            seen.update(next_task)
+        return sorted(seen)
+
+    def _worker_gaps(self, worker, per_worker):
+        try:
+            start = self.next_task[worker]
+        except KeyError:
+            start = 0
+        gaps = []
+        for task in sorted(self.ahead.get(worker, ())):  # each above start, none twice
+            if task > start:
+                gaps.append((worker, worker, start, task - 1))
+            start = task + 1
+        if start < per_worker:
+            gaps.append((worker, worker, start, per_worker - 1))
+        return gaps
+
+    @property
+    def missing(self):
+        """How many planned tasks were not recorded."""
+        return self.planned - self.received
 
     @property
     def complete(self):
@@ -101,7 +193,7 @@ class RunState:
     def to_json(self):
         """The run's entry in the JSON summary."""
         one_receiver = self.info.endpoints == 1
-        listed, missing = self.missing_tasks(MISSING_LISTED)
+        listed = self.missing_ranges(MISSING_LISTED)
         sent = sum(self.ends.values()) if len(self.ends) >= self.info.workers else None
         return {
             "run_id": wire.run_label(self.info.run_id),
@@ -109,11 +201,13 @@ class RunState:
             "planned": self.planned,
             "sent_reported": sent,
             "received": self.received,
-            "missing": missing if one_receiver else None,
-            "missing_tasks": [f"Pusher-{w}:{t}" for w, t in listed] if one_receiver else [],
+            "missing": self.missing if one_receiver else None,
+            "missing_tasks": [range_text(r) for r in listed] if one_receiver else [],
             "duplicates": self.duplicates,
             "spilled": self.spilled,
             "resent": self.resent,
+            "clock_skew": self.clock_skew,
+            "untracked": self.untracked,
             "confirm": self.info.confirm,
             "endpoints": self.info.endpoints,
             "complete": self.complete,
@@ -123,17 +217,59 @@ class RunState:
         }
 
 
-class RunLedger:
-    """Accounts each processed message to its sender run, and reports each run once.
+def _recorded_before(worker, task, *unused):
+    """is_new() and record() of a freed complete run: every task was recorded before."""
+    return False
 
-    Writes counters.processed, .duplicates and .plain.
+
+def _not_recorded(worker, task):
+    """is_new() of a freed incomplete run: nothing is known to have been recorded."""
+    return True
+
+
+def range_text(missing_range):
+    """One range of missing_ranges() as text: Pusher-3:7, Pusher-3:7-9, Pusher-4..6:0-99."""
+    first_worker, last_worker, first_task, last_task = missing_range
+    workers = f"{first_worker}" if first_worker == last_worker else \
+        f"{first_worker}..{last_worker}"
+    tasks = f"{first_task}" if first_task == last_task else f"{first_task}-{last_task}"
+    return f"Pusher-{workers}:{tasks}"
+
+
+def range_size(missing_range):
+    """How many tasks one range of missing_ranges() holds."""
+    first_worker, last_worker, first_task, last_task = missing_range
+    return (last_worker - first_worker + 1) * (last_task - first_task + 1)
+
+
+class RunLedger:
+    """Accounts each processed message to its sender run, and reports each run.
+
+    Writes counters.processed, .duplicates, .plain and .clock_skew.
+
+    A run's lifecycle: open (per-task state kept) until it completes, its sender
+    finishes or falls silent, or the receiver stops; then its [RUN] line. A complete
+    run is then freed (summary only). An incomplete one keeps its per-task state
+    ("unhealed"), so data that arrives later (after a network cut heals) is still
+    checked, and a run that completes after all gets a second [RUN] line, then is
+    freed. At most OPEN_RUNS_MAX runs keep per-task state: past that, the oldest
+    unhealed run is freed, or else the oldest open run is closed early (its [RUN]
+    line says so). At most RUNS_LISTED runs are kept for the JSON; past that the
+    oldest freed run is dropped and counted in left_out.
     """
 
     def __init__(self, counters, log, warnings):
         self.counters = counters
         self.log = log
         self.warnings = warnings  # a logs.RateLimitedLog
-        self.runs = {}  # run id -> RunState
+        self.runs = {}  # run id -> RunState: every run kept, in the order first seen
+        self.open = collections.OrderedDict()  # run id -> RunState not reported yet
+        self.unhealed = collections.OrderedDict()  # reported incomplete, per-task state kept
+        self.freed = collections.OrderedDict()  # summary only, in the order freed
+        self.left_out = 0  # runs dropped from `runs` (RUNS_LISTED)
+        # The latency of the runs dropped, kept for the lifetime figures (latency()).
+        self.left_out_latency = Histogram()
+        self.left_out_latency_raw = Histogram()
         # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
         # while its socket is open (None: the report is only logged).
         self.reports = None
@@ -154,7 +290,7 @@ class RunLedger:
             _, info, kind, worker, task, sent_ns, resent, _, _, intended_ns = msg
             if info is not last_info:
                 if run is not None:
-                    run.record_latencies()
+                    self._record_latencies(run)
                 last_info = info
                 run = None if info is None else self._run(info, now, received_ns)
             if run is None:  # plain text: in no run
@@ -185,20 +321,70 @@ class RunLedger:
                 confirms.add(info.run_id, worker, task)
                 if work is not None:
                     confirms.publish_if_due()  # each confirmed as its work is done
-            if run.received >= run.planned and not run.closed:
-                self.close(run, "complete")
+            if run.received >= run.planned:  # a freed complete run never gets here again
+                self.close(run, "complete" if not run.closed else
+                           "complete after all (reported incomplete before)")
         if run is not None:
-            run.record_latencies()
+            self._record_latencies(run)
         return len(messages)
 
     def _run(self, info, now, received_ns):
         run = self.runs.get(info.run_id)
-        if run is None:
-            run = self.runs[info.run_id] = RunState(info, now)
+        if run is None or (run.info is not info and run.info != info):
+            run = self._new_run(info, now)
         run.unrecorded_received_ns = received_ns
         return run
 
+    def _new_run(self, info, now):
+        """Start a run's state, within OPEN_RUNS_MAX and RUNS_LISTED."""
+        reused = self.runs.get(info.run_id)
+        if reused is not None:  # decode() forgot the run (RUNS_REMEMBERED) and saw it anew
+            self._drop(reused, "its run id came back with other run fields")
+        if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX:
+            self._make_room()
+        run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now)
+        while len(self.runs) > RUNS_LISTED and self.freed:
+            self._drop(next(iter(self.freed.values())), None)
+        return run
+
+    def _make_room(self):
+        """Free the oldest unhealed run, or else close the oldest open run early."""
+        if self.unhealed:
+            _, run = self.unhealed.popitem(last=False)
+            self._free(run)
+            self.warnings.warning("untracked", f"[RUN] run {wire.run_label(run.info.run_id)}:"
+                                  f" over {OPEN_RUNS_MAX} runs tracked, its task state is freed;"
+                                  " tasks arriving later are processed unchecked")
+            return
+        run = next(iter(self.open.values()))  # incomplete: a complete run is not open
+        self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
+        self.unhealed.pop(run.info.run_id)
+        self._free(run)
+
+    def _drop(self, run, reason):
+        """Forget a run altogether (counted in left_out); report it first if it is open."""
+        if reason and not run.closed:
+            self.close(run, reason)
+        run_id = run.info.run_id
+        for table in (self.runs, self.open, self.unhealed, self.freed):
+            table.pop(run_id, None)
+        self.left_out += 1
+        self.left_out_latency.merge(run.latency)
+        self.left_out_latency_raw.merge(run.latency_raw)
+
+    def _free(self, run):
+        self._record_latencies(run)
+        run.free()
+        self.freed[run.info.run_id] = run
+
+    def _record_latencies(self, run):
+        self.counters.clock_skew += run.record_latencies()
+
     def _end(self, run, worker, sent):
+        if worker in run.ends:  # counts once: a second END cannot change sent_reported
+            self.warnings.warning("end", f"[RUN] run {wire.run_label(run.info.run_id)}:"
+                                         f" Pusher-{worker} sent a second END frame; ignored")
+            return
         run.ends[worker] = sent
         if run.finished and not run.closed:
             self.close(run, "complete" if run.complete else "sender finished")
@@ -216,30 +402,44 @@ class RunLedger:
             # Its confirmation may have been lost: confirm it again.
             confirms.add(run.info.run_id, worker, task)
         self.warnings.warning("dup", f"[DUP] run {wire.run_label(run.info.run_id)}"
-                                     f" {wire.client_name(msg)} task {task} arrived again;"
-                                     " dropped")
+                                     f" {logs.shown(wire.client_name(msg))} task {task} arrived"
+                                     " again; dropped")
 
-    def close(self, run, reason):
-        """Report a run in its [RUN] line; a warning when tasks are missing."""
-        run.record_latencies()  # the [RUN] line shows them
+    def close(self, run, reason, early=False):
+        """Report a run in its [RUN] line (a warning when tasks are missing), then free it
+        if it is complete; an incomplete run keeps its per-task state (unhealed).
+
+        early: a run closed to make room, reported rate-limited (a flood of runs)."""
+        self._record_latencies(run)  # the [RUN] line shows them
         run.closed = True
-        level = self.log.info if run.complete or run.info.endpoints > 1 else self.log.warning
-        level(run_line(run, reason))
-        if self.reports is not None:
-            self.reports.report(run.info.run_id, run.to_json())
+        run_id = run.info.run_id
+        self.open.pop(run_id, None)
+        if run.complete:
+            self.unhealed.pop(run_id, None)
+            self._free(run)
+        else:
+            self.unhealed[run_id] = run
+        line = run_line(run, reason)
+        if early:
+            self.warnings.warning("early", line)
+        elif run.complete or run.info.endpoints > 1:
+            self.log.info(line)
+        else:
+            self.log.warning(line)
+        if self.reports is not None:  # again when a run reported incomplete completes
+            self.reports.report(run_id, run.to_json())
 
     def report_silent(self, timeout):
         """Report every open run whose sender has said nothing for `timeout` seconds."""
         now = time.monotonic()
-        for run in self.runs.values():
-            if not run.closed and now - run.last_seen >= timeout:
+        for run in list(self.open.values()):
+            if now - run.last_seen >= timeout:
                 self.close(run, f"sender silent for {timeout:g} s")
 
     def report_open(self):
         """At shutdown: report every run not yet reported."""
-        for run in self.runs.values():
-            if not run.closed:
-                self.close(run, "still open at shutdown")
+        for run in list(self.open.values()):
+            self.close(run, "still open at shutdown")
 
     def count_spilled(self, messages):
         """Charge each DATA message saved to the spill file to its run."""
@@ -249,12 +449,14 @@ class RunLedger:
                 self.runs[info.run_id].spilled += 1
 
     def to_json(self):
-        """Every run's entry in the JSON summary."""
+        """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""
         return [run.to_json() for run in self.runs.values()]
 
     def latency(self, raw=False):
-        """Every run's latency (raw: from the actual send time) merged in one histogram."""
+        """Every run's latency (raw: from the actual send time) merged in one histogram,
+        the runs left out included."""
         merged = Histogram()
+        merged.merge(self.left_out_latency_raw if raw else self.left_out_latency)
         for run in list(self.runs.values()):  # list: the processor may add a run meanwhile
             merged.merge(run.latency_raw if raw else run.latency)
         return merged
@@ -265,9 +467,10 @@ def run_line(run, reason):
     info = run.info
     lat = run.latency.summary_ms()
     if info.endpoints == 1:
-        listed, missing = run.missing_tasks(MISSING_LISTED)
-        shown = ", ".join(f"Pusher-{w}:{t}" for w, t in listed)
-        more = f" ... +{missing - len(listed)}" if missing > len(listed) else ""
+        listed, missing = run.missing_ranges(MISSING_LISTED), run.missing
+        shown = ", ".join(range_text(r) for r in listed)
+        not_shown = missing - sum(range_size(r) for r in listed)
+        more = f" ... +{not_shown}" if not_shown > 0 else ""
         missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
         if run.spilled:
             missing_text += f", {run.spilled} of them in the spill file"
@@ -276,6 +479,10 @@ def run_line(run, reason):
         missing_text = f"share of {info.endpoints} receivers"
         received = f"received {run.received} of {run.planned} planned"
     resent = f" | resent {run.resent}" if info.confirm else ""
+    if run.untracked:
+        resent += f" | untracked {run.untracked}"
+    if run.clock_skew:
+        resent += f" | clock skew {run.clock_skew}"
     raw = run.latency_raw.summary_ms()
     raw_text = (f" (raw p99 {raw['p99']:.2f} ms max {raw['max']:.2f} ms)"
                 if info.scheduled else "")

@@ -35,7 +35,7 @@ FLAG_SCHEDULED = 0x02  # run flag: intended send times follow a schedule (--rate
 FLAG_RESENT = 0x01  # message flag: a resend of a task that was not confirmed in time
 FLAG_WARMUP = 0x02  # message flag: sent in the --warmup seconds, kept out of latency figures
 MESSAGE_TEXT = "Pusher-{worker}[PID:{pid}/TID:{tid}] - Task {task}"
-RUN_CACHE_SIZE = 1024  # runs remembered by decode() before the cache starts over
+RUNS_REMEMBERED = 65536  # runs whose first frame decode() remembers, to check the others by
 # ASCII digits, at most nine: int() of "Task" followed by thousands of digits raises.
 PLAIN_TEXT_PATTERN = re.compile(r"^(?P<client>[^\[\s]{1,40})\[.*\] - Task (?P<task>[0-9]{1,9})$")
 
@@ -207,8 +207,8 @@ def client_name(msg):
 def decode(frame, run_cache):
     """Decode one frame into a message tuple (see above); raise InvalidMessage for bad input.
 
-    run_cache maps the header's run bytes to a shared RunInfo, so a run costs one
-    object and one parse, not one per message.
+    run_cache (a dict, filled by new_run) maps the header's run bytes to a shared
+    RunInfo, so a run costs one object and one parse, not one per message.
     """
     run = run_cache.get(frame[:RUN_KEY_SIZE])
     if run is None:
@@ -234,7 +234,13 @@ def decode(frame, run_cache):
 
 
 def new_run(frame, run_cache):
-    """Parse and remember the run fields of the first frame seen from a run."""
+    """Parse and remember the run fields of the first frame seen from a run.
+
+    run_cache also maps each run id to its key: a later frame of the run whose run
+    fields differ (workers, messages per worker, flags, endpoints) is invalid, so
+    every frame of a run agrees with its first. Both kinds of key share one dict,
+    bounded to RUNS_REMEMBERED runs, the oldest forgotten first.
+    """
     if len(frame) < HEADER_SIZE:
         raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
     magic, flags, endpoints, workers, per_worker, run_id = RUN_FIELDS.unpack_from(frame)
@@ -242,9 +248,34 @@ def new_run(frame, run_cache):
         raise InvalidMessage("bad header")
     run = RunInfo(run_id, workers, per_worker, endpoints, bool(flags & FLAG_CONFIRM),
                   bool(flags & FLAG_SCHEDULED))
-    if len(run_cache) >= RUN_CACHE_SIZE:
-        run_cache.clear()  # bounded: garbage with random run ids must not grow it forever
-    run_cache[frame[:RUN_KEY_SIZE]] = run
+    return known_run(run_cache, run) or remember_run(run_cache, run, frame[:RUN_KEY_SIZE])
+
+
+def known_run(run_cache, run):
+    """The RunInfo run_cache holds for run's id, if it equals `run`; None if the id is
+    new; InvalidMessage if it differs."""
+    key = run_cache.get(run.run_id)
+    if key is None:
+        return None
+    known = run_cache[key]
+    if known != run:
+        raise InvalidMessage(f"run {run_label(run.run_id)}: run fields differ from its first"
+                             " frame's")
+    return known  # the same run under another key (a text-format run id spelled anew)
+
+
+def remember_run(run_cache, run, key=None):
+    """Put a run in run_cache (see new_run), forgetting the oldest run when it is full;
+    returns it. key: the header's run bytes, built from `run` if not given."""
+    if key is None:
+        flags = (FLAG_CONFIRM if run.confirm else 0) | (FLAG_SCHEDULED if run.scheduled else 0)
+        key = RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
+                              run.messages_per_worker, run.run_id)
+    if len(run_cache) >= 2 * RUNS_REMEMBERED:
+        oldest = run_cache.pop(next(iter(run_cache)))  # inserted in pairs: key, then id
+        run_cache.pop(oldest.run_id)
+    run_cache[key] = run
+    run_cache[run.run_id] = key
     return run
 
 
@@ -254,8 +285,7 @@ def decode_plain(frame, run_cache):
         text = frame.decode()
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not text.isprintable():
-        raise InvalidMessage("text has control characters")
+    # Control characters are allowed: logs.shown() escapes them in every log line.
     if TEXT_MARK in text:
         return decode_text_format(frame, text, run_cache)
     match = PLAIN_TEXT_PATTERN.match(text)
@@ -276,20 +306,20 @@ def decode_text_format(frame, text, run_cache):
     key = ("text", match["run"], workers, per_worker, endpoints)
     run = run_cache.get(key)
     if run is None:
-        if len(run_cache) >= RUN_CACHE_SIZE:
-            run_cache.clear()
-        run = run_cache[key] = RunInfo(int(match["run"], 16), workers, per_worker, endpoints,
-                                       scheduled=True)
+        run = RunInfo(int(match["run"], 16), workers, per_worker, endpoints, scheduled=True)
+        run = known_run(run_cache, run) or remember_run(run_cache, run, key)
     intended = None if match["warmup"] else int(match["intended"])
     return (frame, run, DATA, worker, task, int(match["sent"]), False, match["text"], "",
             intended)
 
 
-def receive_messages(sock, limit, run_cache, invalid):
-    """Up to `limit` messages waiting on `sock`, decoded, without blocking.
+def receive_messages(sock, limit, max_bytes, run_cache, invalid):
+    """Up to `limit` messages waiting on `sock`, decoded, without blocking; it stops
+    after the frame that brings their size to `max_bytes`.
 
-    Returns (messages, how many of them are END frames). A frame decode() rejects,
-    or a plain-text message of several frames, is dropped and told to invalid(reason).
+    Returns (messages, how many of them are END frames, their size in bytes). A frame
+    decode() rejects, or a plain-text message of several frames, is dropped and told
+    to invalid(reason).
     """
     # The receive thread's hot path (bench/README.md, figure (2)):
     # recv() into bytes costs 0.15 µs a frame where recv(copy=False) made a zmq.Frame
@@ -297,12 +327,15 @@ def receive_messages(sock, limit, run_cache, invalid):
     # the wire format; the local alias of recv saves 0.07 µs a frame.
     messages = []
     recv = sock.recv
-    ends = 0
+    ends = size = 0
     for _ in range(limit):
+        if size >= max_bytes:
+            break
         try:
             frame = recv(zmq.NOBLOCK)
         except zmq.Again:
             break
+        size += len(frame)
         try:
             msg = decode(frame, run_cache)
         except InvalidMessage as exc:
@@ -314,7 +347,7 @@ def receive_messages(sock, limit, run_cache, invalid):
         messages.append(msg)
         if msg[KIND] == END:
             ends += 1
-    return messages, ends
+    return messages, ends, size
 
 
 def skipped_multipart(sock, invalid):

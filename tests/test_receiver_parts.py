@@ -25,7 +25,7 @@ class Lines(logging.Handler):
 class Counters:
     """The totals a RunLedger writes."""
 
-    processed = duplicates = plain = 0
+    processed = duplicates = plain = clock_skew = 0
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log):
     assert ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1)) == 9
     (run,) = ledger.runs.values()
     assert (counters.processed, counters.duplicates, run.received, run.duplicates) == (6, 1, 6, 1)
-    assert run.closed and run.missing_tasks(10) == ([], 0)
+    assert run.closed and run.missing_ranges(10) == [] and run.missing == 0
     assert run.latency.count == 6
     reports = [line for line in log.lines.messages if line.startswith("[RUN]")]
     assert len(reports) == 1 and "received 6/6 | missing 0" in reports[0]
@@ -120,7 +120,7 @@ def test_ledger_records_a_task_only_after_its_work(log):
     assert ledger.process(batch, time.time_ns(), work, confirm.ConfirmPublisher(None, 1)) == 2
     (run,) = ledger.runs.values()
     assert worked == [0, 1] and run.received == counters.processed == 2
-    assert run.missing_tasks(10) == ([(1, 2), (1, 3), (1, 4)], 3) and not run.closed
+    assert run.missing_ranges(10) == [(1, 1, 2, 4)] and run.missing == 3 and not run.closed
     # The rest, processed later (after a restart: from the spill file), completes the run.
     assert ledger.process(batch[2:], None, lambda msg: True,
                           confirm.ConfirmPublisher(None, 1)) == 3
@@ -154,7 +154,7 @@ def test_confirmations_published_as_ranges_per_run():
 
 def test_batch_put_back_in_front_keeps_the_order():
     """A batch put back after a cold stop comes out first; take_all() keeps the order."""
-    batches = flow.BatchQueue(10)
+    batches = flow.BatchQueue(10, 1000)
     batches.put(flow.Batch(1, ["c", "d"]))
     taken = flow.Batch(0, ["a", "b"], recovered=True)
     batches.put_front(taken.rest(1))
@@ -163,3 +163,71 @@ def test_batch_put_back_in_front_keeps_the_order():
     assert first.items == ["b"] and first.recovered and first.recv_ns == 0
     batches.put_front(first)
     assert batches.take_all() == ["b", "c", "d"] and batches.qsize() == 0
+
+
+def ledger_for(log):
+    """A RunLedger writing to fresh counters; returns (ledger, counters)."""
+    counters = Counters()
+    return runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60)), counters
+
+
+def feed(ledger, frames, cache):
+    """Decode frames and let the ledger take them as one batch, without work."""
+    batch = [wire.decode(frame, cache) for frame in frames]
+    return ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1))
+
+
+def test_missing_tasks_are_ranges_over_workers_and_tasks(log):
+    """Gaps inside a worker, its tail, and workers never heard from, as ranges, in order."""
+    encoders, cache = run_frames(5, 10), {}
+    ledger, _ = ledger_for(log)
+    feed(ledger, [encoders[2].data(t) for t in (0, 1, 4, 7)] + [encoders[4].data(9)], cache)
+    (run,) = ledger.runs.values()
+    assert run.missing == 45
+    assert [runs.range_text(r) for r in run.missing_ranges(10)] == [
+        "Pusher-1:0-9", "Pusher-2:2-3", "Pusher-2:5-6", "Pusher-2:8-9", "Pusher-3:0-9",
+        "Pusher-4:0-8", "Pusher-5:0-9"]
+    assert len(run.missing_ranges(3)) == 3
+
+
+def test_open_runs_are_capped_the_oldest_closed_early(log, monkeypatch):
+    """Past OPEN_RUNS_MAX the oldest open run is closed early and freed; past RUNS_LISTED
+    the oldest freed run is left out. A freed incomplete run's later tasks are untracked."""
+    monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 3)
+    monkeypatch.setattr(runs, "RUNS_LISTED", 4)
+    ledger, counters = ledger_for(log)
+    cache, encoders = {}, [run_frames(1, 2) for _ in range(6)]
+    for enc in encoders:
+        feed(ledger, [enc[1].data(0)], cache)
+        assert len(ledger.open) + len(ledger.unhealed) <= 3 and len(ledger.runs) <= 4
+    assert len(ledger.open) == 3 and ledger.left_out == 2
+    assert any("closed early: over 3 runs open" in line for line in log.lines.messages)
+    third = encoders[2][1].run.run_id
+    assert not ledger.runs[third].tracked
+    feed(ledger, [encoders[2][1].data(1)], cache)  # its last task, after it was freed
+    entry = ledger.runs[third].to_json()
+    assert entry["untracked"] == 1 and not entry["complete"] and entry["missing"] == 1
+    assert entry["missing_tasks"] == ["Pusher-1:1"]  # as it was when freed
+    assert counters.processed == 7
+
+
+def test_a_run_reported_incomplete_is_freed_before_an_open_one(log, monkeypatch):
+    """The cap frees the oldest run already reported incomplete before closing an open run."""
+    monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 2)
+    ledger, _ = ledger_for(log)
+    cache, first, second, third = {}, run_frames(1, 2), run_frames(1, 2), run_frames(1, 2)
+    feed(ledger, [first[1].data(0)], cache)
+    ledger.report_silent(0)  # first: reported incomplete, task state kept
+    feed(ledger, [second[1].data(0)], cache)
+    feed(ledger, [third[1].data(0)], cache)
+    assert list(ledger.open) == [second[1].run.run_id, third[1].run.run_id]
+    assert not ledger.unhealed and not ledger.runs[first[1].run.run_id].tracked
+    assert not any("closed early" in line for line in log.lines.messages)
+
+
+def test_shown_escapes_control_characters_and_cuts_long_text():
+    """Printable text is returned as it is; control characters escaped; long text cut."""
+    assert logs.shown("Pusher-1 é ok") == "Pusher-1 é ok"
+    assert logs.shown("a\nb\x1b[2J\t\u2028") == "a\\nb\\x1b[2J\\t\\u2028"
+    long = logs.shown("x" * (logs.TEXT_SHOWN + 5))
+    assert long == "x" * logs.TEXT_SHOWN + " ... (+5 characters)"
