@@ -63,6 +63,7 @@ UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists a
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 SOCKETS_PER_WORKER = 3  # its PUSH, and a monitor pair while it connects to several receivers
+RECEIVER_HWM = 200  # messages a receiver buffers per connection (its RECEIVE_HWM): flush bound
 
 GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
 EXIT_OK = 0
@@ -233,6 +234,7 @@ def parse_args(argv=None):
             f"the {messages} messages per worker of --duration"
         p.error(f"--workers {a.workers} x {counted} is more than the"
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
+    cli.check_output_path(p, "--json", a.json)
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):
@@ -269,7 +271,8 @@ def open_push_socket(ctx, config):
     # Loopback may otherwise buffer megabytes per connection in the kernel: "sent"
     # would then run far ahead of a slow receiver, with no backpressure felt.
     sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
-    # Messages ZeroMQ accepted get SERVER_TIMEOUT to leave at close (LINGER 0 loses them).
+    # Messages ZeroMQ accepted get SERVER_TIMEOUT to leave at close (LINGER 0 loses them);
+    # a worker sets what is left of the run's flush deadline before it closes.
     sock.setsockopt(zmq.LINGER, int(config.timeout * 1000))
     security.apply_client_keys(sock, config.curve_keys)
     return sock
@@ -296,20 +299,31 @@ class PushWorker(ServiceThread):
         # A flood has no schedule; with --warmup its messages are flagged until then.
         self.warmup_until = clock.monotonic + config.warmup
         self.lag = latency.Histogram()  # send lag (ns) of scheduled messages past the warmup
+        self.done_sending = threading.Event()  # set once its last frame is handed to ZeroMQ
 
     def serve(self):
-        """Connect, send every task, await confirmations (--confirm), say END, close."""
+        """Connect, send every task, await confirmations (--confirm), say END; close the
+        socket once the run has ended, within the run's one flush deadline."""
+        with open_push_socket(self.ctx, self.config) as sock:
+            try:
+                self.send_all(sock)
+            finally:
+                self.done_sending.set()
+                # Open until every worker is done: then all flush toward one deadline.
+                sock.linger = self.team.flush.linger_ms()
+
+    def send_all(self, sock):
+        """Connect, send every task, await confirmations (--confirm), say END."""
         config, team = self.config, self.team
-        with open_push_socket(self.ctx, config) as sock:
-            push.connect_all(sock, config.endpoints, team.health, team.stop,
-                             within=config.heartbeat_interval)
-            sender = self.new_sender(sock)
-            encoder = FORMATS[config.format](self.run_info, self.number, os.getpid(),
-                                             threading.get_ident(), config.size)
-            with sender.turn_held():
-                self.send_tasks(sender, encoder)
-            sender.finish()
-            self.send_end(sender, encoder)
+        push.connect_all(sock, config.endpoints, team.health, team.stop,
+                         within=config.heartbeat_interval)
+        sender = self.new_sender(sock)
+        encoder = FORMATS[config.format](self.run_info, self.number, os.getpid(),
+                                         threading.get_ident(), config.size)
+        with sender.turn_held():
+            self.send_tasks(sender, encoder)
+        sender.finish()
+        self.send_end(sender, encoder)
 
     def new_sender(self, sock):
         """The send path: plain, or holding each frame until confirmed (--confirm)."""
@@ -477,7 +491,8 @@ def send_run(config, signals, log):
         return EXIT_NOT_ALL_SENT  # cannot start, as for a log file
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
-    team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries)
+    team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
+                     flow.FlushDeadline(config.timeout))
     confirmations = (confirm.Confirmations(config.workers, config.window)
                      if config.confirm else None)
     channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
@@ -511,12 +526,16 @@ def send_run(config, signals, log):
             wait_for_workers(config, workers, health, signals, stop, log, series)
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         reports = wait_for_reports(config, channel, health, signals)
+        team.flush.start()  # the run has ended: every worker closes its socket now
+        for worker in workers:
+            worker.join()
         stop.set()
         for thread in helpers:
             thread.join()
     finally:
         stop.set()  # after an unexpected error: threads let go of their sockets
-        flush_result = flush(ctx, config, totals(config, workers))
+        team.flush.start()
+        flush_result = flush(ctx, config, team.flush, workers)
     verdict_data = receiver_verdict(config, channel, reports)
     if duration is None:  # an unexpected error ended the run early
         duration = time.monotonic() - started
@@ -556,15 +575,16 @@ def pace_text(config):
 
 
 def wait_for_workers(config, workers, health, signals, stop, log, series):
-    """Join the workers, printing [STATS] (and --csv rows); the first Ctrl+C stops them.
+    """Wait until every worker is done sending, printing [STATS] (and --csv rows); the
+    first Ctrl+C stops them.
 
     The last CSV row is written once every worker is done: it agrees with the summary.
     """
     started = last_time = time.monotonic()
     last_sent = 0
     for worker in workers:
-        while worker.is_alive():
-            worker.join(POLL_INTERVAL / 1000)
+        while worker.is_alive() and not worker.done_sending.is_set():
+            worker.done_sending.wait(POLL_INTERVAL / 1000)
             if signals.first.is_set() and not stop.is_set():
                 stop.set()
                 log.warning("[STOP] interrupted: stopping workers, flushing what was sent"
@@ -600,22 +620,31 @@ def merged_lag(workers):
 
 @dataclass
 class FlushResult:
-    """Whether closing the context flushed every queued message in time."""
+    """Whether every worker's messages left the process before the run's flush deadline."""
 
     complete: bool
     unflushed_at_most: int
     seconds: float
 
 
-def flush(ctx, config, counts):
-    """Terminate the context: blocks until queued messages leave, at most SERVER_TIMEOUT."""
-    started = time.monotonic()
+def flush(ctx, config, deadline, workers):
+    """Terminate the context: blocks until every socket's queued messages have left, or
+    the flush deadline (SERVER_TIMEOUT from the end of the run) cut them off."""
     ctx.term()
-    seconds = time.monotonic() - started
-    # Every socket lingers at most SERVER_TIMEOUT; a term that took that long hit the limit.
-    complete = seconds < config.timeout - 0.05
-    bound = 0 if complete else min(counts[Outcome.SENT], config.workers * config.hwm)
-    return FlushResult(complete, bound, seconds)
+    ended = time.monotonic()
+    complete = deadline.met(ended)
+    bound = 0 if complete else unflushed_bound(config, workers)
+    return FlushResult(complete, bound, ended - deadline.started_at)
+
+
+def unflushed_bound(config, workers):
+    """The most sent messages a flush cut short may have lost: per worker, what its
+    connections can hold (flow.in_flight_bound), and never more than it sent."""
+    smallest_frame = max(config.size, wire.HEADER_SIZE)
+    per_connection = flow.in_flight_bound(smallest_frame, config.hwm, RECEIVER_HWM,
+                                          SOCKET_BUFFER, SOCKET_BUFFER)
+    per_worker = per_connection * len(config.endpoints)
+    return sum(min(worker.tally.sent, per_worker) for worker in workers)
 
 
 # ---------------------------------------------------------------------------
@@ -746,7 +775,8 @@ def summary_table(data):
         if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
             rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
     rows.append(("flush", "complete" if data["flush_complete"] else
-                 f"TIMED OUT: up to {data['unflushed_at_most']} queued messages discarded"))
+                 f"TIMED OUT: up to {data['unflushed_at_most']} sent messages may not have"
+                 " arrived"))
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
     target = data["target_rate_msg_s"]
     rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"

@@ -12,6 +12,7 @@ import platform
 import re
 import socket
 import sys
+import tempfile
 
 import zmq
 
@@ -94,6 +95,23 @@ class CsvSeries:
         """Close the file, if any."""
         if self._out is not None:
             self._out.close()
+
+
+def check_output_path(parser, flag, path):
+    """At start, before any work: exit 2 with a one-line reason (parser.error) unless a
+    file can be written at `path`, rather than find out at the end of a run."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path}: is a directory")
+    if not os.path.isdir(directory):
+        parser.error(f"{flag} {path}: directory {directory} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass  # a real write: permission bits alone do not tell (root, ACLs, read-only mounts)
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot write in {directory} ({exc.strerror})")
 
 
 def rate(count, seconds):

@@ -8,6 +8,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 
 from pushpull.threads import POLL_S
 from pushpull.wire import RAW
@@ -136,6 +137,71 @@ class WorkerTurn:
         self.give()
         yield  # an error leaves without the turn: nobody waits for it behind the queue
         self.take()
+
+
+class FlushDeadline:
+    """One flush deadline for every worker socket of a run, timed from the end of the run.
+
+    A worker keeps its socket open until the run ends (its last message may sit in
+    ZeroMQ's queue), then closes it with what is left of the deadline as its linger:
+    a socket closed early would otherwise run out of linger before the others.
+    """
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.started_at = None  # time.monotonic() at the end of the run
+        self.at = None  # time.monotonic() by which every socket must have flushed
+        self._started = threading.Event()
+
+    def start(self):
+        """The run has ended: the deadline runs from now (a second call changes nothing)."""
+        if not self._started.is_set():
+            self.started_at = time.monotonic()
+            self.at = self.started_at + self.seconds
+            self._started.set()
+
+    def linger_ms(self):
+        """Wait for the end of the run; then the milliseconds left to the deadline."""
+        while not self._started.wait(POLL_S):
+            pass  # every worker's end comes before start(): main calls it after them
+        return max(0, int((self.at - time.monotonic()) * 1000))
+
+    def met(self, now):
+        """True when `now` is before the deadline by more than a timer's slack: a
+        context term that returned then did not have to cut any socket's linger."""
+        return now < self.at - FLUSH_SLACK
+
+
+# Seconds before the flush deadline that still count as met: lingers are whole
+# milliseconds, and libzmq's timers fire within a few of their time.
+FLUSH_SLACK = 0.05
+
+# What can sit between a sender socket and a receiver, besides the two high-water
+# marks: libzmq's engines encode and decode 8 KiB at a time (ZMQ_OUT_BATCH_SIZE,
+# ZMQ_IN_BATCH_SIZE), and Linux doubles the SO_SNDBUF / SO_RCVBUF asked for (socket(7)).
+ZMQ_BATCH_BYTES = 8192  # bytes an engine holds outside its pipe, per direction
+KERNEL_BUFFER_FACTOR = 2  # bytes a kernel buffers per byte of SO_SNDBUF / SO_RCVBUF asked
+ZMTP_FRAME_OVERHEAD = 2  # bytes before a short frame on the wire: flags and length
+
+
+def in_flight_bound(frame_bytes, send_hwm, receive_hwm, send_buffer, receive_buffer):
+    """The most messages that can sit between one sender socket and one receiver's
+    application, per connection.
+
+    SNDHWM + the peer's RCVHWM + what both kernel buffers and both engines' 8 KiB
+    batches hold, counted in the smallest frame sent (`frame_bytes`): a message still
+    anywhere on this path when a flush is cut short, or a receiver dies, may be lost.
+    The buffer sizes are the SO_SNDBUF / SO_RCVBUF the sockets asked for.
+    """
+    wire_bytes = max(1, frame_bytes) + ZMTP_FRAME_OVERHEAD
+
+    def messages(buffered):
+        return -(-buffered // wire_bytes)  # rounded up: a partly held message counts
+
+    return (send_hwm + receive_hwm
+            + 2 * messages(ZMQ_BATCH_BYTES)
+            + messages(KERNEL_BUFFER_FACTOR * send_buffer)
+            + messages(KERNEL_BUFFER_FACTOR * receive_buffer))
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull.flow import TURN_MESSAGES, SendTurns, WorkerTurn
+from pushpull.flow import TURN_MESSAGES, FlushDeadline, SendTurns, WorkerTurn
 from pushpull.health import ReceiverHealth
 from pushpull.threads import POLL_INTERVAL
 
@@ -61,7 +61,8 @@ class WorkerTally:
 
 @dataclass(frozen=True)
 class Team:
-    """What the workers of one run share: turns, the receivers' health, the stop, the log."""
+    """What the workers of one run share: turns, the receivers' health, the stop, the log,
+    the flush deadline."""
 
     turns: SendTurns
     health: ReceiverHealth
@@ -69,6 +70,7 @@ class Team:
     log: logging.Logger
     timeout: float  # seconds a receiver may stay down before a retry (SERVER_TIMEOUT)
     retries: int  # retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)
+    flush: FlushDeadline  # one for all workers' sockets, from the end of the run
 
 
 def connect_all(sock, endpoints, health, stop, within):

@@ -127,7 +127,8 @@ def push_socket():
 def new_sender(sock, stop, timeout=0.2, retries=1):
     """A PushSender alone in its team, with receivers never seen up."""
     team = push.Team(flow.SendTurns(), ReceiverHealth(["tcp://nobody:1"]), stop,
-                     logging.getLogger("test_push_sender"), timeout, retries)
+                     logging.getLogger("test_push_sender"), timeout, retries,
+                     flow.FlushDeadline(timeout))
     return push.PushSender(sock, "Pusher-1", team, push.WorkerTally())
 
 
