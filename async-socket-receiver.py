@@ -9,6 +9,7 @@ run (serve: start, stop sequence), the summary. Machinery lives in pushpull/.
 
 import argparse
 import enum
+import os
 import queue
 import sys
 import time
@@ -18,7 +19,7 @@ import zmq
 
 from pushpull import cli, confirm, flow, logs, runs, security, spill, threads, wire
 from pushpull.threads import POLL_INTERVAL, POLL_S
-from pushpull.wire import DATA, END, KIND, TASK, TEXT
+from pushpull.wire import CLIENT, DATA, END, KIND, RUN, TASK, TEXT, WORKER
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -35,7 +36,7 @@ MAX_MESSAGE_SIZE = 1048576  # bytes; ZeroMQ drops a peer that sends more (ZMQ_MA
 QUIET = False  # True: no per-message lines, only [STATS], [RUN] and the summary
 STATS_INTERVAL = 5.0  # seconds between [STATS] lines while there is work
 JSON_SUMMARY = None  # path to write the final summary as JSON, or None
-SPILL_FILE = "receiver_spill.bin"  # where a cold stop saves unprocessed messages
+SPILL_FILE = "receiver_spill_{port}.bin"  # where unprocessed messages are saved; {port}: --port
 RUN_IDLE_TIMEOUT = 15.0  # seconds of silence before an unfinished sender run is reported
 CONFIRM_PORT = None  # TCP port of the confirmation PUB socket; None: TCP_PORT + 1
 CURVE_SERVER_KEY = None  # path of the receiver's secret certificate; None: no encryption
@@ -46,6 +47,8 @@ CSV_FILE = None  # path of a CSV file with one row per stats interval, or None
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
 STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
+STILL_SENDING_WINDOW = 1.0  # seconds: senders heard in this last stretch count as sending
+STILL_SENDING_COUNTED = 1000  # senders the drain tells apart at most, for its log line
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
@@ -127,7 +130,8 @@ def build_parser():
                    help="log to the console only (ENABLE_FILE_LOGGING = False)")
     cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
-                   help="where a cold stop saves unprocessed messages (SPILL_FILE)")
+                   help="where unprocessed messages are saved at a stop, for the next start;"
+                        " {port} becomes the --port (SPILL_FILE)")
     p.add_argument("--run-timeout", metavar="SECONDS",
                    type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
                    default=RUN_IDLE_TIMEOUT,
@@ -153,13 +157,16 @@ def parse_args(argv=None):
         confirm_port = confirm.confirm_port(a.port, a.confirm_port)
     except ValueError as exc:
         p.error(str(exc))
+    spill_file = a.spill_file.replace("{port}", str(a.port))
+    cli.check_output_path(p, "--spill-file", spill_file)
+    cli.check_output_path(p, "--json", a.json)
     return Config(port=a.port, confirm_port=confirm_port,
                   bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
                   queue_bytes=a.queue_bytes,
                   hwm=a.hwm, max_size=a.max_size,
                   log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
                   stats_interval=a.stats_interval, json_path=a.json,
-                  spill_file=a.spill_file, run_timeout=a.run_timeout,
+                  spill_file=spill_file, run_timeout=a.run_timeout,
                   curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
                   allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)),
                   generate_keys=a.generate_keys, csv_path=a.csv)
@@ -238,7 +245,8 @@ class Counters:
 class ReceiveThread(threads.ServiceThread):
     """Owns the PULL socket: binds it, takes its messages off in batches, queues them."""
 
-    def __init__(self, ctx, config, server_keys, batches, counters, stops, log, run_cache):
+    def __init__(self, ctx, config, server_keys, batches, counters, stops, log, run_cache,
+                 overflow):
         super().__init__("receiver", log)
         self.ctx = ctx
         self.config = config
@@ -246,6 +254,7 @@ class ReceiveThread(threads.ServiceThread):
         self.batches = batches
         self.counters = counters
         self.stops = stops
+        self.overflow = overflow  # a spill.SpillWriter: the warm-stop drain's beyond the bound
         self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
         self.peers = security.PeerWatch(counters, self.warnings, curve=bool(server_keys))
         self.run_cache = run_cache  # wire.decode()'s: a run's header bytes -> its RunInfo
@@ -272,7 +281,7 @@ class ReceiveThread(threads.ServiceThread):
         poller.register(monitor, zmq.POLLIN)
         while not self.stops.cold.is_set():
             if self.stops.warm.is_set():
-                self.drain_for_stop(sock)
+                self.drain_for_stop(sock, monitor)
                 return
             ready = dict(poller.poll(POLL_INTERVAL))
             if monitor in ready:
@@ -322,27 +331,58 @@ class ReceiveThread(threads.ServiceThread):
                 continue
         self.batches.put_past_bound(batch)
 
-    def drain_for_stop(self, sock):
-        """Warm stop: take what is already on its way (socket and TCP buffers), then stop.
+    def drain_for_stop(self, sock, monitor):
+        """Warm stop: take everything already on its way, until the socket has been quiet
+        for STOP_DRAIN_QUIET ms. What the queue's bound cannot hold goes to the spill file.
 
-        Bounded in time and to one more queue's worth of messages and bytes, so a sender
-        that keeps flooding cannot grow memory or hold the stop up.
+        Only senders that keep sending make it end on time, after STOP_DRAIN_LIMIT s.
         """
         deadline = time.monotonic() + STOP_DRAIN_LIMIT
-        room, byte_room = self.config.queue_size, self.config.queue_bytes
-        while room > 0 and byte_room > 0 and time.monotonic() < deadline \
-                and not self.stops.cold.is_set():
+        recent = set()  # senders heard in the last STILL_SENDING_WINDOW before the deadline
+        overflowing = False  # once one batch went to the spill file, all after it do
+        while not self.stops.cold.is_set():
+            self.peers.read(monitor)
             if not sock.poll(STOP_DRAIN_QUIET):
                 return
-            batch = self.receive(sock, min(BATCH_MAX, room), byte_room)
-            if batch is not None:
-                self.batches.put_past_bound(batch)
-                room -= len(batch.items)
-                byte_room -= batch.nbytes
-        if sock.poll(0):
-            self.log.warning("[STOP] senders are still sending; messages not taken off the"
-                             " socket by now are not received (their senders counted them"
-                             " as sent: --confirm resends them)")
+            now = time.monotonic()
+            if now >= deadline:
+                self.log_still_sending(recent)
+                return
+            room, byte_room = (0, 0) if overflowing else self.batches.wait_for_room(0)
+            fits = room > 0 and byte_room > 0
+            # A batch for the spill file is bounded like the queue, in messages and bytes.
+            batch = (self.receive(sock, min(BATCH_MAX, room), byte_room) if fits
+                     else self.receive(sock, BATCH_MAX, self.config.queue_bytes))
+            if batch is None:
+                continue
+            if now >= deadline - STILL_SENDING_WINDOW and len(recent) < STILL_SENDING_COUNTED:
+                recent.update((msg[RUN], msg[WORKER] or msg[CLIENT]) for msg in batch.items)
+            if fits:
+                self.batches.put_past_bound(batch)  # it fits: taken up to the bound
+            elif not self.spill_overflow(batch):
+                return
+            else:
+                overflowing = True
+
+    def spill_overflow(self, batch):
+        """Save a batch beyond the queue's bound to the spill file; False if it failed."""
+        try:
+            self.overflow.write(batch.items)
+        except OSError:
+            self.log.error(f"[SPILL] cannot write {self.overflow.temporary}:"
+                           f" {self.overflow.error}; stopped taking messages off the socket")
+            return False
+        return True
+
+    def log_still_sending(self, recent):
+        """The drain ran out of time: messages were still arriving; say from how many."""
+        senders = (f"at least {len(recent)}" if len(recent) >= STILL_SENDING_COUNTED
+                   else str(len(recent)))
+        self.log.warning(f"[STOP] still receiving after {STOP_DRAIN_LIMIT:g} s: messages from"
+                         f" {senders} sender workers arrived in the last"
+                         f" {STILL_SENDING_WINDOW:g} s ({self.counters.peers} connections open);"
+                         " what is still on its way is not received (its senders counted it"
+                         " as sent: --confirm resends it)")
 
     def invalid(self, reason):
         """Count a message dropped as invalid, and say why (rate-limited)."""
@@ -457,10 +497,24 @@ class StopKind(enum.Enum):
 
 
 def serve(config, signals, log):
+    """Own the spill file for the whole run; serve() does the rest."""
+    lock = spill.SpillLock(config.spill_file)
+    try:
+        lock.acquire()
+    except spill.SpillError as exc:
+        log.error(f"[ERROR] {exc}")
+        return EXIT_STARTUP_FAILED
+    try:
+        return serve_with_spill_file(config, signals, log)
+    finally:
+        lock.release()
+
+
+def serve_with_spill_file(config, signals, log):
     """Start both threads, wait for a stop, shut down in order, report."""
     counters = Counters()
     try:
-        recovered, counters.invalid = spill.load(config.spill_file)
+        recovered, counters.invalid = recover_spill(config.spill_file, log)
         server_keys = security.load_server_keys(config.curve_server_key, config.curve_allow)
     except (spill.SpillError, security.KeyFileError) as exc:
         log.error(f"[ERROR] {exc}")
@@ -477,13 +531,14 @@ def serve(config, signals, log):
     stops = flow.StopEvents()
     batches = flow.BatchQueue(config.queue_size, config.queue_bytes)
     run_cache = known_runs(recovered)
+    saved = spill.SpillWriter(config.spill_file)  # the receive thread's drain, then main
     ctx = zmq.Context()
     gatekeeper = None
     try:
         gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips, curve,
                                                config.curve_allow)
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
-                                 run_cache)
+                                 run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)
         if not start_threads(receiver, processor, recovered, config, log):
             return EXIT_STARTUP_FAILED
@@ -494,7 +549,7 @@ def serve(config, signals, log):
         log.info("Server is running. Press Ctrl+C to stop.")
         rows = CsvRows(series, processor.runs, started)
         dead = wait_for_stop(signals, counters, config, log, (receiver, processor), rows)
-        stop_kind = shut_down(dead, signals, receiver, processor, config, log)
+        stop_kind = shut_down(dead, signals, receiver, processor, saved, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
         if gatekeeper is not None:
@@ -512,6 +567,21 @@ def known_runs(recovered):
         if info is not None and info.run_id not in run_cache:
             wire.remember_run(run_cache, info)
     return run_cache
+
+
+def recover_spill(path, log):
+    """At start: what a spill file holds (messages, invalid count), after the checks;
+    SpillError when it cannot be used. A file with nothing to process is removed."""
+    if spill.remove_stale_temporary(path):
+        log.warning(f"[SPILL] removed {path}{spill.TEMPORARY_SUFFIX}: a receiver was stopped"
+                    " (killed?) while it saved its spill file; the messages it held are lost")
+    recovered, invalid = spill.load(path)
+    if not recovered and os.path.exists(path):
+        # Nothing to process: counted once here, not again at every start.
+        spill.remove(path)
+        log.warning(f"[SPILL] {path} held no message to process ({invalid} invalid);"
+                    " removed")
+    return recovered, invalid
 
 
 def count_data(messages):
@@ -565,17 +635,20 @@ def finish_backlog(signals, receiver, processor, log):
 
     Every wait here can be cut short: a second signal turns the stop cold.
     """
-    stops, counters = processor.stops, processor.counters
+    stops, batches = processor.stops, processor.batches
     stops.warm.set()
     wait_for_thread(receiver, signals, stops, log)
+    saved = receiver.overflow.data  # final: the receive thread is done
     if processor.is_alive():
-        log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog} waiting"
-                 " (Ctrl+C again to stop at once and save them to the spill file)")
+        beyond = (f"; {saved} more, beyond the queue's bound, go to the spill file"
+                  if saved else "")
+        log.info(f"[STOP] stopping: no new messages; processing the {batches.qsize()} waiting"
+                 f"{beyond} (Ctrl+C again to stop at once and save them to the spill file)")
     next_progress = time.monotonic() + 1.0
     while processor.is_alive():
         wait_for_thread(processor, signals, stops, log, POLL_S)
         if time.monotonic() >= next_progress and processor.is_alive():
-            log.info(f"[STOP] backlog: {counters.backlog} messages left to process")
+            log.info(f"[STOP] backlog: {batches.qsize()} messages left to process")
             next_progress += 1.0
 
 
@@ -589,7 +662,7 @@ def wait_for_thread(thread, signals, stops, log, timeout=None):
             log.warning("[STOP] second signal: stopping at once")
 
 
-def shut_down(dead, signals, receiver, processor, config, log):
+def shut_down(dead, signals, receiver, processor, saved, log):
     """The stop sequence, after a signal or a dead thread: stop receiving, finish the
     backlog (or not, on a cold stop), spill what is left, report open runs."""
     if dead is receiver:
@@ -599,25 +672,28 @@ def shut_down(dead, signals, receiver, processor, config, log):
                   " spill file")
     finish_backlog(signals, receiver, processor, log)
     leftovers = processor.batches.take_all()  # a cold stop put its unfinished batch back
-    if leftovers:
-        save_spill(leftovers, config.spill_file, processor.counters, processor.runs, log)
+    if leftovers or saved.started:
+        save_spill(saved, leftovers, processor.counters, processor.runs, log)
     processor.runs.report_open()
     if dead is not None:
         return StopKind.FAILED
     return StopKind.COLD if processor.stops.cold.is_set() else StopKind.WARM
 
 
-def save_spill(messages, path, counters, ledger, log):
-    """Cold stop: save what was received but not processed, and say how many."""
-    ledger.count_spilled(messages)
+def save_spill(saved, leftovers, counters, ledger, log):
+    """Complete the spill file: what the warm-stop drain put there, then what a cold
+    stop left unprocessed. Counted once, for the [RUN] lines, runs[] and the summary."""
     try:
-        spill.save(path, messages)
-    except OSError as exc:
-        log.error(f"[SPILL] could not write {path}: {exc.strerror}; messages LOST")
+        saved.write(leftovers)
+        saved.commit()
+    except OSError:
+        log.error(f"[SPILL] could not write {saved.path}: {saved.error}; {saved.lost}"
+                  " received but unprocessed messages LOST")
         return
-    counters.spilled = count_data(messages)
-    log.warning(f"[SPILL] {counters.spilled} received but unprocessed messages saved to {path};"
-                " the next start processes them first")
+    counters.spilled = saved.data
+    ledger.count_spilled(saved.runs)
+    log.warning(f"[SPILL] {saved.data} received but unprocessed messages saved to"
+                f" {saved.path}; the next start processes them first")
 
 
 # ---------------------------------------------------------------------------

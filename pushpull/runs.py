@@ -5,7 +5,7 @@ import time
 
 from pushpull import logs, wire
 from pushpull.latency import Histogram
-from pushpull.wire import DATA, END, KIND, RUN, TASK, WORKER
+from pushpull.wire import END, TASK, WORKER
 
 MISSING_LISTED = 20  # a [RUN] line lists up to this many ranges of missing tasks
 OPEN_RUNS_MAX = 1000  # runs whose per-task state is kept (open, or reported incomplete)
@@ -441,12 +441,13 @@ class RunLedger:
         for run in list(self.open.values()):
             self.close(run, "still open at shutdown")
 
-    def count_spilled(self, messages):
-        """Charge each DATA message saved to the spill file to its run."""
-        for msg in messages:
-            info = msg[RUN]
-            if info is not None and msg[KIND] == DATA and info.run_id in self.runs:
-                self.runs[info.run_id].spilled += 1
+    def count_spilled(self, spilled):
+        """Charge the tasks saved to the spill file to their runs (`spilled`: RunInfo ->
+        count), a run none of whose tasks was processed included."""
+        now = time.monotonic()
+        for info, count in spilled.items():
+            run = self.runs.get(info.run_id) or self._new_run(info, now)
+            run.spilled += count
 
     def to_json(self):
         """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""

@@ -1,26 +1,137 @@
-"""The spill file: where a receiver's cold stop saves the messages it received but
-did not process, for its next start to process first. This module is its only reader
-and writer.
+"""The spill file: where a receiver saves the messages it received but did not process
+(a cold stop's backlog; what a warm stop drained beyond the queue's bound), for its
+next start to process first. This module is its only reader and writer.
 
-Format: SPILL_MAGIC, then per message its raw frame's length (4 bytes, big-endian)
-and the frame.
+Format 2: SPILL_MAGIC; per message a record: its raw frame's length and the CRC-32
+of the frame (RECORD), then the frame; last a trailer: END_MARK where a length would
+be, the number of frames and the CRC-32 of that number (TRAILER). A file cut short,
+even at a frame boundary, has no trailer; a changed byte fails a CRC.
+Format 1 (SPILL_MAGIC_1, frames with their lengths only) is still read.
+
+While a receiver owns a spill file it holds PATH.lock, locked by the operating system
+(released even when the process is killed): a second receiver refuses the same file.
+A save writes PATH.tmp and renames it to PATH once complete.
 """
 
+import collections
 import os
+import struct
+import zlib
 
 from pushpull import wire
 
-SPILL_MAGIC = b"ZPPSPILL1\n"  # first bytes of a spill file
-LENGTH_SIZE = 4  # bytes of each frame's length prefix
+SPILL_MAGIC = b"ZPPSPILL2\n"  # first bytes of a spill file, format 2
+SPILL_MAGIC_1 = b"ZPPSPILL1\n"  # format 1: no CRCs, no trailer
+RECORD = struct.Struct("!II")  # frame length (bytes), CRC-32 of the frame
+LENGTH_1 = struct.Struct("!I")  # format 1: frame length (bytes)
+END_MARK = 0xFFFFFFFF  # in a record's length field: the trailer follows
+TRAILER = struct.Struct("!QI")  # frames in the file, CRC-32 of those 8 bytes
+TEMPORARY_SUFFIX = ".tmp"  # PATH.tmp: a save in progress
+LOCK_SUFFIX = ".lock"  # PATH.lock: held by the receiver that owns PATH
 
 
 class SpillError(Exception):
-    """The spill file exists but cannot be read."""
+    """The spill file cannot be used: unreadable, damaged, or another receiver's."""
 
 
+# ---------------------------------------------------------------------------
+# Ownership: one receiver per spill file
+# ---------------------------------------------------------------------------
+def _lock_exclusively(handle):
+    """Lock an open file for this process, without waiting; OSError if another holds it.
+
+    The operating system lets go when the process ends, however it ends.
+    """
+    if os.name == "nt":
+        import msvcrt
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class SpillLock:
+    """PATH.lock, locked while this receiver owns the spill file PATH; holds its pid."""
+
+    def __init__(self, path):
+        self.spill_path = path
+        self.path = path + LOCK_SUFFIX
+        self._handle = None
+
+    def acquire(self):
+        """Take the lock; SpillError if another receiver holds it or it cannot be made."""
+        while self._handle is None:
+            try:
+                handle = open(self.path, "a+", encoding="ascii")
+            except OSError as exc:
+                raise SpillError(f"cannot create {self.path}: {exc.strerror}") from None
+            try:
+                _lock_exclusively(handle)
+            except OSError:
+                owner = _owner(handle)
+                handle.close()
+                raise SpillError(f"spill file {self.spill_path} is in use by another receiver"
+                                 f"{owner}: give each receiver its own --spill-file") from None
+            if _same_file(handle, self.path):
+                handle.seek(0)
+                handle.truncate()
+                handle.write(str(os.getpid()))
+                handle.flush()
+                self._handle = handle
+            else:
+                handle.close()  # its owner removed it as we locked it: lock the new one
+
+    def release(self):
+        """Remove the lock file and let go of the lock."""
+        if self._handle is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass  # Windows keeps an open file; the lock itself goes with the handle
+        self._handle.close()
+        self._handle = None
+
+
+def _owner(handle):
+    """' (pid N)' from a lock file held by another receiver, or '' if it cannot be read."""
+    try:
+        handle.seek(0)
+        pid = handle.read(20).strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _same_file(handle, path):
+    """True when the open `handle` is still the file at `path`."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
+def remove_stale_temporary(path):
+    """Remove PATH.tmp, left when a receiver was killed while saving; True if there was one.
+
+    Call it with the lock held: only then is no live receiver writing it.
+    """
+    try:
+        os.remove(path + TEMPORARY_SUFFIX)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise SpillError(f"cannot remove {path}{TEMPORARY_SUFFIX}: {exc.strerror}") from None
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Reading back
+# ---------------------------------------------------------------------------
 def load(path):
-    """The messages a cold stop saved to `path`, decoded, and how many frames did not
-    decode; ([], 0) when there is no spill file. Raises SpillError."""
+    """The messages saved to `path`, decoded, and how many frames did not decode;
+    ([], 0) when there is no spill file or it is empty. Raises SpillError."""
     messages, invalid, run_cache = [], 0, {}
     for frame in _read_frames(path):
         try:
@@ -38,30 +149,156 @@ def _read_frames(path):
         return []
     except OSError as exc:
         raise SpillError(f"cannot read spill file {path}: {exc.strerror}") from None
-    if not data.startswith(SPILL_MAGIC):
-        raise SpillError(f"spill file {path} is not a spill file (kept as it is)")
-    frames, pos = [], len(SPILL_MAGIC)
+    if not data:
+        return []  # created, never written: nothing was saved
+    try:
+        if data.startswith(SPILL_MAGIC):
+            return _frames(data, len(SPILL_MAGIC))
+        if data.startswith(SPILL_MAGIC_1):
+            return _frames_1(data, len(SPILL_MAGIC_1))
+    except SpillError as exc:
+        raise SpillError(f"spill file {path} is {exc} (kept as it is: move it away to start"
+                         " without it)") from None
+    raise SpillError(f"spill file {path} is not a spill file (kept as it is)")
+
+
+def _frames(data, pos):
+    """Format 2: every frame's CRC checked, the trailer's count too."""
+    frames = []
+    while True:
+        if pos + RECORD.size > len(data):
+            raise SpillError(f"truncated after {len(frames)} frames (no trailer)")
+        size, crc = RECORD.unpack_from(data, pos)
+        pos += RECORD.size
+        if size == END_MARK:
+            break
+        frame = data[pos:pos + size]
+        if len(frame) < size:
+            raise SpillError(f"truncated in frame {len(frames) + 1}")
+        if zlib.crc32(frame) != crc:
+            raise SpillError(f"corrupt: frame {len(frames) + 1} fails its CRC")
+        frames.append(frame)
+        pos += size
+    pos -= RECORD.size - LENGTH_1.size  # the trailer starts after END_MARK's 4 bytes
+    if pos + TRAILER.size != len(data):
+        raise SpillError("corrupt: the trailer is not where the file ends")
+    count, crc = TRAILER.unpack_from(data, pos)
+    if zlib.crc32(data[pos:pos + 8]) != crc or count != len(frames):
+        raise SpillError(f"corrupt: the trailer does not count the {len(frames)} frames")
+    return frames
+
+
+def _frames_1(data, pos):
+    """Format 1: lengths only; a cut inside a frame is all it can tell."""
+    frames = []
     while pos < len(data):
-        end = pos + LENGTH_SIZE
-        size = int.from_bytes(data[pos:end], "big")
+        end = pos + LENGTH_1.size
+        size = LENGTH_1.unpack_from(data, pos)[0] if end <= len(data) else 0
         if end > len(data) or end + size > len(data):
-            raise SpillError(f"spill file {path} is truncated (kept as it is)")
+            raise SpillError("truncated")
         frames.append(data[end:end + size])
         pos = end + size
     return frames
 
 
-def save(path, messages):
-    """Save messages (their raw frames) to `path`, atomically (via a temporary file);
-    raises OSError."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as spill:
-        spill.write(SPILL_MAGIC)
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+class SpillWriter:
+    """Writes a spill file: frames go to PATH.tmp as they come; commit() makes it PATH.
+
+    Counts what it holds, for the receiver's one set of spill counts: `data`
+    (messages that carry a task: END frames do not) and `runs` (RunInfo -> how many
+    of `data` are that run's). A failed write gives the whole file up: `lost` then
+    counts every message it had or was given, and `error` says why.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.temporary = path + TEMPORARY_SUFFIX
+        self.frames = 0
+        self.data = 0
+        self.runs = collections.Counter()
+        self.lost = 0
+        self.error = None
+        self._file = None
+
+    @property
+    def started(self):
+        """True once a message was given to it."""
+        return bool(self.frames or self.lost or self._file is not None)
+
+    def write(self, messages):
+        """Append messages (their raw frames) to PATH.tmp; raises OSError."""
+        if self.error is not None:
+            self.lost += _count_data(messages)
+            raise OSError(self.error)
+        records = []
         for msg in messages:
             frame = msg[wire.RAW]
-            spill.write(len(frame).to_bytes(LENGTH_SIZE, "big"))
-            spill.write(frame)
-    os.replace(temporary, path)
+            records += (RECORD.pack(len(frame), zlib.crc32(frame)), frame)
+        try:
+            if self._file is None:
+                self._file = open(self.temporary, "wb")
+                self._file.write(SPILL_MAGIC)
+            self._file.write(b"".join(records))
+        except OSError as exc:
+            self._fail(exc, _count_data(messages))
+            raise
+        self.frames += len(messages)
+        for msg in messages:
+            if msg[wire.KIND] == wire.DATA:
+                self.data += 1
+                if msg[wire.RUN] is not None:
+                    self.runs[msg[wire.RUN]] += 1
+
+    def commit(self):
+        """Write the trailer, flush the file to disk and rename it to PATH; raises OSError."""
+        if self.error is not None:
+            raise OSError(self.error)
+        if self._file is None:
+            return
+        count = self.frames.to_bytes(8, "big")
+        try:
+            self._file.write(LENGTH_1.pack(END_MARK) + TRAILER.pack(self.frames,
+                                                                    zlib.crc32(count)))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.temporary, self.path)
+        except OSError as exc:
+            self._fail(exc, 0)
+            raise
+        self._file = None
+
+    def _fail(self, exc, more_lost):
+        """Give up the file: close and remove PATH.tmp; everything it held is lost."""
+        self.error = exc.strerror or str(exc)
+        self.lost += self.data + more_lost
+        self.data, self.frames = 0, 0
+        self.runs.clear()
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # a full disk can fail the close too: the file goes anyway
+            self._file = None
+        try:
+            os.remove(self.temporary)
+        except OSError:
+            pass  # never created, or already gone
+
+
+def _count_data(messages):
+    return sum(1 for msg in messages if msg[wire.KIND] == wire.DATA)
+
+
+def save(path, messages):
+    """Save messages (their raw frames) to `path` in one go; raises OSError."""
+    writer = SpillWriter(path)
+    writer.write(messages)
+    writer.commit()
+    return writer
 
 
 def remove(path):

@@ -154,7 +154,7 @@ def test_cold_stop_then_restart_loses_nothing_and_counts_duplicates(procs, tmp_p
     spilled = first.summary()
     assert spilled["stop"] == "cold" and spilled["spilled"] > 0, spilled
     assert_accounted(spilled)
-    assert (workdir / "receiver_spill.bin").exists()
+    assert (workdir / f"receiver_spill_{first.port}.bin").exists()
     second = procs.receiver(*FAST_RECEIVER, "--quiet", port=first.port, cwd=workdir,
                             name="second")
     result = assert_all_confirmed(sender, 600)
@@ -165,7 +165,7 @@ def test_cold_stop_then_restart_loses_nothing_and_counts_duplicates(procs, tmp_p
     # Every spilled task was unconfirmed, so it also came back as a resend: a duplicate.
     assert summary["duplicates"] >= summary["recovered"], summary
     assert spilled["processed"] + summary["processed"] >= 600, (spilled, summary)
-    assert not (workdir / "receiver_spill.bin").exists()
+    assert not (workdir / f"receiver_spill_{first.port}.bin").exists()
     run = [r for r in summary["runs"] if r["run_id"] == result["run_id"]][0]
     assert run["duplicates"] >= summary["recovered"], run
     # The [RUN] line shows the duplicates counted by the time the run was reported.

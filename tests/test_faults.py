@@ -28,7 +28,11 @@ DETECT_LIMIT = HEARTBEAT + 1.0  # the spec: a dead or hung receiver is seen with
 # detection (no ZMTP heartbeats) a stopped receiver is never seen down at all.
 DETECT_BOUND = 2 * DETECT_LIMIT
 QUIET_RECEIVER = ("--quiet", "--no-file-log", "--processing-time", "0")
-SPILL_NAME = "receiver_spill.bin"
+
+
+def spill_name(port):
+    """The receiver's default spill file name (SPILL_FILE) for `port`."""
+    return f"receiver_spill_{port}.bin"
 
 
 def sender_args(workers, messages, delay, timeout=1.0, retries=1, *extra):
@@ -299,12 +303,12 @@ def test_double_sigint_spills_backlog_and_next_start_recovers_it(procs, tmp_path
     assert first["spilled"] > 0
     assert first["received"] == first["processed"] + first["spilled"], first
     assert first["unprocessed"] == 0
-    spill_file = tmp_path / SPILL_NAME
+    spill_file = tmp_path / spill_name(receiver.port)
     assert spill_file.exists()
     assert receiver.lines(rf"\[SPILL\] {first['spilled']} received but unprocessed")
 
     second = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0",
-                            name="receiver_again")
+                            port=receiver.port, name="receiver_again")
     second.wait_for_output(r"\[SPILL\] recovered messages processed; removed", timeout=20)
     assert not spill_file.exists()
     assert second.stop() == 0
@@ -336,7 +340,7 @@ def test_single_sigint_processes_whole_backlog(procs):
     assert got["stop"] == "warm"
     assert got["received"] == got["processed"] == 400
     assert got["spilled"] == 0 and got["unprocessed"] == 0
-    assert not (receiver.out_path.parent / SPILL_NAME).exists()
+    assert not (receiver.out_path.parent / spill_name(receiver.port)).exists()
     # At 0.01 s a message, 200 waiting are 2 s of work: a progress line is due each second.
     stopping = receiver.lines(r"\[STOP\] stopping: .*processing the \d+ waiting")
     assert stopping, receiver.output()[-2000:]
@@ -446,10 +450,10 @@ def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs, worke
 # ---------------------------------------------------------------------------
 # Receiver startup failures
 # ---------------------------------------------------------------------------
-def start_must_fail(procs, *args, within=5.0):
+def start_must_fail(procs, *args, within=5.0, port=None):
     """Start a receiver that must exit non-zero at once; returns its output."""
     started = time.monotonic()
-    receiver = procs.receiver(*args, wait_ready=False)
+    receiver = procs.receiver(*args, wait_ready=False, port=port)
     status = receiver.wait(15)
     took = time.monotonic() - started
     output = receiver.output()
@@ -499,10 +503,11 @@ def test_bad_bind_address_is_one_line_and_exit_1(procs, address, reason):
 
 
 def test_corrupt_spill_file_fails_at_once_and_is_kept(procs, tmp_path):
-    """Junk in receiver_spill.bin: non-zero exit, and the file is left exactly as it was."""
-    spill_file = tmp_path / SPILL_NAME
+    """Junk in the spill file: non-zero exit, and the file is left exactly as it was."""
+    port = free_port()
+    spill_file = tmp_path / spill_name(port)
     junk = b"this is not a spill file\x00\x01\x02"
     spill_file.write_bytes(junk)
-    output = start_must_fail(procs, "--no-file-log")
-    assert SPILL_NAME in output and "kept" in output, output
+    output = start_must_fail(procs, "--no-file-log", port=port)
+    assert spill_name(port) in output and "kept" in output, output
     assert spill_file.read_bytes() == junk

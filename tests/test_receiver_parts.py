@@ -1,6 +1,7 @@
 """The receiver's package pieces on their own: spill file, run ledger, confirmations, queue."""
 
 import logging
+import os
 import random
 import time
 
@@ -60,29 +61,104 @@ def test_spill_file_round_trip(tmp_path):
     assert spill.remove(path) is True and spill.remove(path) is False
 
 
-@pytest.mark.parametrize("data, problem", [
-    (b"junk that is not a spill file", "not a spill file"),
-    (spill.SPILL_MAGIC + (10).to_bytes(4, "big") + b"short", "truncated"),
-    (spill.SPILL_MAGIC + b"\x00\x00", "truncated"),
+def saved_bytes(tmp_path, count=3):
+    """The bytes of a spill file holding `count` tasks of one run."""
+    path = tmp_path / "saved.bin"
+    cache = {}
+    spill.save(str(path), [wire.decode(run_frames(1, count)[1].data(t), cache)
+                           for t in range(count)])
+    return path.read_bytes()
+
+
+def damaged(kind, data):
+    """A spill file's bytes, damaged in one way."""
+    record_end = len(spill.SPILL_MAGIC) + spill.RECORD.size
+    frame_size = spill.RECORD.unpack_from(data, len(spill.SPILL_MAGIC))[0]
+    first_frame_end = record_end + frame_size
+    return {
+        "junk": b"junk that is not a spill file",
+        "cut inside a frame": data[:first_frame_end - 3],
+        "cut at a frame boundary": data[:first_frame_end],
+        "no trailer": data[:-spill.TRAILER.size - spill.LENGTH_1.size],
+        "flipped byte": data[:record_end + 5] + bytes([data[record_end + 5] ^ 1])
+                        + data[record_end + 6:],
+        "bytes after the trailer": data + b"\x00",
+        "format 1 cut short": spill.SPILL_MAGIC_1 + (10).to_bytes(4, "big") + b"short",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("junk", "not a spill file"),
+    ("cut inside a frame", "truncated"),
+    ("cut at a frame boundary", "truncated after 1 frames"),
+    ("no trailer", "truncated after 3 frames"),
+    ("flipped byte", "corrupt: frame 1 fails its CRC"),
+    ("bytes after the trailer", "corrupt"),
+    ("format 1 cut short", "truncated"),
 ])
-def test_spill_file_that_cannot_be_read_raises(tmp_path, data, problem):
-    """A file that is not a spill file, or is cut short, raises SpillError and is kept."""
+def test_spill_file_that_cannot_be_read_raises(tmp_path, kind, problem):
+    """A file that is not a spill file, cut short (at a frame boundary too) or changed
+    raises SpillError and is kept."""
     path = tmp_path / "spill.bin"
+    data = damaged(kind, saved_bytes(tmp_path))
     path.write_bytes(data)
     with pytest.raises(spill.SpillError, match=problem):
         spill.load(str(path))
     assert path.read_bytes() == data
 
 
+def test_zero_length_spill_file_is_empty(tmp_path):
+    """A spill file of no bytes (created, never written) holds nothing: no error."""
+    path = tmp_path / "spill.bin"
+    path.write_bytes(b"")
+    assert spill.load(str(path)) == ([], 0)
+
+
+def test_format_1_spill_file_is_still_read(tmp_path):
+    """A spill file an older receiver wrote (format 1) is read back."""
+    good = wire.decode(run_frames(1, 1)[1].data(0), {})
+    path = tmp_path / "spill.bin"
+    path.write_bytes(spill.SPILL_MAGIC_1 + len(good[wire.RAW]).to_bytes(4, "big")
+                     + good[wire.RAW])
+    loaded, invalid = spill.load(str(path))
+    assert [m[wire.RAW] for m in loaded] == [good[wire.RAW]] and invalid == 0
+
+
 def test_spill_frame_that_does_not_decode_is_counted(tmp_path):
     """A saved frame that no longer decodes is counted, not returned."""
     path = str(tmp_path / "spill.bin")
     good = wire.decode(run_frames(1, 1)[1].data(0), {})
-    spill.save(path, [good, (b"\xff\x01bad",)])
+    spill.save(path, [good, (b"\xff\x01bad",) + good[1:]])
     loaded, invalid = spill.load(path)
     assert [m[wire.RAW] for m in loaded] == [good[wire.RAW]] and invalid == 1
 
 
+def test_spill_writer_counts_what_it_holds_and_a_failed_write_loses_it_all(tmp_path):
+    """Counts per run while it writes; a write that fails removes PATH.tmp and counts
+    everything it held, and all it is given after, as lost."""
+    encoders, cache = run_frames(2, 3), {}
+    messages = [wire.decode(encoders[w].data(t), cache) for w in (1, 2) for t in range(3)]
+    path = tmp_path / "spill.bin"
+    writer = spill.SpillWriter(str(path))
+    writer.write(messages[:4])
+    assert (writer.data, sum(writer.runs.values())) == (4, 4)
+    assert sorted(info.run_id for info in writer.runs) == [messages[0][wire.RUN].run_id]
+    writer.commit()
+    assert spill.load(str(path))[0][3][wire.RAW] == messages[3][wire.RAW]
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to make a write fail as on a full disk")
+    full = spill.SpillWriter(str(path))
+    os.symlink("/dev/full", full.temporary)  # every write fails: no space left
+    with pytest.raises(OSError):
+        full.write(messages[:4])
+        full.commit()  # the write may only fail here, when the buffer is flushed
+    with pytest.raises(OSError):
+        full.write(messages[4:])
+    assert (full.data, full.lost, full.runs) == (0, 6, {}), vars(full)
+    assert "space" in full.error
+    assert not os.path.lexists(full.temporary)
+    assert len(spill.load(str(path))[0]) == 4  # the spill file before it is untouched
 def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log):
     """Out of order, duplicates and END frames: each task counted once, one [RUN] line."""
     encoders, cache = run_frames(2, 3), {}
