@@ -6,7 +6,8 @@ Format 2: SPILL_MAGIC; per message a record: its raw frame's length and the CRC-
 of the frame (RECORD), then the frame; last a trailer: END_MARK where a length would
 be, the number of frames and the CRC-32 of that number (TRAILER). A file cut short,
 even at a frame boundary, has no trailer; a changed byte fails a CRC.
-Format 1 (SPILL_MAGIC_1, frames with their lengths only) is still read.
+A format 1 file (SPILL_MAGIC_1) holds frames of wire format 1, which this version
+cannot decode: it is refused, and kept.
 
 While a receiver owns a spill file it holds PATH.lock, locked by the operating system
 (released even when the process is killed): a second receiver refuses the same file.
@@ -21,10 +22,9 @@ import zlib
 from pushpull import wire
 
 SPILL_MAGIC = b"ZPPSPILL2\n"  # first bytes of a spill file, format 2
-SPILL_MAGIC_1 = b"ZPPSPILL1\n"  # format 1: no CRCs, no trailer
+SPILL_MAGIC_1 = b"ZPPSPILL1\n"  # format 1: no CRCs, no trailer, wire format 1 frames
 RECORD = struct.Struct("!II")  # frame length (bytes), CRC-32 of the frame
-LENGTH_1 = struct.Struct("!I")  # format 1: frame length (bytes)
-END_MARK = 0xFFFFFFFF  # in a record's length field: the trailer follows
+END_MARK = struct.pack("!I", 0xFFFFFFFF)  # where a record's length would be: the trailer
 TRAILER = struct.Struct("!QI")  # frames in the file, CRC-32 of those 8 bytes
 TEMPORARY_SUFFIX = ".tmp"  # PATH.tmp: a save in progress
 LOCK_SUFFIX = ".lock"  # PATH.lock: held by the receiver that owns PATH
@@ -151,15 +151,16 @@ def _read_frames(path):
         raise SpillError(f"cannot read spill file {path}: {exc.strerror}") from None
     if not data:
         return []  # created, never written: nothing was saved
+    keep = "kept as it is: move it away to start without it"
+    if data.startswith(SPILL_MAGIC_1):
+        raise SpillError(f"spill file {path} was written by an older receiver (spill format"
+                         f" 1), whose messages this one cannot decode ({keep})")
+    if not data.startswith(SPILL_MAGIC):
+        raise SpillError(f"spill file {path} is not a spill file ({keep})")
     try:
-        if data.startswith(SPILL_MAGIC):
-            return _frames(data, len(SPILL_MAGIC))
-        if data.startswith(SPILL_MAGIC_1):
-            return _frames_1(data, len(SPILL_MAGIC_1))
+        return _frames(data, len(SPILL_MAGIC))
     except SpillError as exc:
-        raise SpillError(f"spill file {path} is {exc} (kept as it is: move it away to start"
-                         " without it)") from None
-    raise SpillError(f"spill file {path} is not a spill file (kept as it is)")
+        raise SpillError(f"spill file {path} is {exc} ({keep})") from None
 
 
 def _frames(data, pos):
@@ -168,10 +169,11 @@ def _frames(data, pos):
     while True:
         if pos + RECORD.size > len(data):
             raise SpillError(f"truncated after {len(frames)} frames (no trailer)")
+        if data.startswith(END_MARK, pos):
+            pos += len(END_MARK)
+            break
         size, crc = RECORD.unpack_from(data, pos)
         pos += RECORD.size
-        if size == END_MARK:
-            break
         frame = data[pos:pos + size]
         if len(frame) < size:
             raise SpillError(f"truncated in frame {len(frames) + 1}")
@@ -179,25 +181,11 @@ def _frames(data, pos):
             raise SpillError(f"corrupt: frame {len(frames) + 1} fails its CRC")
         frames.append(frame)
         pos += size
-    pos -= RECORD.size - LENGTH_1.size  # the trailer starts after END_MARK's 4 bytes
     if pos + TRAILER.size != len(data):
         raise SpillError("corrupt: the trailer is not where the file ends")
     count, crc = TRAILER.unpack_from(data, pos)
     if zlib.crc32(data[pos:pos + 8]) != crc or count != len(frames):
         raise SpillError(f"corrupt: the trailer does not count the {len(frames)} frames")
-    return frames
-
-
-def _frames_1(data, pos):
-    """Format 1: lengths only; a cut inside a frame is all it can tell."""
-    frames = []
-    while pos < len(data):
-        end = pos + LENGTH_1.size
-        size = LENGTH_1.unpack_from(data, pos)[0] if end <= len(data) else 0
-        if end > len(data) or end + size > len(data):
-            raise SpillError("truncated")
-        frames.append(data[end:end + size])
-        pos = end + size
     return frames
 
 
@@ -260,8 +248,7 @@ class SpillWriter:
             return
         count = self.frames.to_bytes(8, "big")
         try:
-            self._file.write(LENGTH_1.pack(END_MARK) + TRAILER.pack(self.frames,
-                                                                    zlib.crc32(count)))
+            self._file.write(END_MARK + TRAILER.pack(self.frames, zlib.crc32(count)))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
