@@ -179,8 +179,10 @@ class Network:
         """Start a receiver on `host` (receiver host a by default), bound to its address."""
         host = host or self.receiver_hosts[0]
         name = name or f"receiver_{host.name}{len(self.procs)}"
-        proc = self.start(host, RECEIVER, ["--port", str(port), "--bind", host.addr, *args],
-                          name)
+        # Every host runs in the one work directory: each receiver its own spill file.
+        spill_file = self.workdir / f"spill_{host.name}_{port}.bin"
+        proc = self.start(host, RECEIVER, ["--port", str(port), "--bind", host.addr,
+                                           "--spill-file", str(spill_file), *args], name)
         proc.endpoint = host.endpoint(port)
         if wait_ready:
             proc.wait_for_output(READY_LINE)
