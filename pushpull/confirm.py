@@ -353,8 +353,8 @@ class ConfirmChannel:
         if len(receiver_id) != RECEIVER_ID_SIZE or entry is None:
             log.warning(f"[CONFIRM] a report from {source.endpoint} is not a run report;"
                         " ignored")
-        elif receiver_id not in source.reports and len(source.reports) < REPORTS_PER_SOURCE:
-            source.reports[receiver_id] = entry
+        elif receiver_id in source.reports or len(source.reports) < REPORTS_PER_SOURCE:
+            source.reports[receiver_id] = entry  # a later report (the run healed) supersedes
 
     def on_link(self, source, connected):
         """The listener's socket monitor saw `source`'s channel connect, or fail to."""
