@@ -9,7 +9,7 @@ The run id travels only in data frames, so a peer that binds the confirmation
 port sees a topic it cannot invert and cannot seal a message of its own.
 Kinds: CONFIRM, (worker, first task, count) triples processed since the last
 one; REPORT, the receiver's 8-byte instance id then its runs[] entry as JSON,
-published once when the run's [RUN] line is logged.
+published when the run's [RUN] line is logged (again when a run reported incomplete completes).
 
 Both ends live here: the frame format and the endpoint rule they share, then the
 sender's side (its unconfirmed windows, the listener, when to resend), then the
