@@ -122,7 +122,9 @@ def test_in_flight_bound_counts_every_buffer_on_the_way():
     assert flow.in_flight_bound(1022, 1000, 200, 65536, 65536) == 1000 + 200 + 2 * 8 + 2 * 128
     # A message bigger than a batch still counts once per place it can sit.
     assert flow.in_flight_bound(10**6, 5, 7, 65536, 65536) == 5 + 7 + 2 + 2
+    # The sender's bound assumes a receiver of ours: its high-water mark and buffer.
     assert SENDER_MODULE.RECEIVER_HWM == RECEIVER_MODULE.RECEIVE_HWM
+    assert SENDER_MODULE.SOCKET_BUFFER == RECEIVER_MODULE.SOCKET_BUFFER
 
 
 def test_slow_receiver_flush_delivers_all_or_exits_1_with_a_true_bound(procs):
