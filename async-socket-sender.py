@@ -6,6 +6,7 @@ command-line flag (--help lists them).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import cli, confirm, flow, latency, logs, push, schedule, security, verdict, wire
+from pushpull import cli, confirm, flow, latency, links, logs, push, schedule, security, verdict, wire
 from pushpull.health import MONITOR_EVENTS, LinkState, ReceiverHealth, link_change
 from pushpull.push import Outcome
 from pushpull.threads import POLL_INTERVAL, ServiceThread
@@ -274,6 +275,10 @@ def open_push_socket(ctx, config):
     # Messages ZeroMQ accepted get SERVER_TIMEOUT to leave at close (LINGER 0 loses them);
     # a worker sets what is left of the run's flush deadline before it closes.
     sock.setsockopt(zmq.LINGER, int(config.timeout * 1000))
+    # Behind a silent cut a connect's SYN is dropped: start a fresh attempt each heartbeat
+    # interval, so a heal is seen within one (the kernel would wait up to minutes).
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, int(config.heartbeat_interval * 1000))
+    links.keep_alive(sock)
     security.apply_client_keys(sock, config.curve_keys)
     return sock
 
@@ -286,6 +291,7 @@ class PushWorker(ServiceThread):
 
     def __init__(self, number, ctx, config, run, team, counter, clock, confirmations=None):
         super().__init__(f"Pusher-{number}", team.log)
+        self.links = None  # its connections, made by its own thread
         self.number = number
         self.ctx = ctx
         self.config = config
@@ -315,22 +321,33 @@ class PushWorker(ServiceThread):
     def send_all(self, sock):
         """Connect, send every task, await confirmations (--confirm), say END."""
         config, team = self.config, self.team
-        push.connect_all(sock, config.endpoints, team.health, team.stop,
-                         within=config.heartbeat_interval)
-        sender = self.new_sender(sock)
         encoder = FORMATS[config.format](self.run_info, self.number, os.getpid(),
                                          threading.get_ident(), config.size)
+        self.links = self.new_links(sock, len(encoder.data(0)))
+        push.connect_all(self.links, team.stop, within=config.heartbeat_interval)
+        sender = self.new_sender(sock)
         with sender.turn_held():
             self.send_tasks(sender, encoder)
         sender.finish()
         self.send_end(sender, encoder)
 
+    def new_links(self, sock, frame_size):
+        """The worker's connections, kept in step with the heartbeat. Under --confirm with
+        several receivers a silent one is dropped, so its work moves to the live ones;
+        plain mode keeps the connection, for TCP to deliver what it holds after a heal."""
+        config = self.config
+        bound = flow.in_flight_bound(frame_size, config.hwm, RECEIVER_HWM, SOCKET_BUFFER,
+                                     SOCKET_BUFFER)
+        return links.ReceiverLinks(sock, config.endpoints, self.team.health,
+                                   drop=config.confirm and len(config.endpoints) > 1,
+                                   linger=config.timeout * (1 + config.retries), bound=bound)
+
     def new_sender(self, sock):
         """The send path: plain, or holding each frame until confirmed (--confirm)."""
         if self.confirmations is None:
-            return push.PushSender(sock, self.name, self.team, self.tally)
+            return push.PushSender(sock, self.name, self.team, self.tally, self.links)
         window = self.confirmations.windows[self.number - 1]
-        return confirm.ConfirmingSender(sock, self.name, self.team, self.tally,
+        return confirm.ConfirmingSender(sock, self.name, self.team, self.tally, self.links,
                                         self.confirmations, window)
 
     def send_tasks(self, sender, encoder):
@@ -395,10 +412,12 @@ class PushWorker(ServiceThread):
 
 
 class HeartbeatMonitor(ServiceThread):
-    """Watches each receiver through a probe socket that never sends.
+    """Watches each receiver through a probe socket of its own that never sends.
 
-    ZMTP heartbeats find a hung receiver, the socket monitor reports connects and
-    disconnects, and ZMQ_HANDSHAKE_IVL stops a hung listener from looking connected.
+    ZMTP heartbeats find a hung or silently cut-off receiver, the socket monitor
+    reports connects and disconnects, and ZMQ_HANDSHAKE_IVL stops a hung listener
+    from looking connected. One probe per receiver: its events belong to that
+    receiver as the user wrote it, whatever address libzmq resolved (localhost).
     """
 
     def __init__(self, ctx, config, health, stop, log):
@@ -409,26 +428,30 @@ class HeartbeatMonitor(ServiceThread):
         self.stop = stop
 
     def serve(self):
-        """Connect the probe to every receiver and follow its monitor's events until the stop."""
-        with open_push_socket(self.ctx, self.config) as probe:
-            probe.setsockopt(zmq.LINGER, 0)  # it never sends: nothing to flush
-            set_heartbeats(probe, self.config.heartbeat_interval)
-            monitor = probe.get_monitor_socket(MONITOR_EVENTS)
-            try:
-                for endpoint in self.config.endpoints:
-                    probe.connect(endpoint)
-                self.watch(monitor)
-            finally:
-                probe.disable_monitor()
-                monitor.close(linger=0)
+        """Connect one probe to each receiver and follow their monitors' events until the stop."""
+        with contextlib.ExitStack() as stack:
+            monitors = {}
+            for endpoint in self.config.endpoints:
+                probe = stack.enter_context(open_push_socket(self.ctx, self.config))
+                probe.setsockopt(zmq.LINGER, 0)  # it never sends: nothing to flush
+                set_heartbeats(probe, self.config.heartbeat_interval)
+                monitor = probe.get_monitor_socket(MONITOR_EVENTS)
+                stack.callback(monitor.close, linger=0)
+                stack.callback(probe.disable_monitor)
+                probe.connect(endpoint)
+                monitors[monitor] = endpoint
+            self.watch(monitors)
 
-    def watch(self, monitor):
+    def watch(self, monitors):
         """Turn monitor events into link states; a receiver silent past one interval is down."""
+        poller = zmq.Poller()
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         first_verdict = time.monotonic() + self.config.heartbeat_interval
         while not self.stop.is_set():
-            if monitor.poll(POLL_INTERVAL):
+            for monitor, _ in poller.poll(POLL_INTERVAL):
                 event = recv_monitor_message(monitor)
-                self.on_event(event["event"], event["endpoint"].decode())
+                self.on_event(event["event"], monitors[monitor])
             if time.monotonic() >= first_verdict:
                 for endpoint, state in self.health.states.items():
                     if state is LinkState.UNKNOWN:
@@ -436,9 +459,7 @@ class HeartbeatMonitor(ServiceThread):
 
     def on_event(self, event, endpoint):
         """Apply one monitor event to its receiver's link state."""
-        state = self.health.states.get(endpoint)
-        if state is None:
-            return
+        state = self.health.states[endpoint]
         change = link_change(event, state, curve=bool(self.config.curve_keys))
         if change:
             self.transition(endpoint, *change)
@@ -459,6 +480,7 @@ def open_sub_options(sub, config):
     sub.setsockopt(zmq.IPV6, cli.wants_ipv6(config.endpoints))
     sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
     sub.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
+    links.keep_alive(sub)
     security.apply_client_keys(sub, config.curve_keys)
 
 
@@ -502,9 +524,9 @@ def send_run(config, signals, log):
     workers = []
     reports = []
     ctx = zmq.Context()
-    # libzmq's default of 1023 sockets is too few for MAX_WORKERS. The heartbeat probe,
-    # and each receiver's channel SUB, need as many as a worker: a socket, a monitor pair.
-    ctx.set(zmq.MAX_SOCKETS, SOCKETS_PER_WORKER * (config.workers + 1 + len(config.endpoints)))
+    # libzmq's default of 1023 sockets is too few for MAX_WORKERS. Each receiver's
+    # heartbeat probe and channel SUB need as many as a worker: a socket, a monitor pair.
+    ctx.set(zmq.MAX_SOCKETS, SOCKETS_PER_WORKER * (config.workers + 2 * len(config.endpoints)))
     try:
         helpers = [HeartbeatMonitor(ctx, config, health, stop, log),
                    confirm.ConfirmListener(ctx, channel, health,
@@ -660,6 +682,7 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     data["receiver_report"] = receiver_report
     data["gates"] = judge_gates(config, receiver_report)
     data["send_lag_ms"] = merged_lag(workers).summary_ms() if config.scheduled else None
+    data["at_risk"] = at_risk(workers)
     text = summary_table(data)
     if config.scheduled and not config.quiet:
         text += "\n" + "\n".join(merged_lag(workers).text_lines("Send lag"))
@@ -669,7 +692,8 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
             verdict.gate_line(record, GATE_UNITS[record["name"]]))
     if config.json_path:
         cli.write_json(config.json_path, data)
-    status, reason = exit_reason(counts, config, flush_result, interrupted, confirmation)
+    status, reason = exit_reason(counts, config, flush_result, interrupted, confirmation,
+                                 data["at_risk"], health)
     failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
     if status == EXIT_OK and failed_gates:
         status, reason = EXIT_NOT_ALL_SENT, f"gate failed: {', '.join(failed_gates)}"
@@ -697,6 +721,13 @@ def totals(config, workers):
         if worker.failed:  # the traceback is in the log; what it had not done is lost
             result[Outcome.WORKER_ERROR] += config.messages - worker.tally.done()
     return result
+
+
+def at_risk(workers):
+    """Messages that may not have arrived: handed to a receiver that went silent and never
+    came back, and maybe still in the connection's buffers (ReceiverLinks.episode)."""
+    total = sum(w.links.at_risk(w.tally.sent) for w in workers if w.links is not None)
+    return min(total, sum(w.tally.sent for w in workers))
 
 
 def stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
@@ -774,6 +805,9 @@ def summary_table(data):
             rows.append((f"  {name}", f"tasks {shown}{more}"))
         if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
             rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
+    if data["at_risk"]:
+        rows.append(("at risk", f"up to {data['at_risk']} sent messages may not have arrived:"
+                                " a receiver went silent and never came back"))
     rows.append(("flush", "complete" if data["flush_complete"] else
                  f"TIMED OUT: up to {data['unflushed_at_most']} sent messages may not have"
                  " arrived"))
@@ -799,7 +833,7 @@ def summary_table(data):
     return cli.format_table("Sender summary", rows)
 
 
-def exit_reason(counts, config, flush_result, interrupted, confirmation):
+def exit_reason(counts, config, flush_result, interrupted, confirmation, risk, health):
     """Exit status and a one-line reason when not every planned message was sent."""
     sent = counts[Outcome.SENT]
     if interrupted:
@@ -813,6 +847,10 @@ def exit_reason(counts, config, flush_result, interrupted, confirmation):
         reasons = ", ".join(f"{n} {o.value}" for o, n in counts.items()
                             if n and o is not Outcome.SENT)
         return EXIT_NOT_ALL_SENT, f"only {sent} of {config.planned} messages sent ({reasons})"
+    if risk:
+        silent = ", ".join(ep for ep in config.endpoints if health.is_down(ep))
+        return EXIT_NOT_ALL_SENT, (f"up to {risk} of {sent} sent messages may not have"
+                                   f" arrived: {silent} went silent and never came back")
     if not flush_result.complete:
         return EXIT_NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
                                    f" {flush_result.unflushed_at_most} messages not delivered")

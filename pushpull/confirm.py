@@ -451,8 +451,8 @@ class ConfirmingSender(PushSender):
     confirmations stalled (a receiver drops what it had processed as a duplicate).
     """
 
-    def __init__(self, sock, name, team, tally, confirmations, window):
-        super().__init__(sock, name, team, tally)
+    def __init__(self, sock, name, team, tally, links, confirmations, window):
+        super().__init__(sock, name, team, tally, links)
         self.confirmations = confirmations
         self.window = window
         self._downs_seen = 0

@@ -31,6 +31,8 @@ class ReceiverHealth:
     def __init__(self, endpoints):
         self.states = {ep: LinkState.UNKNOWN for ep in endpoints}
         self.down_transitions = 0
+        self.changes = 0  # bumped on every state change: workers compare it before each send
+        self.seen_up = set()  # endpoints that were up at least once
         self._any_up = threading.Event()
 
     def is_up(self):
@@ -41,6 +43,10 @@ class ReceiverHealth:
         """True while the receiver at `ep` is connected and answering."""
         return self.states.get(ep) is LinkState.UP
 
+    def is_down(self, ep):
+        """True while the heartbeat calls receiver `ep` down (silent, gone, not reachable)."""
+        return self.states[ep] is LinkState.DOWN
+
     def all_rejected(self):
         """True when every receiver refused this sender's handshake."""
         return all(s is LinkState.REJECTED for s in self.states.values())
@@ -50,6 +56,8 @@ class ReceiverHealth:
         old = self.states[ep]
         if old is state:
             return False
+        if state is LinkState.UP:
+            self.seen_up.add(ep)
         self.states[ep] = state
         if state is LinkState.DOWN and old is LinkState.UP:
             self.down_transitions += 1
@@ -57,6 +65,7 @@ class ReceiverHealth:
             self._any_up.set()
         else:
             self._any_up.clear()
+        self.changes += 1
         return True
 
     def awaited(self):

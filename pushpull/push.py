@@ -17,7 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pushpull.flow import TURN_MESSAGES, FlushDeadline, SendTurns, WorkerTurn
 from pushpull.health import ReceiverHealth
-from pushpull.threads import POLL_INTERVAL
+from pushpull.threads import POLL_INTERVAL, POLL_S
 
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
 
@@ -73,30 +73,30 @@ class Team:
     flush: FlushDeadline  # one for all workers' sockets, from the end of the run
 
 
-def connect_all(sock, endpoints, health, stop, within):
+def connect_all(links, stop, within):
     """Connect to every receiver; with several, wait (at most `within` s) for their handshakes.
 
     PUSH deals only to connected receivers, so without the wait the first to
     connect would take the whole opening burst of a fast run.
     """
-    if len(endpoints) == 1:
-        sock.connect(endpoints[0])
+    if len(links.endpoints) == 1:
+        links.connect_all()
         return
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = links.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
-        for endpoint in endpoints:
-            sock.connect(endpoint)
-        connected = set()
+        links.connect_all()
+        handshakes = 0  # counted, not matched by name: libzmq may name the resolved address
         deadline = time.monotonic() + within
         # Wait for every receiver that is up or not yet judged, not only the first
         # to answer: one that is merely slower would get nothing.
         while time.monotonic() < deadline and not stop.is_set():
-            if not health.awaited() - connected:
+            if handshakes >= len(links.health.awaited()):
                 return
             if monitor.poll(POLL_INTERVAL // 10):
-                connected.add(recv_monitor_message(monitor)["endpoint"].decode())
+                recv_monitor_message(monitor)
+                handshakes += 1
     finally:
-        sock.disable_monitor()
+        links.sock.disable_monitor()
         monitor.close(linger=0)
 
 
@@ -109,8 +109,9 @@ class PushSender:
     times more while it is down; not at all once every receiver refused us.
     """
 
-    def __init__(self, sock, name, team, tally):
+    def __init__(self, sock, name, team, tally, links):
         self.name = name
+        self.links = links  # this worker's connections, kept in step with the heartbeat
         self.tally = tally
         self.stop = team.stop
         self.health = team.health
@@ -136,12 +137,16 @@ class PushSender:
 
     def send(self, frame, task):
         """Send one task's frame; every TURN_MESSAGES sends, let a waiting worker have a turn."""
-        try:
-            self._send_now(frame, zmq.NOBLOCK)
-        except zmq.Again:
+        if self.health.changes == self.links.seen and not self.links.paused:
+            try:
+                self._send_now(frame, zmq.NOBLOCK)
+                failure = None
+            except zmq.Again:
+                failure = self._wait_and_send(frame, task)
+        else:  # the heartbeat changed its verdict, or every receiver is down
             failure = self._wait_and_send(frame, task)
-            if failure:
-                return failure
+        if failure:
+            return failure
         self._sends += 1
         if self._sends == TURN_MESSAGES:
             self._sends = 0
@@ -150,11 +155,13 @@ class PushSender:
 
     def deliver(self, frame, task=None):
         """Send a frame outside the task loop (a resend, the END frame: task None)."""
-        try:
-            self._send_now(frame, zmq.NOBLOCK)
-            return None
-        except zmq.Again:
-            return self._wait_and_send(frame, task)
+        if self.health.changes == self.links.seen and not self.links.paused:
+            try:
+                self._send_now(frame, zmq.NOBLOCK)
+                return None
+            except zmq.Again:
+                pass
+        return self._wait_and_send(frame, task)
 
     def pause(self, seconds):
         """Wait `seconds` off turn, or less if the stop comes."""
@@ -177,7 +184,11 @@ class PushSender:
         retries_used = 0
         wait_started = time.monotonic()
         while not self.stop.is_set():
-            if self._sock.poll(POLL_INTERVAL, zmq.POLLOUT):
+            if self.health.changes != self.links.seen:
+                self.links.follow(self.tally.sent)
+            if self.links.paused:  # a silent receiver's connection would take the frame
+                self.stop.wait(POLL_S)
+            elif self._sock.poll(POLL_INTERVAL, zmq.POLLOUT):
                 try:
                     self._sock.send(frame, zmq.NOBLOCK)
                 except zmq.Again:

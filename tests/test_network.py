@@ -6,9 +6,11 @@ ICMP reaches the sender. Skipped, with the reason, where namespaces cannot be ma
 """
 
 import re
+import signal
 import time
 
-from conftest import wait_until
+from conftest import free_port, wait_until
+from pushpull import flow
 from netns import network  # noqa: F401  (the fixture, used by name)
 
 RECEIVER_BASE = ("--processing-time", "0", "--no-file-log", "--quiet")
@@ -20,6 +22,18 @@ HEARTBEAT = 0.5  # --heartbeat-interval of the senders here: a cut is seen withi
 CLOSED_PORT = 5999  # nothing listens there on any host
 SLOW_RATE_BITS = 10_000_000  # the slow link's rate, bit/s
 SLOW_RATE = "10mbit"
+# A receiver down 1 s x (1 + 1 retry) = 2 s is given up on: the far end of a pause.
+GIVE_UP = ("--timeout", "1", "--retries", "1")
+# Messages of 10 kB and a queue of 20: a connection holds at most CONNECTION_HOLDS of
+# them, so few that `at_risk` (at most that per worker) tells something.
+SMALL_BUFFERS = ("--hwm", "20", "--size", "10000")
+CONNECTION_HOLDS = flow.in_flight_bound(10000, 20, 200, 65536, 65536)  # RECEIVE_HWM 200
+
+
+def received_by(receiver):
+    """Warm-stop a receiver and return how many messages it received."""
+    assert receiver.stop() == 0, receiver.output()[-2000:]
+    return receiver.summary()["received"]
 
 
 def sent_so_far(sender):
@@ -88,6 +102,7 @@ def test_short_silent_partition_is_seen_and_loses_nothing(network):
     assert sender.wait(30) == 0, sender.output()[-2000:]
     result = sender.summary()
     assert result["sent"] == result["planned"] == 300 and result["flush_complete"], result
+    assert result["at_risk"] == 0, result
     assert result["receiver_down_events"] >= 1, result
     line = run_line(receiver, result["run_id"])
     assert "received 300/300" in line and "missing 0" in line, line
@@ -106,9 +121,9 @@ def test_silently_dead_host_is_seen_down_with_its_connections_half_open(network)
     net.kill_host(host)
     sender.wait_for_output(r"\[HEARTBEAT\] .* down\b", timeout=10)
     # The probe gave up on missing heartbeats; the workers' connections carry none, and
-    # today they keep them: still open, so no FIN or RST arrived.
+    # keep them (paused): still open, so no FIN or RST arrived.
     assert net.established(host) >= 2, net.run(net.sender_host, "ss", "-tn").stdout
-    # What plain mode does next is issue 14's to settle; teardown stops the sender.
+    # What plain mode does next: test_permanent_silent_partition_... below.
 
 
 def test_slow_link_delivers_everything_as_backpressure_not_down(network):
@@ -129,3 +144,90 @@ def test_slow_link_delivers_everything_as_backpressure_not_down(network):
     assert not heartbeat_lines(sender, "down"), sender.output()[-2000:]
     # Every byte crossed the slow link: a lower bound that load cannot break.
     assert took >= 0.9 * planned * size * 8 / SLOW_RATE_BITS, f"{took:.2f} s: not slowed"
+
+
+def test_permanent_silent_partition_pauses_gives_up_and_counts_at_risk(network):
+    """Cut for good mid-run (5 x 400, --delay 0.025): the workers pause when the heartbeat
+    calls the receiver down, give up after timeout x (1 + retries), and exit 1; what the
+    receiver missed of what was sent is at most `at_risk`."""
+    net = network()
+    receiver = net.receiver(*PATIENT_RECEIVER)
+    sender = paced_sender(net, 5, 400, 0.025, *GIVE_UP)
+    wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
+    net.partition(net.receiver_hosts[0])
+    assert sender.wait(30) == 1, sender.output()[-2000:]
+    result = sender.summary()
+    sent, planned = result["sent"], result["planned"]
+    assert 200 <= sent < planned == 2000, result
+    assert result["failed_by_reason"]["receiver_down"] == planned - sent, result
+    assert 0 < result["at_risk"] <= sent, result
+    # In order: the verdict, the pause, the give-up.
+    output = sender.output()
+    down = output.index("[HEARTBEAT]")
+    assert down < output.index("paused: receiver is down") < output.index("gives up"), output
+    received = received_by(receiver)
+    assert sent - result["at_risk"] <= received <= sent, (received, result)
+
+
+def test_one_of_two_receivers_silently_gone_is_counted_at_risk(network):
+    """Two receivers, one cut off for good mid-run: the live one takes the rest (all sent),
+    and the run exits 1 with what the silent one may have lost counted `at_risk`."""
+    net = network(receivers=2)
+    receivers = [net.receiver(*PATIENT_RECEIVER, host=host) for host in net.receiver_hosts]
+    sender = paced_sender(net, 4, 400, 0.01, *GIVE_UP, *SMALL_BUFFERS)
+    wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
+    gone = net.receiver_hosts[1]
+    net.partition(gone)
+    assert sender.wait(30) == 1, sender.output()[-2000:]
+    result = sender.summary()
+    assert result["sent"] == result["planned"] == 1600, result
+    assert 0 < result["at_risk"] <= 4 * CONNECTION_HOLDS < 1600, result
+    assert heartbeat_lines(sender, "down") == sender.lines(rf"{gone.addr}.* down\b")
+    assert sender.lines(rf"\[EXIT\] up to {result['at_risk']} of 1600 sent messages may not"
+                        rf" have arrived: {gone.endpoint()} went silent")
+    received = sum(received_by(r) for r in receivers)
+    assert 1600 - result["at_risk"] <= received <= 1600, (received, result)
+
+
+def test_one_of_two_receivers_cut_and_healed_gets_messages_again(network):
+    """A cut of one of two receivers that heals in time: TCP delivers what its connections
+    held, it takes its share again, nothing is lost, exit 0."""
+    net = network(receivers=2)
+    receivers = [net.receiver(*PATIENT_RECEIVER, host=host) for host in net.receiver_hosts]
+    sender = paced_sender(net, 4, 500, 0.01)
+    wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
+    cut = net.receiver_hosts[1]
+    net.partition(cut)
+    try:
+        sender.wait_for_output(r"\[HEARTBEAT\] .* down\b", timeout=10)
+    finally:
+        net.heal(cut)
+    sender.wait_for_output(rf"\[HEARTBEAT\] .*{cut.addr}.* up\b", timeout=15, count=2)
+    sent_at_heal = sent_so_far(sender)
+    assert sent_at_heal < 1800, "the run nearly ended before the heal: no share left to take"
+    assert sender.wait(30) == 0, sender.output()[-2000:]
+    result = sender.summary()
+    assert result["sent"] == result["planned"] == 2000 and result["at_risk"] == 0, result
+    shares = [received_by(r) for r in receivers]
+    assert sum(shares) == 2000, shares
+    assert shares[1] > 0.25 * 2000, shares  # it got messages again after the heal
+
+
+def test_localhost_endpoint_is_tracked_through_restarts(procs):
+    """tcp://localhost:PORT as written: after a restart the heartbeat says up again, and a
+    second kill is seen as a second down (loopback is enough: the name is the point)."""
+    port = free_port()
+    receiver = procs.receiver(*RECEIVER_BASE, port=port)
+    sender = procs.sender("--workers", "2", "--messages", "2000", "--delay", "0.01",
+                          "--heartbeat-interval", str(HEARTBEAT), "--timeout", "10",
+                          "--quiet", endpoints=[f"tcp://localhost:{port}"])
+    for restart in (1, 2):
+        sender.wait_for_output(r"\[HEARTBEAT\] receiver tcp://localhost:\d+ up", count=restart)
+        receiver.signal(signal.SIGKILL)
+        receiver.wait(10)
+        sender.wait_for_output(r"\[HEARTBEAT\] receiver tcp://localhost:\d+ down",
+                               count=restart)
+        receiver = procs.receiver(*RECEIVER_BASE, port=port)
+    sender.wait_for_output(r"\[HEARTBEAT\] receiver tcp://localhost:\d+ up", count=3)
+    assert sender.stop() == 130
+    assert sender.summary()["receiver_down_events"] == 2

@@ -1,0 +1,115 @@
+"""Connections across real networks: TCP keepalive, and a worker's links kept in step
+with the heartbeat.
+
+On loopback a dead receiver closes its connections and the sender knows at once.
+Across machines failure is often silent (a pulled cable, a dead host, a firewall
+dropping packets): no FIN or RST arrives, and a PUSH socket keeps handing messages
+to a connection that leads nowhere, because data sockets carry no ZMTP heartbeats
+(see the sender's set_heartbeats). The heartbeat monitor's probe does, and calls
+the receiver down; ReceiverLinks makes each worker act on that verdict, and
+counts the messages that may not have arrived at a receiver that went silent and
+never came back (`at_risk`).
+"""
+
+import zmq
+
+TCP_KEEPALIVE_IDLE = 10  # seconds a connection is idle before the kernel probes the peer
+TCP_KEEPALIVE_INTERVAL = 2  # seconds between two keepalive probes
+TCP_KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection
+
+
+def keep_alive(sock):
+    """TCP keepalive on every connection of `sock`: a peer that vanished without a FIN
+    (a crashed host, a cut cable) is dropped within IDLE + INTERVAL x COUNT s of silence."""
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
+
+
+class ReceiverLinks:
+    """One worker's connections to its receivers, kept in step with the heartbeat.
+
+    A receiver the heartbeat calls down gets no more messages from this worker. How:
+    - kept (plain mode): the worker keeps the connection and pauses while every
+      receiver is down, as for a killed receiver; after a heal TCP delivers what
+      the connection held, so a cut that heals in time loses nothing. With several
+      receivers PUSH keeps dealing to a silent one until its queue is full (SNDHWM),
+      then skips it;
+    - dropped (`drop`, for --confirm, which resends whatever is unconfirmed): the
+      worker disconnects from it, so PUSH deals only to the live ones, and connects
+      again when the heartbeat calls it up. A disconnect may throw away what libzmq
+      still held for that connection (its queue after `linger` s, and the bytes its
+      encoder had not written), so what was handed to it after its last sign of
+      life stays at risk even when it comes back.
+    For each receiver it dropped, the worker records how many messages it had sent
+    then; at_risk() turns that into the messages that may be lost.
+    Only the worker's own thread uses this object (and its socket).
+    """
+
+    def __init__(self, sock, endpoints, health, drop, linger, bound):
+        self.sock = sock
+        self.endpoints = endpoints
+        self.health = health
+        self.drop = drop
+        self.linger = linger  # seconds a dropped connection keeps its queue
+        self.bound = bound  # messages one connection's buffers can hold (in_flight_bound)
+        self.seen = -1  # health.changes when this worker last followed it
+        self.paused = False  # every receiver this worker sends to is down
+        self.connected = set()
+        self.stopped = {}  # dropped endpoint -> messages this worker had sent when it dropped it
+        self.kept_at_risk = 0  # at risk for good: a dropped connection outlived its linger
+
+    def connect_all(self):
+        """Connect to every receiver."""
+        for endpoint in self.endpoints:
+            self.sock.connect(endpoint)
+        self.connected = set(self.endpoints)
+
+    def follow(self, sent):
+        """Act on the heartbeat's verdicts; `sent`: messages this worker has sent so far."""
+        health = self.health
+        self.seen = health.changes
+        for endpoint in self.endpoints:
+            if health.is_down(endpoint):
+                if self.drop and endpoint in self.connected:
+                    self.stopped[endpoint] = sent
+                    self._disconnect(endpoint)
+            elif health.is_endpoint_up(endpoint):
+                self._back(endpoint)
+        self.paused = all(health.is_down(ep) for ep in self.connected)
+
+    def at_risk(self, sent):
+        """Messages this worker may have lost: see episode(), for every receiver still
+        down now, plus those a dropped connection may have thrown away."""
+        return self.kept_at_risk + sum(self.episode(ep, sent) for ep in self.endpoints
+                                       if self.health.is_down(ep))
+
+    def episode(self, endpoint, sent):
+        """What this worker may have lost to `endpoint`, a receiver seen up once and down now:
+        what it handed over on that connection, but never more than the connection's
+        buffers hold (self.bound): what left them had reached the receiver.
+        `sent`: what the worker has sent in all."""
+        if endpoint not in self.health.seen_up:
+            return 0  # never connected: ZeroMQ handed it nothing (ZMQ_IMMEDIATE)
+        # A kept connection may have been dealt any message (PUSH skips it only once
+        # its queue is full): all count, up to `sent`, all this worker has sent.
+        return min(self.stopped.get(endpoint, sent), self.bound)
+
+    def _disconnect(self, endpoint):
+        default = self.sock.getsockopt(zmq.LINGER)
+        self.sock.setsockopt(zmq.LINGER, int(self.linger * 1000))  # read by disconnect()
+        try:
+            self.sock.disconnect(endpoint)
+        finally:
+            self.sock.setsockopt(zmq.LINGER, default)
+        self.connected.discard(endpoint)
+
+    def _back(self, endpoint):
+        """The receiver is up again: reconnect if this worker dropped it."""
+        if endpoint not in self.connected:
+            if endpoint in self.stopped:
+                self.kept_at_risk += self.episode(endpoint, self.stopped[endpoint])
+            self.sock.connect(endpoint)
+            self.connected.add(endpoint)
+        self.stopped.pop(endpoint, None)
