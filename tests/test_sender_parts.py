@@ -11,7 +11,7 @@ import zmq
 from conftest import free_port, load_script, wait_until
 
 load_script("async-socket-sender")  # puts the project root on sys.path
-from pushpull import confirm, flow, logs, push, wire  # noqa: E402
+from pushpull import confirm, flow, links, logs, push, wire  # noqa: E402
 from pushpull.health import LinkState, ReceiverHealth, link_change  # noqa: E402
 
 
@@ -126,10 +126,33 @@ def push_socket():
 
 def new_sender(sock, stop, timeout=0.2, retries=1):
     """A PushSender alone in its team, with receivers never seen up."""
-    team = push.Team(flow.SendTurns(), ReceiverHealth(["tcp://nobody:1"]), stop,
+    health = ReceiverHealth(["tcp://nobody:1"])
+    team = push.Team(flow.SendTurns(), health, stop,
                      logging.getLogger("test_push_sender"), timeout, retries,
                      flow.FlushDeadline(timeout))
-    return push.PushSender(sock, "Pusher-1", team, push.WorkerTally())
+    receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False, linger=1,
+                                    bound=10)
+    receivers.connected = set(receivers.endpoints)  # the fixture connected it
+    return push.PushSender(sock, "Pusher-1", team, push.WorkerTally(), receivers)
+
+
+def test_at_risk_counts_a_silent_receiver_seen_up_once_at_most_its_buffers():
+    """A receiver down at the end counts what was sent, at most `bound` per worker; one
+    that was never up got nothing (IMMEDIATE), and one that came back lost nothing."""
+    endpoints = ["tcp://a:1", "tcp://b:1"]
+    health = ReceiverHealth(endpoints)
+    receivers = links.ReceiverLinks(None, endpoints, health, drop=False, linger=1, bound=50)
+    receivers.connected = set(endpoints)
+    health.set_state("tcp://b:1", LinkState.DOWN)  # never up
+    assert receivers.at_risk(30) == 0
+    health.set_state("tcp://a:1", LinkState.UP)
+    health.set_state("tcp://a:1", LinkState.DOWN)
+    receivers.follow(30)
+    assert receivers.paused  # every receiver it sends to is down
+    assert receivers.at_risk(30) == 30 and receivers.at_risk(80) == 50
+    health.set_state("tcp://a:1", LinkState.UP)
+    receivers.follow(80)
+    assert not receivers.paused and receivers.at_risk(80) == 0
 
 
 def test_push_sender_gives_up_on_a_receiver_that_stays_down(push_socket):
