@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import cli, confirm, flow, logs, runs, security, spill, threads, wire
+from pushpull import cli, confirm, flow, links, logs, runs, security, spill, threads, wire
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import CLIENT, DATA, END, KIND, RUN, TASK, TEXT, WORKER
 
@@ -206,6 +206,7 @@ def bind(sock, endpoint, server_keys, what, address):
     """Secure and bind a server socket; if it cannot bind, close it and raise StartupError."""
     security.apply_server_security(sock, server_keys)
     sock.handshake_ivl = int(HANDSHAKE_TIMEOUT * 1000)
+    links.keep_alive(sock)  # a crashed sender's half-open connections are cleaned up
     sock.ipv6 = cli.wants_ipv6([endpoint])
     try:
         sock.bind(endpoint)
@@ -773,7 +774,8 @@ def summary_table(data):
         ("spilled", data["spilled"]),
         ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
         ("duration", f"{data['duration_s']:.2f} s"),
-        ("rate", f"{data['processed_per_s']:.1f} msg/s processed"),
+        ("rate", f"{data['processed_per_s']:.1f} msg/s processed over the receiver's lifetime,"
+                 " idle time included (each run's own rate: its [RUN] line)"),
         ("stop", data["stop"]),
     ]
     if data["unprocessed"]:

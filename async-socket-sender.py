@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import cli, confirm, flow, latency, links, logs, push, schedule, security, verdict, wire
+from pushpull import (cli, confirm, flow, latency, links, logs, push, schedule, security,
+                      verdict, wire)
 from pushpull.health import MONITOR_EVENTS, LinkState, ReceiverHealth, link_change
 from pushpull.push import Outcome
 from pushpull.threads import POLL_INTERVAL, ServiceThread

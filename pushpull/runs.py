@@ -55,6 +55,11 @@ class RunState:
         self.closed = False  # reported in a [RUN] line
         self.tracked = True  # per-task state kept (see free)
         self.missing_listed = []  # missing_ranges() as free() found them
+        # The run's own rate: its recorded messages and their bytes, from the batch that
+        # brought its first message to the one that brought its last (time.time_ns()).
+        self.bytes = 0
+        self.first_ns = None
+        self.last_ns = None
 
     def is_new(self, worker, task):
         """True unless this task was recorded before."""
@@ -180,6 +185,14 @@ class RunState:
         """How many planned tasks were not recorded."""
         return self.planned - self.received
 
+    def rates(self):
+        """(msg/s, MB/s) from the run's first message to its last; None for both when they
+        came together, or from a spill file (no receive time)."""
+        if self.first_ns is None or self.last_ns <= self.first_ns:
+            return None, None
+        seconds = (self.last_ns - self.first_ns) / 1e9
+        return round(self.received / seconds, 1), round(self.bytes / 1e6 / seconds, 3)
+
     @property
     def complete(self):
         """Every planned task was recorded."""
@@ -211,6 +224,8 @@ class RunState:
             "confirm": self.info.confirm,
             "endpoints": self.info.endpoints,
             "complete": self.complete,
+            "rate_msg_s": self.rates()[0],
+            "rate_mb_s": self.rates()[1],
             "latency_ms": self.latency.summary_ms(),
             "latency_raw_ms": self.latency_raw.summary_ms(),
             "latency_samples": self.latency.count,
@@ -317,6 +332,7 @@ class RunLedger:
                 self._duplicate(run, msg, confirms)
                 continue
             counters.processed += 1
+            run.bytes += len(msg[0])
             if info.confirm:
                 confirms.add(info.run_id, worker, task)
                 if work is not None:
@@ -333,6 +349,10 @@ class RunLedger:
         if run is None or (run.info is not info and run.info != info):
             run = self._new_run(info, now)
         run.unrecorded_received_ns = received_ns
+        if received_ns is not None:
+            if run.first_ns is None:
+                run.first_ns = received_ns
+            run.last_ns = received_ns
         return run
 
     def _new_run(self, info, now):
@@ -484,11 +504,14 @@ def run_line(run, reason):
         resent += f" | untracked {run.untracked}"
     if run.clock_skew:
         resent += f" | clock skew {run.clock_skew}"
+    msg_s, mb_s = run.rates()
+    rate = f"{msg_s:.1f} msg/s {mb_s:.3f} MB/s" if msg_s is not None else "n/a (one batch)"
     raw = run.latency_raw.summary_ms()
     raw_text = (f" (raw p99 {raw['p99']:.2f} ms max {raw['max']:.2f} ms)"
                 if info.scheduled else "")
     return (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
-            f" | duplicates {run.duplicates}{resent} | latency p50 {lat['p50']:.2f} ms"
+            f" | duplicates {run.duplicates}{resent} | rate {rate}"
+            f" | latency p50 {lat['p50']:.2f} ms"
             f" p99 {lat['p99']:.2f} ms p99.9 {lat['p99_9']:.2f} ms max {lat['max']:.2f} ms"
             f"{raw_text} | {reason}")
 
@@ -499,5 +522,6 @@ def run_row(entry):
     missing = "n/a (several receivers)" if entry["missing"] is None else entry["missing"]
     return (f"run {entry['run_id']}",
             f"{entry['received']}/{entry['planned']} received, missing {missing},"
-            f" duplicates {entry['duplicates']}, p50 {lat['p50']:.2f} ms,"
+            f" duplicates {entry['duplicates']}, {entry['rate_msg_s'] or 0:.1f} msg/s,"
+            f" p50 {lat['p50']:.2f} ms,"
             f" p99 {lat['p99']:.2f} ms, p99.9 {lat['p99_9']:.2f} ms, max {lat['max']:.2f} ms")

@@ -289,3 +289,22 @@ def test_stats_lines_show_counts_and_sender_eta(procs):
     assert any(int(re.search(r"received (\d+)", line).group(1)) > 0 for line in receiver_stats)
     receiver.wait_for_output(r"\[RUN\].*received 60/60")
     assert receiver.stop() == 0
+
+
+def test_run_rate_is_its_own_not_the_receivers_lifetime(procs):
+    """A paced run (1 worker, 11 messages 0.1 s apart) after an idle receiver: its [RUN] line
+    and runs[] give its own rate, about 11 msg/s from its first message to its last (never
+    above: the delays only stretch under load), while the lifetime rate counts the idle time."""
+    receiver = procs.receiver("--processing-time", "0", "--quiet")
+    sender = procs.sender("--workers", "1", "--messages", "11", "--delay", "0.1", "--quiet",
+                          endpoints=[receiver.endpoint])
+    assert sender.wait() == 0, sender.output()[-2000:]
+    line = receiver.wait_for_output(r"\[RUN\].*received 11/11")[0]
+    msg_s = float(re.search(r"\| rate (\d+\.\d) msg/s \d+\.\d+ MB/s \|", line)[1])
+    assert 3 < msg_s <= 12, line
+    assert receiver.stop() == 0
+    summary = receiver.summary()
+    run = summary["runs"][0]
+    assert run["rate_msg_s"] == msg_s and 0 < run["rate_mb_s"] < 0.01, run
+    assert summary["processed_per_s"] < msg_s, summary  # idle before and after the run
+    assert receiver.lines(r"rate .* msg/s processed over the receiver's lifetime")
