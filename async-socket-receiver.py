@@ -257,7 +257,8 @@ class ReceiveThread(threads.ServiceThread):
         self.stops = stops
         self.overflow = overflow  # a spill.SpillWriter: the warm-stop drain's beyond the bound
         self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
-        self.peers = security.PeerWatch(counters, self.warnings, curve=bool(server_keys))
+        self.peers = security.PeerWatch(counters, self.warnings, curve=bool(server_keys),
+                                        settle=HANDSHAKE_TIMEOUT)
         self.run_cache = run_cache  # wire.decode()'s: a run's header bytes -> its RunInfo
         self.target = f"Server:{config.bind}:{config.port}"
 
@@ -287,6 +288,8 @@ class ReceiveThread(threads.ServiceThread):
             ready = dict(poller.poll(POLL_INTERVAL))
             if monitor in ready:
                 self.peers.read(monitor)
+            elif self.peers.guesses:
+                self.peers.report_guesses()
             if sock in ready:
                 # Take no more than the queue has room for: its bound is exact, and
                 # what stays in the socket pushes back on the senders.
@@ -537,7 +540,7 @@ def serve_with_spill_file(config, signals, log):
     gatekeeper = None
     try:
         gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips, curve,
-                                               config.curve_allow)
+                                               config.curve_allow, WARNING_INTERVAL)
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
                                  run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)

@@ -1,7 +1,9 @@
 """CURVE keys (pyzmq's certificate format, zmq.auth); the receiver's ZAP gatekeeper,
 server-side CURVE, and its watch over who connects."""
 
+import collections
 import os
+import time
 
 import zmq
 import zmq.auth
@@ -61,6 +63,7 @@ def apply_client_keys(sock, keys):
 # ---------------------------------------------------------------------------
 ZAP_DOMAIN = "global"  # the ZAP domain the receiver's sockets and the authenticator share
 # The monitor events PeerWatch reads.
+REFUSED_REMEMBERED = 10000  # (address, reason) pairs the [AUTH] log remembers at most
 PEER_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -86,13 +89,15 @@ def apply_server_security(sock, server_keys):
 
 
 class Gatekeeper(ThreadAuthenticator):
-    """pyzmq's ZAP authenticator thread, logging each refused peer once as [AUTH]."""
+    """pyzmq's ZAP authenticator thread, logging each refused peer as [AUTH] once per
+    address and reason per `interval` seconds, however often it retries."""
 
-    def __init__(self, ctx, log):
+    def __init__(self, ctx, log, interval):
         super().__init__(ctx)
         self.app_log = log
+        self.interval = interval
         self._address = "?"
-        self._refused = set()
+        self._logged = {}  # (address, reason) -> when it was last logged
 
     async def handle_zap_message(self, msg):
         """Remember the peer's address for the reply, then authenticate as pyzmq does."""
@@ -103,19 +108,23 @@ class Gatekeeper(ThreadAuthenticator):
     def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous"):
         if status_code != b"200":
             peer = (self._address, status_text)
-            if peer not in self._refused:
-                self._refused.add(peer)
+            now = time.monotonic()
+            if now - self._logged.get(peer, -self.interval) >= self.interval:
+                if len(self._logged) >= REFUSED_REMEMBERED:
+                    self._logged.clear()  # bounded: addresses come from the network
+                self._logged[peer] = now
                 self.app_log.warning(f"[AUTH] refused peer {self._address}:"
                                      f" {status_text.decode('utf-8', 'replace')}")
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
-def start_gatekeeper(ctx, log, allow_ips, curve, curve_allow):
+def start_gatekeeper(ctx, log, allow_ips, curve, curve_allow, interval):
     """Start ZAP authentication: open to all unless CURVE or an IP allow list is on.
 
     With curve, clients need a key from the directory curve_allow (None: any key).
+    A refused peer is logged once per address and reason per `interval` seconds.
     """
-    gatekeeper = Gatekeeper(ctx, log)
+    gatekeeper = Gatekeeper(ctx, log, interval)
     gatekeeper.start()
     if allow_ips:
         # Bound to IPv6 (--bind ::), a socket sees an IPv4 peer as ::ffff:a.b.c.d.
@@ -144,17 +153,26 @@ class PeerWatch:
     Writes counters.peers, .rejected, .rejected_connections and .invalid. libzmq
     reports no file descriptor with a successful handshake, so connections are
     matched in aggregate: a DISCONNECTED while some accepted connection has no
-    handshake result yet is taken as a drop before the handshake. If a result then
-    arrives that the drop made impossible, the guess is undone.
+    handshake result yet is taken as a drop before the handshake (junk bytes: libzmq
+    drops them without a handshake event). If a result then arrives that the drop
+    made impossible, the guess is undone; so its [INVALID] line waits `settle` s, the
+    longest a handshake may take, for a result that would undo it.
+    A peer that left or fell silent in mid-handshake (HANDSHAKE_FAILED_NO_DETAIL: a
+    sender that closed at once, a port scan) is no invalid input: it is not counted.
+    Refused CURVE handshakes count peers, not handshakes: a refused client retries,
+    and libzmq names no address, so refusals less than `settle` s apart count once.
     """
 
-    def __init__(self, counters, warnings, curve):
+    def __init__(self, counters, warnings, curve, settle):
         self.counters = counters
         self.warnings = warnings  # a logs.RateLimitedLog
         self.curve = curve
+        self.settle = settle
         self.accepted = 0
         self.handshakes = 0  # succeeded or failed
         self.dropped = 0  # closed before any handshake result
+        self.guesses = collections.deque()  # when each standing drop guess was made
+        self.last_refusal = None  # when the last refused handshake was seen
 
     @property
     def unresolved(self):
@@ -165,6 +183,16 @@ class PeerWatch:
         """Take every waiting event off the monitor socket."""
         while monitor.poll(0):
             self.on_event(recv_monitor_message(monitor)["event"])
+        self.report_guesses()
+
+    def report_guesses(self):
+        """Log the drop guesses that stood for `settle` s: no handshake result undid them."""
+        now = time.monotonic()
+        while self.guesses and now - self.guesses[0] >= self.settle:
+            self.guesses.popleft()
+            self.warnings.warning("handshake", "[INVALID] connection dropped: not a ZeroMQ"
+                                               " peer: connection closed before a ZeroMQ"
+                                               " handshake")
 
     def on_event(self, event):
         """Count one monitor event."""
@@ -176,9 +204,10 @@ class PeerWatch:
             counters.peers += 1
         elif event == zmq.EVENT_DISCONNECTED:
             if self.unresolved > 0:
-                # Junk bytes (or a peer gone mid-handshake): libzmq just drops them.
                 self.dropped += 1
-                self._not_zeromq("connection closed before a ZeroMQ handshake")
+                counters.rejected_connections += 1
+                counters.invalid += 1
+                self.guesses.append(time.monotonic())
             else:
                 counters.peers = max(0, counters.peers - 1)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
@@ -186,15 +215,26 @@ class PeerWatch:
             # Refused by ZAP (logged with its address by the Gatekeeper), or a peer
             # whose CURVE handshake could not work.
             self._resolved(failed=True)
-            counters.rejected += 1
+            self._refused()
             if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self.warnings.warning("auth-protocol", "[AUTH] refused a peer whose CURVE"
                                                        " handshake failed (no client key,"
                                                        " or a wrong server key)")
         else:
             self._resolved(failed=True)
-            if not self.curve:  # with CURVE, the AUTH or PROTOCOL event counts the refusal
-                self._not_zeromq(f"handshake failed ({zmq.Event(event).name})")
+            if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not self.curve:
+                counters.rejected_connections += 1
+                counters.invalid += 1
+                self.warnings.warning("handshake", "[INVALID] connection dropped: not a"
+                                                   " ZeroMQ peer: handshake failed"
+                                                   f" ({zmq.Event(event).name})")
+
+    def _refused(self):
+        """Count a refused handshake as a new peer unless it follows another within `settle` s."""
+        now = time.monotonic()
+        if self.last_refusal is None or now - self.last_refusal >= self.settle:
+            self.counters.rejected += 1
+        self.last_refusal = now
 
     def _resolved(self, failed=False):
         """A handshake ended; correct an earlier drop that was really this connection's."""
@@ -203,11 +243,7 @@ class PeerWatch:
             self.dropped -= 1
             self.counters.rejected_connections -= 1
             self.counters.invalid -= 1
+            if self.guesses:
+                self.guesses.pop()  # its line is not logged
         if failed:
             self.counters.peers += 1  # its DISCONNECTED follows and takes it off again
-
-    def _not_zeromq(self, reason):
-        self.counters.rejected_connections += 1
-        self.counters.invalid += 1
-        self.warnings.warning("handshake", f"[INVALID] connection dropped: not a ZeroMQ peer:"
-                                           f" {reason}")

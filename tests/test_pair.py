@@ -308,3 +308,18 @@ def test_run_rate_is_its_own_not_the_receivers_lifetime(procs):
     assert run["rate_msg_s"] == msg_s and 0 < run["rate_mb_s"] < 0.01, run
     assert summary["processed_per_s"] < msg_s, summary  # idle before and after the run
     assert receiver.lines(r"rate .* msg/s processed over the receiver's lifetime")
+
+
+def test_own_short_runs_raise_no_invalid_alarm(procs):
+    """Short runs, even one that sends nothing and closes at once, and overlapping ones:
+    the receiver counts no invalid input and logs no [INVALID] line for our own senders."""
+    receiver = procs.receiver("--processing-time", "0", "--quiet")
+    for messages in (0, 1, 0, 1):
+        senders = [procs.sender("--workers", "5", "--messages", str(messages), "--delay", "0",
+                                "--quiet", endpoints=[receiver.endpoint]) for _ in range(2)]
+        for sender in senders:
+            assert sender.wait() == 0, sender.output()[-2000:]
+    assert receiver.stop() == 0
+    summary = receiver.summary()
+    assert summary["invalid"] == 0 and summary["rejected_connections"] == 0, summary
+    assert not receiver.lines(r"\[INVALID\]"), receiver.output()[-2000:]
