@@ -683,7 +683,8 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     data["receiver_report"] = receiver_report
     data["gates"] = judge_gates(config, receiver_report)
     data["send_lag_ms"] = merged_lag(workers).summary_ms() if config.scheduled else None
-    data["at_risk"] = at_risk(workers)
+    # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
+    data["at_risk"] = at_risk(workers) if confirmations is None else 0
     text = summary_table(data)
     if config.scheduled and not config.quiet:
         text += "\n" + "\n".join(merged_lag(workers).text_lines("Send lag"))

@@ -40,10 +40,10 @@ class ReceiverLinks:
       worker disconnects from it, so PUSH deals only to the live ones, and connects
       again when the heartbeat calls it up. A disconnect may throw away what libzmq
       still held for that connection (its queue after `linger` s, and the bytes its
-      encoder had not written), so what was handed to it after its last sign of
-      life stays at risk even when it comes back.
+      encoder had not written), so what it may have held stays at risk even when
+      the receiver comes back.
     For each receiver it dropped, the worker records how many messages it had sent
-    then; at_risk() turns that into the messages that may be lost.
+    then; at_risk() turns that into the messages that may be lost (episode()).
     Only the worker's own thread uses this object (and its socket).
     """
 
@@ -57,8 +57,8 @@ class ReceiverLinks:
         self.seen = -1  # health.changes when this worker last followed it
         self.paused = False  # every receiver this worker sends to is down
         self.connected = set()
-        self.stopped = {}  # dropped endpoint -> messages this worker had sent when it dropped it
-        self.kept_at_risk = 0  # at risk for good: a dropped connection outlived its linger
+        self.stopped = {}  # dropped endpoint -> messages this worker had sent by then
+        self.kept_at_risk = 0  # at risk for good: what a dropped connection may have lost
 
     def connect_all(self):
         """Connect to every receiver."""
