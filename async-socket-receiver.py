@@ -778,7 +778,7 @@ def summary_table(data):
         ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
         ("duration", f"{data['duration_s']:.2f} s"),
         ("rate", f"{data['processed_per_s']:.1f} msg/s processed over the receiver's lifetime,"
-                 " idle time included (each run's own rate: its [RUN] line)"),
+                 " idle time included (each run's own rate: its run row)"),
         ("stop", data["stop"]),
     ]
     if data["unprocessed"]:
