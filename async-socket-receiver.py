@@ -599,7 +599,7 @@ def start_threads(receiver, processor, recovered, config, log):
     error = receiver.start_and_wait()
     if error:
         log.error(f"[ERROR] {error}")
-        receiver.join()
+        threads.join_stopped([receiver], log)
         return False
     if recovered:  # a spill file's messages, processed ahead of anything new
         processor.batches.put_past_bound(flow.Batch(None, recovered, recovered=True))
@@ -609,8 +609,7 @@ def start_threads(receiver, processor, recovered, config, log):
     if error:
         log.error(f"[ERROR] {error}")
         processor.stops.cold.set()
-        receiver.join()
-        processor.join()
+        threads.join_stopped([receiver, processor], log)
         return False
     return True
 

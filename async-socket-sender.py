@@ -23,7 +23,7 @@ from pushpull import (cli, confirm, flow, latency, links, logs, push, schedule, 
                       verdict, wire)
 from pushpull.health import MONITOR_EVENTS, LinkState, ReceiverHealth, link_change
 from pushpull.push import Outcome
-from pushpull.threads import POLL_INTERVAL, ServiceThread
+from pushpull.threads import POLL_INTERVAL, ServiceThread, join_stopped
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -64,12 +64,14 @@ UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table list
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
+OPEN_FILES_SPARE = 64  # file descriptors beyond the sockets': log file, CSV, Python's own
 SOCKETS_PER_WORKER = 3  # its PUSH, and a monitor pair while it connects to several receivers
 RECEIVER_HWM = 200  # messages a receiver buffers per connection (its RECEIVE_HWM): flush bound
 
 GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
 EXIT_OK = 0
 EXIT_NOT_ALL_SENT = 1
+EXIT_BAD_COMMAND_LINE = 2  # as argparse exits for a bad flag
 EXIT_INTERRUPTED = 130
 FORMATS = {"binary": wire.MessageEncoder, "text": wire.TextEncoder}  # MESSAGE_FORMAT choices
 CSV_COLUMNS = ("time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting", "receivers_up")
@@ -550,11 +552,9 @@ def send_run(config, signals, log):
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         reports = wait_for_reports(config, channel, health, signals)
         team.flush.start()  # the run has ended: every worker closes its socket now
-        for worker in workers:
-            worker.join()
+        join_stopped(workers, log)
         stop.set()
-        for thread in helpers:
-            thread.join()
+        join_stopped(helpers, log)
     finally:
         stop.set()  # after an unexpected error: threads let go of their sockets
         team.flush.start()
@@ -859,9 +859,23 @@ def exit_reason(counts, config, flush_result, interrupted, confirmation, risk, h
     return EXIT_OK, None
 
 
+def open_files_needed(config):
+    """File descriptors the run needs: each socket's mailbox, one per connection, spare."""
+    sockets = config.workers + 2 * len(config.endpoints) + 2  # workers, probes, SUBs, logs
+    return sockets * (1 + len(config.endpoints)) + OPEN_FILES_SPARE
+
+
 def main(argv=None):
     """Run the workers to the end of the run; returns the exit status."""
     config = parse_args(argv)
+    needed = open_files_needed(config)
+    allowed = cli.ensure_open_files(needed)
+    if allowed is not None and allowed < needed:
+        print(f"async-socket-sender: error: --workers {config.workers} with"
+              f" {len(config.endpoints)} receiver(s) needs about {needed} open files; this"
+              f" process may open {allowed} (raise it with ulimit -n, or use fewer workers)",
+              file=sys.stderr)
+        return EXIT_BAD_COMMAND_LINE
     if config.curve_client_key:
         try:
             public, secret = security.load_secret_certificate(config.curve_client_key)

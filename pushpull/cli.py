@@ -114,6 +114,24 @@ def check_output_path(parser, flag, path):
         parser.error(f"{flag} {path}: cannot write in {directory} ({exc.strerror})")
 
 
+def ensure_open_files(needed):
+    """Raise this process's open-file limit to `needed` where the OS lets it; returns the
+    limit then in force, or None where there is no such limit to read (Windows)."""
+    try:
+        import resource  # POSIX only; Windows has no per-process limit of this kind
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
 def rate(count, seconds):
     """Messages per second, safe for a zero duration."""
     return count / seconds if seconds > 0 else 0.0

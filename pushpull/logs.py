@@ -118,7 +118,7 @@ class UnflushedHandler(logging.StreamHandler):
         """Write one formatted record."""
         try:
             self.stream.write(self.format(record) + self.terminator)
-        except Exception:
+        except (OSError, ValueError):  # a closed or full stream, an unencodable character
             self.handleError(record)
 
 

@@ -1,9 +1,11 @@
 """A thread with a clear start and stop: one body, a startup handshake, its failure logged once."""
 
 import threading
+import time
 
 POLL_INTERVAL = 100  # milliseconds a thread blocks before it looks at its stop event
 POLL_S = POLL_INTERVAL / 1000  # the same in seconds, for event.wait() and lock.acquire()
+STOP_TIMEOUT = 10.0  # seconds threads told to stop get to end before they are called stuck
 
 
 class StartupError(Exception):
@@ -55,3 +57,19 @@ class ServiceThread(threading.Thread):
             self.log.exception(f"[ERROR] thread {self.name} failed")
         finally:
             self._ready.set()
+
+
+def join_stopped(threads, log, timeout=STOP_TIMEOUT):
+    """Join threads already told to stop, within one shared deadline; log any still running.
+
+    Returns True when all of them ended. Each polls its stop event every POLL_INTERVAL,
+    so one still running after `timeout` is stuck, and the log says so.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        log.error(f"[ERROR] threads still running {timeout:g} s after the stop:"
+                  f" {', '.join(stuck[:10])}{' ...' if len(stuck) > 10 else ''}")
+    return not stuck

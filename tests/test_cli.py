@@ -3,12 +3,14 @@
 import queue
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import load_script, wait_until
+from conftest import ROOT, load_script, wait_until
 from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
@@ -288,3 +290,21 @@ def test_batch_queue_counts_messages_not_batches():
     assert len(batches.get().items) == 4
     assert batches.qsize() == 6
     assert len(batches.take_all()) == 6 and batches.qsize() == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX open-file limits")
+def test_too_few_open_files_for_the_workers_is_a_one_line_error():
+    """--workers beyond what the open-file limit allows: exit 2 and one line, not a traceback
+    per worker (each worker's socket needs a few file descriptors)."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    result = subprocess.run([sys.executable, str(ROOT / "async-socket-sender.py"),
+                             "--workers", "1000", "--connect", "tcp://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=30, preexec_fn=low_limit)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "open files" in lines[0] and "--workers 1000" in lines[0], lines
