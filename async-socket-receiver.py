@@ -160,6 +160,7 @@ def parse_args(argv=None):
     spill_file = a.spill_file.replace("{port}", str(a.port))
     cli.check_output_path(p, "--spill-file", spill_file)
     cli.check_output_path(p, "--json", a.json)
+    cli.check_output_path(p, "--csv", a.csv)
     return Config(port=a.port, confirm_port=confirm_port,
                   bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
                   queue_bytes=a.queue_bytes,

@@ -239,6 +239,7 @@ def parse_args(argv=None):
         p.error(f"--workers {a.workers} x {counted} is more than the"
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     cli.check_output_path(p, "--json", a.json)
+    cli.check_output_path(p, "--csv", a.csv)
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):

@@ -68,6 +68,8 @@ def test_help_lists_every_issue_flag_with_its_default(script, defaults):
     ("async-socket-sender.py", ["--size", "-5"], "--size"),
     ("async-socket-sender.py", ["--connect", "localhost:5560"], "--connect"),
     ("async-socket-sender.py", ["--bogus"], "--bogus"),
+    ("async-socket-sender.py", ["--csv", "/no-such-directory/rows.csv"], "--csv"),
+    ("async-socket-receiver.py", ["--csv", "/no-such-directory/rows.csv"], "--csv"),
     ("async-socket-receiver.py", ["--port", "0"], "--port"),
     ("async-socket-receiver.py", ["--processing-time", "-1"], "--processing-time"),
     ("async-socket-receiver.py", ["--queue-size", "0"], "--queue-size"),
