@@ -714,9 +714,8 @@ def report(counters, ledger, started, stop_kind, config, log, rows):
     log.info("\n" + text)
     rows.add(counters, lost, data["processed_per_s"])
     rows.close()
-    if config.json_path:
-        cli.write_json(config.json_path, data)
-    return EXIT_OK if stop_kind is not StopKind.FAILED and not lost else EXIT_FAILED
+    saved = not config.json_path or cli.save_summary(config.json_path, data, log)
+    return EXIT_OK if stop_kind is not StopKind.FAILED and not lost and saved else EXIT_FAILED
 
 
 def summary_data(counters, ledger, queued, started, stop_kind, config):

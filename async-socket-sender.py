@@ -693,10 +693,11 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     for record in data["gates"]:
         (log.info if record["passed"] else log.error)(
             verdict.gate_line(record, GATE_UNITS[record["name"]]))
-    if config.json_path:
-        cli.write_json(config.json_path, data)
+    saved = not config.json_path or cli.save_summary(config.json_path, data, log)
     status, reason = exit_reason(counts, config, flush_result, interrupted, confirmation,
                                  data["at_risk"], health)
+    if status == EXIT_OK and not saved:
+        status, reason = EXIT_NOT_ALL_SENT, "the --json summary could not be written"
     failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
     if status == EXIT_OK and failed_gates:
         status, reason = EXIT_NOT_ALL_SENT, f"gate failed: {', '.join(failed_gates)}"

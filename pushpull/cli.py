@@ -59,6 +59,21 @@ def write_json(path, data):
     os.replace(temporary, path)
 
 
+def save_summary(path, data, log):
+    """--json at exit: write the summary; False, with the reason logged, if it cannot be
+    written after all (the disk filled up during the run), and no half file left."""
+    try:
+        write_json(path, data)
+        return True
+    except OSError as exc:
+        log.error(f"[ERROR] cannot write the --json summary to {path}: {exc.strerror}")
+        try:
+            os.remove(f"{path}.tmp")
+        except OSError:
+            pass  # never created, or already gone
+        return False
+
+
 def run_facts(config, secret_fields=()):
     """What both JSON summaries start with: schema version, configuration as run, versions."""
     settings = {name: value for name, value in dataclasses.asdict(config).items()

@@ -322,3 +322,34 @@ def test_failed_spill_write_is_counted_once_everywhere(procs, tiny_disk):
                           r" but unprocessed messages LOST"), receiver.output()[-2000:]
     assert not receiver.lines(r"of them in the spill file")
     assert os.listdir(tiny_disk) == []
+
+
+def test_json_summary_that_no_longer_fits_the_disk_is_said_and_exits_1(procs, tiny_disk,
+                                                                         tmp_path):
+    """--json passed the start check, then the disk filled up during the run: the sender
+    says so in one line and exits 1, with no traceback and no half file left."""
+    receiver = procs.receiver(*FAST)
+    summary = tiny_disk / "sender.json"
+    out = tmp_path / "sender.out"
+    with open(out, "wb") as console:
+        sender = subprocess.Popen(
+            [sys.executable, str(SENDER), "--connect", receiver.endpoint, "--workers", "2",
+             "--messages", "40", "--delay", "0.05", "--quiet", "--json", str(summary)],
+            stdout=console, stderr=subprocess.STDOUT)
+    try:
+        with open(tiny_disk / "filler", "wb", buffering=0) as filler:  # the disk fills up
+            try:
+                while True:
+                    filler.write(b"x" * 4096)
+            except OSError:
+                pass
+        assert sender.wait(60) == 1
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
+    text = out.read_text()
+    assert "Traceback" not in text, text[-2000:]
+    assert re.search(r"\[ERROR\] cannot write the --json summary to .*sender\.json", text), text
+    assert re.search(r"\[EXIT\] the --json summary could not be written", text), text
+    assert sorted(os.listdir(tiny_disk)) == ["filler"]
