@@ -43,6 +43,7 @@ RECEIVER_ID_SIZE = 8  # bytes of a receiver's random instance id, in a REPORT
 TOPIC_LABEL = b"pushpull confirmation topic"
 CHANNEL_MAX_BYTES = 4 * 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
 SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
+DROP_SETTLE_S = 0.05  # seconds for libzmq's I/O thread to drop a dead receiver's connection
 REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel may bring
 # Link events of a confirmation channel: connected, or lost / refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -517,6 +518,20 @@ class ConfirmingSender(PushSender):
                        f" {len(self.window)} messages unconfirmed")
         return Outcome.RECEIVER_DOWN
 
+    def _drop_dead_receivers(self):
+        """Before a resend round: drop the connections to receivers the heartbeat calls down,
+        and let the socket take that in, so the round goes to live receivers only.
+
+        libzmq drops a connection in its I/O thread, and the socket learns it only when
+        it next processes commands (throttled on the send path): resent at once, half
+        the round would still be dealt to the dead receiver and wait a stall to be resent.
+        """
+        connected = len(self.links.connected)
+        self.links.follow(self.tally.sent)  # even if health.changes lags down_transitions
+        if len(self.links.connected) < connected:
+            self.stop.wait(DROP_SETTLE_S)
+            self._sock.getsockopt(zmq.EVENTS)  # processes the socket's pending commands
+
     def resend_if_lost(self):
         """Resend every unconfirmed task after a receiver went down, or when confirmations stall.
 
@@ -535,6 +550,7 @@ class ConfirmingSender(PushSender):
         if downs == self._downs_seen and not stalled:
             return None
         self._downs_seen, self._stalls_seen = downs, stalls
+        self._drop_dead_receivers()
         pending = self.window.unconfirmed()
         if pending:
             why = "a receiver went down" if not stalled else "confirmations stalled"

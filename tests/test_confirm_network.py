@@ -1,5 +1,5 @@
 """--confirm across a routed network: a permanent silent partition, a host that dies silently
-and comes back.
+and comes back, two receivers with one gone for good.
 
 Sender and receivers run in separate network namespaces (tests/netns.py): a failure is
 silent as it is across machines. Skipped, with the reason, where namespaces cannot be made.
@@ -65,3 +65,20 @@ def test_confirm_survives_a_silent_host_restart(network):
     report = result["receiver_report"]
     assert report["receivers"] == 1, report  # the new receiver's report reached the sender
 
+
+def test_a_dead_receivers_work_moves_to_the_live_one_in_one_resend_round(network):
+    """Two receivers, one host gone for good: each worker resends its unconfirmed messages
+    once, to the live receiver; no round deals them back into the dead connection."""
+    net = network(receivers=2)
+    for host in net.receiver_hosts:
+        net.receiver(*RECEIVER_ARGS, host=host)
+    sender = confirmed_sender(net, 2, 300, 0.02, timeout=2, retries=2)
+    wait_until(lambda: sent_so_far(sender) >= 60, 15, "60 messages sent")
+    net.kill_host(net.receiver_hosts[1])
+    assert sender.wait(40) == 0, sender.output()[-3000:]
+    result = sender.summary()
+    assert result["confirmed"] == 600, result
+    rounds = sender.lines(r"\[RESEND\] Pusher-\d+: ")
+    per_worker = [len([r for r in rounds if f"Pusher-{n}:" in r]) for n in (1, 2)]
+    assert max(per_worker) <= 1, rounds
+    assert not sender.lines(r"\[RESEND\] .*confirmations stalled"), rounds
