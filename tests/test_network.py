@@ -22,8 +22,9 @@ HEARTBEAT = 0.5  # --heartbeat-interval of the senders here: a cut is seen withi
 CLOSED_PORT = 5999  # nothing listens there on any host
 SLOW_RATE_BITS = 10_000_000  # the slow link's rate, bit/s
 SLOW_RATE = "10mbit"
-# A receiver down 1 s x (1 + 1 retry) = 2 s is given up on: the far end of a pause.
-GIVE_UP = ("--timeout", "1", "--retries", "1")
+# A receiver down 1 s x (1 + 1 retry) = 2 s is given up on: the far end of a pause; a
+# cut-off receiver's report of the run never comes, so the sender waits 1 s, not 5.
+GIVE_UP = ("--timeout", "1", "--retries", "1", "--report-timeout", "1")
 # Messages of 10 kB and a queue of 20: a connection holds at most CONNECTION_HOLDS of
 # them, so few that `at_risk` (at most that per worker) tells something.
 SMALL_BUFFERS = ("--hwm", "20", "--size", "10000")
@@ -231,3 +232,22 @@ def test_localhost_endpoint_is_tracked_through_restarts(procs):
     sender.wait_for_output(r"\[HEARTBEAT\] receiver tcp://localhost:\d+ up", count=3)
     assert sender.stop() == 130
     assert sender.summary()["receiver_down_events"] == 2
+
+
+def test_data_connections_carry_tcp_keepalive(network):
+    """Both ends turn TCP keepalive on (the sender's workers and probe, the receiver's
+    PULL): a peer gone without a FIN is dropped by the kernel, not kept half-open."""
+    net = network()
+    host = net.receiver_hosts[0]
+    net.receiver(*RECEIVER_ARGS)
+    sender = paced_sender(net, 2, 1000, 0.05)
+    wait_until(lambda: sent_so_far(sender) >= 10, 15, "10 messages sent")
+
+    def keepalive_timers(on_host, peer):
+        out = net.run(on_host, "ss", "-Htno", "state", "established", "dst", peer).stdout
+        return [line for line in out.splitlines() if "keepalive" in line], out
+
+    ours, out = keepalive_timers(net.sender_host, host.addr)
+    assert len(ours) >= 3, out  # two workers and the heartbeat probe
+    theirs, out = keepalive_timers(host, net.sender_host.addr)
+    assert len(theirs) >= 3, out
