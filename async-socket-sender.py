@@ -695,7 +695,7 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
             verdict.gate_line(record, GATE_UNITS[record["name"]]))
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
     status, reason = exit_reason(counts, config, flush_result, interrupted, confirmation,
-                                 data["at_risk"], health)
+                                 data["at_risk"], health, receiver_report)
     if status == EXIT_OK and not saved:
         status, reason = EXIT_NOT_ALL_SENT, "the --json summary could not be written"
     failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
@@ -837,8 +837,10 @@ def summary_table(data):
     return cli.format_table("Sender summary", rows)
 
 
-def exit_reason(counts, config, flush_result, interrupted, confirmation, risk, health):
-    """Exit status and a one-line reason when not every planned message was sent."""
+def exit_reason(counts, config, flush_result, interrupted, confirmation, risk, health,
+                receiver_report):
+    """Exit status and a one-line reason when not every planned message was sent, or the
+    receivers' own report says fewer arrived."""
     sent = counts[Outcome.SENT]
     if interrupted:
         return EXIT_INTERRUPTED, f"interrupted: {sent} of {config.planned} messages sent"
@@ -858,6 +860,12 @@ def exit_reason(counts, config, flush_result, interrupted, confirmation, risk, h
     if not flush_result.complete:
         return EXIT_NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
                                    f" {flush_result.unflushed_at_most} messages not delivered")
+    reported = receiver_report.get("received")
+    if receiver_report["receivers"] == len(config.endpoints) and reported < sent:
+        # Plain PUSH/PULL cannot know; the receivers can, and they say it did not all arrive
+        # (a receiver killed and restarted mid-run reports what its new life received).
+        return EXIT_NOT_ALL_SENT, (f"the receivers report {reported} of the {sent} sent"
+                                   " messages received")
     return EXIT_OK, None
 
 
