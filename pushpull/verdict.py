@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from pushpull import logs
+
 REPORT_MAX_BYTES = 16384  # bytes of JSON a report may carry; a receiver sends none larger
 REPORT_DEPTH = 4  # nesting levels of a report kept; deeper values are dropped
 REPORT_ITEMS = 64  # keys of an object, or items of a list, kept in a report
@@ -19,11 +21,6 @@ REPORT_NUMBER_MAX = 2 ** 63  # larger counts (or any larger number) are not beli
 KEY_PATTERN = re.compile(r"^[a-z0-9_]{1,40}$")
 COUNTS = ("planned", "received", "duplicates")  # a report without these is not used
 PERCENTILES = ("p50", "p90", "p99", "p99_9", "max")  # latency keys, when present
-
-
-def escaped(text):
-    """`text` with control characters shown as escapes (\\n, \\x1b): safe in a log line."""
-    return repr(str(text))[1:-1]
 
 
 def bounded(value, depth=REPORT_DEPTH):
@@ -35,7 +32,7 @@ def bounded(value, depth=REPORT_DEPTH):
             return None
         return value if -REPORT_NUMBER_MAX <= value <= REPORT_NUMBER_MAX else None
     if isinstance(value, str):
-        return escaped(value[:REPORT_TEXT])
+        return logs.shown(value[:REPORT_TEXT])
     if depth <= 0:
         return None
     if isinstance(value, list):
