@@ -10,6 +10,7 @@
 - flow:     stop signals, the queues between threads, the sender's turns
 - threads:  a thread with a clear start and stop
 - spill:    the receiver's spill file: load, save, remove
+- summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason
 - cli:      flag types, shared flags, JSON and table output
 
 Standard library and pyzmq only, so both scripts run from a plain checkout
