@@ -4,7 +4,7 @@
 - runs:     per-run statistics (latency histogram, the run ledger, [RUN] line, JSON)
 - confirm:  the confirmation channel between a receiver and --confirm senders
 - push:     one sender worker's send path: outcomes, turns, backpressure
-- health:   the sender's view of its receivers (link states)
+- health:   the sender's view of its receivers (link states, ZMTP heartbeats)
 - security: CURVE certificates and keys; the receiver's gatekeeper and peer watch
 - logs:     line formats and queue-based logging
 - flow:     stop signals, the queues between threads, the sender's turns

@@ -35,6 +35,8 @@ MAX_FRAME_SIZE = 2**30  # bytes; a frame is built whole in memory; spill files s
 MAX_QUEUE_SIZE = 10_000_000  # messages between the receiver's threads
 MAX_QUEUE_BYTES = 2**40  # bytes between the receiver's threads (1 TiB): more than any memory
 MAX_RETRIES = 1000  # waits of --timeout each; more is no bound on how long a worker waits
+MIN_RATE, MAX_RATE = 0.001, 10_000_000.0  # msg/s: --rate's range (far beyond what a pair sends)
+MAX_REPORT_TIMEOUT = 3600.0  # seconds: the longest --report-timeout (and --max-p99 in ms / 1000)
 TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^\[\]/:\s]+):(?P<port>[0-9]+)$")
 IPC_ENDPOINT = re.compile(r"^ipc://\S+$")
 

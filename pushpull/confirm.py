@@ -31,8 +31,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pushpull import verdict, wire
-from pushpull.cli import MAX_PORT
+from pushpull.cli import MAX_PORT, wants_ipv6
+from pushpull.health import set_heartbeats
+from pushpull.links import RECONNECT_INTERVAL, keep_alive
 from pushpull.push import Outcome, PushSender
+from pushpull.security import apply_client_keys
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 
 RUN_KEY = struct.Struct("!Q")  # the run id, as the HMAC key
@@ -396,16 +399,29 @@ class ConfirmChannel:
                         f" ({source.why_silent()})")
 
 
+def set_sub_options(sub, config):
+    """The options of the sender's confirmation-channel SUB socket, set before it connects:
+    those of its data sockets that fit a SUB (`config`: the sender's Config), and heartbeats."""
+    # ZMTP heartbeats drop a channel whose host died silently; libzmq then reconnects,
+    # and subscribes again, when the host is back.
+    set_heartbeats(sub, config.heartbeat_interval)
+    sub.setsockopt(zmq.IPV6, wants_ipv6(config.endpoints))
+    sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
+    sub.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
+    keep_alive(sub)
+    apply_client_keys(sub, config.curve_keys)
+
+
 class ConfirmListener(ServiceThread):
     """Subscribes to each receiver's confirmation channel for one run: applies confirmations,
     keeps reports, and watches each channel's link (ZMTP heartbeats find a dead host)."""
 
-    def __init__(self, ctx, channel, health, options, stop, log):
+    def __init__(self, ctx, channel, health, config, stop, log):
         super().__init__("confirm-listener", log)
         self.ctx = ctx
         self.channel = channel
         self.health = health
-        self.options = options  # applies the sender's socket options: CURVE keys, heartbeats
+        self.config = config  # the sender's Config: its sockets' options (set_sub_options)
         self.stop = stop
 
     def serve(self):
@@ -416,7 +432,7 @@ class ConfirmListener(ServiceThread):
             for source in self.channel.sources:
                 sub = self.ctx.socket(zmq.SUB)
                 subs.append(sub)
-                self.options(sub)
+                set_sub_options(sub, self.config)
                 sub.setsockopt(zmq.MAXMSGSIZE, CHANNEL_MAX_BYTES)
                 sub.subscribe(self.channel.seal.topic)
                 monitors.append(sub.get_monitor_socket(LINK_EVENTS))

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from pushpull.threads import POLL_S
 from pushpull.wire import RAW
@@ -170,6 +171,15 @@ class FlushDeadline:
         """True when `now` is before the deadline by more than a timer's slack: a
         context term that returned then did not have to cut any socket's linger."""
         return now < self.at - FLUSH_SLACK
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """Whether every worker's messages left the process before the run's flush deadline."""
+
+    complete: bool
+    unflushed_at_most: int  # sent messages a flush cut short may have lost (0 when complete)
+    seconds: float  # from the end of the run to the end of the flush
 
 
 # Seconds before the flush deadline that still count as met: lingers are whole

@@ -1,4 +1,5 @@
-"""The sender's view of its receivers: one link state per endpoint, fed by a socket monitor.
+"""The sender's view of its receivers: one link state per endpoint, fed by a socket monitor
+watching sockets that carry ZMTP heartbeats.
 
 The heartbeat monitor thread (in the sender script) owns the probe socket and
 writes a ReceiverHealth; workers and main only read it.
@@ -23,6 +24,21 @@ class LinkState(enum.Enum):
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def set_heartbeats(sock, interval):
+    """ZMTP heartbeats, for the probe and the confirmation channel: they find a hung receiver.
+
+    Data sockets go without: a heartbeat timeout would drop the connection and
+    every message queued on it, where a receiver that was only paused (SIGSTOP)
+    should get them all once it resumes. libzmq 4.3.5 can also abort when a
+    heartbeat fires on a connection stopped at its high-water mark.
+    """
+    interval_ms = int(interval * 1000)
+    # Detection worst case is IVL + TIMEOUT = HEARTBEAT_INTERVAL + 0.5 s.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, interval_ms // 2))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(50, interval_ms // 2) + 500)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, interval_ms * 2)
 
 
 class ReceiverHealth:

@@ -5,7 +5,7 @@ On loopback a dead receiver closes its connections and the sender knows at once.
 Across machines failure is often silent (a pulled cable, a dead host, a firewall
 dropping packets): no FIN or RST arrives, and a PUSH socket keeps handing messages
 to a connection that leads nowhere, because data sockets carry no ZMTP heartbeats
-(see the sender's set_heartbeats). The heartbeat monitor's probe does, and calls
+(see health.set_heartbeats). The heartbeat monitor's probe does, and calls
 the receiver down; ReceiverLinks makes each worker act on that verdict, and
 counts the messages that may not have arrived at a receiver that went silent and
 never came back (`at_risk`).
@@ -13,6 +13,7 @@ never came back (`at_risk`).
 
 import zmq
 
+RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 TCP_KEEPALIVE_IDLE = 10  # seconds a connection is idle before the kernel probes the peer
 TCP_KEEPALIVE_INTERVAL = 2  # seconds between two keepalive probes
 TCP_KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection

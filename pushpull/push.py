@@ -163,6 +163,16 @@ class PushSender:
                 pass
         return self._wait_and_send(frame, task)
 
+    def send_end(self, end, receivers):
+        """Best effort, uncounted: an END frame (None: --format text sends none) lets each
+        of the `receivers` close its share of the run at once."""
+        if (end is None or not self.tally.sent or self.tally.gave_up() or self.stop.is_set()
+                or not self.health.is_up()):
+            return
+        for _ in range(receivers):  # PUSH deals consecutive frames to each in turn
+            if self.deliver(end):
+                break
+
     def pause(self, seconds):
         """Wait `seconds` off turn, or less if the stop comes."""
         with self.turn.off():

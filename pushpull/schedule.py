@@ -41,6 +41,20 @@ class Schedule:
         """An offset from `due()` as the wall-clock time the wire carries."""
         return self.clock.epoch_ns + int(due * 1e9)
 
+    def wait_until_due(self, k, pause):
+        """Wait with `pause(seconds)` until message k is due; returns its intended time (ns,
+        as the wire carries it), whether it is in the warmup, and how late it is (s).
+
+        Open loop: a worker that is late sends at once, without waiting, until it
+        has caught up.
+        """
+        due = self.due(k)
+        late = time.monotonic() - self.clock.monotonic - due
+        if late < 0:
+            pause(-late)
+            late = time.monotonic() - self.clock.monotonic - due
+        return self.intended_ns(due), due < self.warmup, late
+
 
 def worker_schedule(clock, number, workers, rate, delay, warmup):
     """Worker `number`'s schedule (1-based): None for a flood (no --rate, no --delay).
@@ -54,6 +68,18 @@ def worker_schedule(clock, number, workers, rate, delay, warmup):
     if delay:
         return Schedule(clock, delay, 0.0, warmup)
     return None
+
+
+def describe(rate, delay, warmup):
+    """How a run is paced, for the [START] line: '' for a flood without a warmup."""
+    text = ""
+    if rate:
+        text += f", {rate:g} msg/s in all (open loop)"
+    elif delay:
+        text += f", every {delay:g} s per worker"
+    if warmup:
+        text += f", {warmup:g} s warmup"
+    return text
 
 
 def messages_for_duration(duration, workers, rate, delay):

@@ -45,6 +45,15 @@ def load_public_key(path):
     return _load_certificate(path)[0]
 
 
+def load_client_keys(secret_path, server_public_path):
+    """The sender's CURVE keys (public, secret, server public), or None without a secret
+    certificate; KeyFileError if a certificate is unusable."""
+    if not secret_path:
+        return None
+    public, secret = load_secret_certificate(secret_path)
+    return public, secret, load_public_key(server_public_path)
+
+
 def _load_certificate(path):
     try:
         return zmq.auth.load_certificate(path)

@@ -6,6 +6,13 @@ The scripts gather the counts; this module only turns them into lines, rows and
 dictionaries, so a reader of a script sees what is counted, not how it is printed.
 """
 
+import enum
+import time
+
+from pushpull import cli, latency, verdict, wire
+from pushpull.health import LinkState
+from pushpull.push import Outcome
+
 # ---------------------------------------------------------------------------
 # The receiver's
 # ---------------------------------------------------------------------------
@@ -14,3 +21,250 @@ dictionaries, so a reader of a script sees what is counted, not how it is printe
 # ---------------------------------------------------------------------------
 # The sender's
 # ---------------------------------------------------------------------------
+UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
+UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
+GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
+SENDER_CSV_COLUMNS = ("time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting",
+                      "receivers_up")
+SECRET_SETTINGS = ("curve_keys",)  # the sender's Config fields never written to the JSON
+
+
+class SenderExit(enum.IntEnum):
+    """The sender's exit statuses."""
+
+    OK = 0
+    NOT_ALL_SENT = 1  # also: a gate failed, or the run could not start
+    BAD_COMMAND_LINE = 2  # as argparse exits for a bad flag
+    INTERRUPTED = 130
+
+
+class SenderStats:
+    """The [STATS] line and the --csv row, every STATS_INTERVAL while the workers send."""
+
+    def __init__(self, config, workers, health, series, log):
+        self.config = config
+        self.workers = workers
+        self.health = health
+        self.series = series  # a cli.CsvSeries: a no-op without --csv
+        self.log = log
+        self.started = self.last_time = time.monotonic()
+        self.last_sent = 0
+
+    def tick(self, now):
+        """A [STATS] line and a --csv row, when one is due at `now` (time.monotonic())."""
+        if now - self.last_time >= self.config.stats_interval:
+            self.series.row(sender_csv_row(self.workers, self.health, self.last_sent,
+                                           now - self.last_time, now - self.started))
+            line, self.last_sent = sender_stats_line(self.config, self.workers, self.health,
+                                                     self.last_sent, now - self.last_time,
+                                                     now - self.started)
+            self.log.info(line)
+            self.last_time = now
+
+    def last_row(self):
+        """The last --csv row, written once every worker is done: it agrees with the summary."""
+        now = time.monotonic()
+        self.series.row(sender_csv_row(self.workers, self.health, self.last_sent,
+                                       now - self.last_time, now - self.started))
+
+
+def sender_stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
+    """One [STATS] line; returns it with the sent count for the next one."""
+    counts = outcome_counts(config, workers)
+    sent = counts[Outcome.SENT]
+    failed = sum(counts.values()) - sent
+    recent = cli.rate(sent - last_sent, elapsed)
+    remaining = config.planned - sent - failed
+    overall = cli.rate(sent, total_elapsed)
+    eta = f"{remaining / overall:.1f} s" if overall > 0 else "-"
+    waiting = sum(1 for w in workers if w.tally.waiting)
+    return (f"[STATS] sent {sent}/{config.planned} ({100 * sent / max(1, config.planned):.1f}%)"
+            f" | {recent:.1f} msg/s | failed {failed} | waiting {waiting}"
+            f" | receiver {health.describe()} | ETA {eta}"), sent
+
+
+def sender_csv_row(workers, health, last_sent, elapsed, total_elapsed):
+    """One --csv row (SENDER_CSV_COLUMNS), counts cumulative since the start."""
+    sent = sum(w.tally.sent for w in workers)
+    lag = merged_lag(workers)
+    return (round(total_elapsed, 3), sent, round(cli.rate(sent - last_sent, elapsed), 1),
+            round(lag.percentile(0.99) / 1e6, 3) if lag.count else "",
+            sum(1 for w in workers if w.tally.waiting),
+            sum(1 for state in health.states.values() if state is LinkState.UP))
+
+
+def outcome_counts(config, workers):
+    """Outcome -> count, summed over the workers."""
+    result = dict.fromkeys(Outcome, 0)
+    for worker in workers:
+        result[Outcome.SENT] += worker.tally.sent
+        for outcome, count in worker.tally.failed.items():
+            result[outcome] += count
+        if worker.failed:  # the traceback is in the log; what it had not done is lost
+            result[Outcome.WORKER_ERROR] += config.messages - worker.tally.done()
+    return result
+
+
+def at_risk(workers):
+    """Messages that may not have arrived: handed to a receiver that went silent and never
+    came back, and maybe still in the connection's buffers (ReceiverLinks.episode)."""
+    total = sum(w.links.at_risk(w.tally.sent) for w in workers if w.links is not None)
+    return min(total, sum(w.tally.sent for w in workers))
+
+
+def merged_lag(workers):
+    """The send lag of every worker, in one histogram."""
+    lag = latency.Histogram()
+    for worker in workers:
+        lag.merge(worker.lag)
+    return lag
+
+
+def receiver_verdict(config, channel, reports):
+    """The receiver_report JSON: the reports merged, and why any are missing."""
+    if not reports:
+        return {"receivers": 0, "of": len(config.endpoints), "reason": channel.why_no_report()}
+    result = verdict.merge(reports, config.planned)
+    result["of"] = len(config.endpoints)
+    if len(reports) < len(config.endpoints):
+        result["reason"] = f"not every receiver reported: {channel.why_no_report()}"
+    result["reports"] = reports
+    return result
+
+
+def judge_gates(config, receiver_report):
+    """The JSON `gates`: each gate set on the command line, judged on the receivers' report."""
+    gates = [verdict.Gate(name, limit) for name, limit in (("max-loss", config.max_loss),
+                                                           ("max-p99", config.max_p99))
+             if limit is not None]
+    merged = receiver_report if receiver_report["receivers"] else None
+    return [gate.judge(merged, f"no report: {receiver_report.get('reason')}") for gate in gates]
+
+
+def unconfirmed_tasks(window, tally):
+    """The first UNCONFIRMED_JSON_MAX task numbers a worker never had confirmed, in order."""
+    tasks = set(window.frames)
+    for unsent in tally.not_sent:
+        tasks.update(unsent[:UNCONFIRMED_JSON_MAX])
+    return sorted(tasks)[:UNCONFIRMED_JSON_MAX]
+
+
+def confirmation_data(config, workers, confirmations):
+    """--confirm results: what was confirmed, resent, and which tasks never were."""
+    confirmed = confirmations.confirmed()
+    never = {w.name: unconfirmed_tasks(window, w.tally)
+             for w, window in zip(workers, confirmations.windows)}
+    return {
+        "confirmed": confirmed,
+        "resent": confirmations.resent(),
+        "unconfirmed": config.planned - confirmed,
+        "unconfirmed_tasks": {name: tasks for name, tasks in never.items() if tasks},
+    }
+
+
+def sender_data(config, run, workers, health, confirmations, flush, receiver_report, duration):
+    """The final summary, as the JSON written by --json."""
+    counts = outcome_counts(config, workers)
+    sent = counts[Outcome.SENT]
+    failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
+    confirmation = (confirmation_data(config, workers, confirmations)
+                    if confirmations is not None else {})
+    return {**cli.run_facts(config, SECRET_SETTINGS), **confirmation,
+        "run_id": wire.run_label(run.run_id),
+        "planned": config.planned,
+        "sent": sent,
+        "failed": sum(failed.values()),
+        "failed_by_reason": failed,
+        "flush_complete": flush.complete,
+        "unflushed_at_most": flush.unflushed_at_most,
+        "flush_s": round(flush.seconds, 3),
+        "receiver_down_events": health.down_transitions,
+        "endpoints": list(config.endpoints),
+        "workers": config.workers,
+        "duration_s": round(duration, 3),
+        "sent_per_s": round(cli.rate(sent, duration), 1),
+        "target_rate_msg_s": config.rate,
+        "receiver_report": receiver_report,
+        "gates": judge_gates(config, receiver_report),
+        "send_lag_ms": merged_lag(workers).summary_ms() if config.scheduled else None,
+        # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
+        "at_risk": at_risk(workers) if confirmations is None else 0,
+    }
+
+
+def sender_table(data):
+    """The aligned table printed at exit."""
+    rows = [("run", data["run_id"]), ("planned", data["planned"]), ("sent", data["sent"]),
+            ("failed", data["failed"])]
+    rows += [(f"  {reason}", n) for reason, n in data["failed_by_reason"].items() if n]
+    if "confirmed" in data:
+        rows.append(("confirmed", f"{data['confirmed']}/{data['planned']} processed by a"
+                                  " receiver (--confirm)"))
+        rows.append(("resent", data["resent"]))
+        rows.append(("unconfirmed", data["unconfirmed"]))
+        for name, tasks in list(data["unconfirmed_tasks"].items())[:UNCONFIRMED_LISTED]:
+            shown = ", ".join(map(str, tasks[:UNCONFIRMED_LISTED]))
+            more = f" ... +{len(tasks) - UNCONFIRMED_LISTED}" if len(tasks) > UNCONFIRMED_LISTED \
+                else ""
+            rows.append((f"  {name}", f"tasks {shown}{more}"))
+        if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
+            rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
+    if data["at_risk"]:
+        rows.append(("at risk", f"up to {data['at_risk']} sent messages may not have arrived:"
+                                " a receiver went silent and never came back"))
+    rows.append(("flush", "complete" if data["flush_complete"] else
+                 f"TIMED OUT: up to {data['unflushed_at_most']} sent messages may not have"
+                 " arrived"))
+    rows.append(("duration", f"{data['duration_s']:.2f} s"))
+    target = data["target_rate_msg_s"]
+    rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"
+                 + (f" (--rate {target:g} msg/s)" if target else "")))
+    if data.get("send_lag_ms"):
+        lag = data["send_lag_ms"]
+        rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms"
+                                 " (actual - intended send time)"))
+    rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
+    report_data = data["receiver_report"]
+    if report_data["receivers"]:
+        rows.append(("receiver", verdict.report_line(report_data)))
+    if "reason" in report_data:
+        rows.append(("receiver" if not report_data["receivers"] else "",
+                     f"no report: {report_data['reason']}"))
+    if "confirmed" not in data:
+        rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
+                             " receiver that dies before reading them loses them (--confirm"
+                             " knows)"))
+    return cli.format_table("Sender summary", rows)
+
+
+def exit_reason(config, data, health, interrupted):
+    """Exit status and a one-line reason when not every planned message was sent, or the
+    receivers' own report says fewer arrived: read from the summary (`data`)."""
+    sent, planned = data["sent"], data["planned"]
+    if interrupted:
+        return SenderExit.INTERRUPTED, f"interrupted: {sent} of {planned} messages sent"
+    if "confirmed" in data:
+        if data["confirmed"] < planned:
+            return SenderExit.NOT_ALL_SENT, (f"only {data['confirmed']} of {planned} messages"
+                                             " confirmed processed; see unconfirmed tasks")
+        return SenderExit.OK, None
+    if sent < planned:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in data["failed_by_reason"].items()
+                            if n)
+        return SenderExit.NOT_ALL_SENT, f"only {sent} of {planned} messages sent ({reasons})"
+    if data["at_risk"]:
+        silent = ", ".join(ep for ep in config.endpoints if health.is_down(ep))
+        return SenderExit.NOT_ALL_SENT, (f"up to {data['at_risk']} of {sent} sent messages may"
+                                         f" not have arrived: {silent} went silent and never"
+                                         " came back")
+    if not data["flush_complete"]:
+        return SenderExit.NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
+                                         f" {data['unflushed_at_most']} messages not delivered")
+    receivers = data["receiver_report"]
+    reported = receivers.get("received")
+    if receivers["receivers"] == len(config.endpoints) and reported < sent:
+        # Plain PUSH/PULL cannot know; the receivers can, and they say it did not all arrive
+        # (a receiver killed and restarted mid-run reports what its new life received).
+        return SenderExit.NOT_ALL_SENT, (f"the receivers report {reported} of the {sent} sent"
+                                         " messages received")
+    return SenderExit.OK, None
