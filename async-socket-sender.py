@@ -319,15 +319,14 @@ class PushWorker(ServiceThread):
                 sock.linger = self.team.flush.linger_ms()
 
     def new_links(self, sock, frame_size):
-        """The worker's connections, kept in step with the heartbeat. Under --confirm with
-        several receivers a silent one is dropped, so its work moves to the live ones;
-        plain mode keeps the connection, for TCP to deliver what it holds after a heal."""
+        """The worker's connections, kept in step with the heartbeat. With several
+        receivers a silent one is dropped, so the live ones take the work; a lone one's
+        connection is kept, for TCP to deliver what it holds after a heal."""
         config = self.config
         bound = flow.in_flight_bound(frame_size, config.hwm, RECEIVER_HWM, SOCKET_BUFFER,
                                      SOCKET_BUFFER)
         return links.ReceiverLinks(sock, config.endpoints, self.team.health,
-                                   drop=config.confirm and len(config.endpoints) > 1,
-                                   linger=config.timeout * (1 + config.retries), bound=bound)
+                                   drop=len(config.endpoints) > 1, bound=bound)
 
     def new_sender(self, sock):
         """The send path: plain, or holding each frame until confirmed (--confirm)."""
@@ -469,7 +468,7 @@ def send_run(config, signals, log):
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
-        reports = channel.wait_for_reports(within, signals.first)
+        channel.wait_for_reports(within, signals.first)
         team.flush.start()  # the run has ended: every worker closes its socket now
         join_stopped(workers, log)
         stop.set()
@@ -479,7 +478,7 @@ def send_run(config, signals, log):
         team.flush.start()
         flush_result = flush(ctx, config, team.flush, workers)
     return report(config, run, workers, health, confirmations, flush_result,
-                  summary.receiver_verdict(config, channel, reports), duration,
+                  summary.receiver_verdict(config, channel), duration,
                   signals.first.is_set(), log)
 
 

@@ -46,7 +46,6 @@ RECEIVER_ID_SIZE = 8  # bytes of a receiver's random instance id, in a REPORT
 TOPIC_LABEL = b"pushpull confirmation topic"
 CHANNEL_MAX_BYTES = 4 * 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
 SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
-DROP_SETTLE_S = 0.05  # seconds for libzmq's I/O thread to drop a dead receiver's connection
 REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel may bring
 # Link events of a confirmation channel: connected, or lost / refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -301,10 +300,19 @@ class ConfirmChannel:
         with self.changed:
             return [entry for s in self.sources for entry in s.reports.values()]
 
+    def all_reported(self):
+        """True when every receiver's channel brought a report of the run."""
+        with self.changed:
+            return not self.unreachable and all(s.reports for s in self.sources)
+
+    def collected(self):
+        """(every report so far, all_reported()), at one moment."""
+        with self.changed:
+            return self.reports(), self.all_reported()
+
     def wait_for_reports(self, within, stop):
-        """Wait (at most `within` s) until every channel brought a report; returns them."""
+        """Wait (at most `within` s) until every channel brought a report."""
         self._wait(lambda: all(s.reports for s in self.sources), within, stop)
-        return self.reports()
 
     def _wait(self, done, within, stop):
         """Wait until done() is true, `within` seconds pass, or `stop` is set."""
@@ -536,17 +544,11 @@ class ConfirmingSender(PushSender):
 
     def _drop_dead_receivers(self):
         """Before a resend round: drop the connections to receivers the heartbeat calls down,
-        and let the socket take that in, so the round goes to live receivers only.
-
-        libzmq drops a connection in its I/O thread, and the socket learns it only when
-        it next processes commands (throttled on the send path): resent at once, half
-        the round would still be dealt to the dead receiver and wait a stall to be resent.
-        """
-        connected = len(self.links.connected)
-        self.links.follow(self.tally.sent)  # even if health.changes lags down_transitions
-        if len(self.links.connected) < connected:
-            self.stop.wait(DROP_SETTLE_S)
-            self._sock.getsockopt(zmq.EVENTS)  # processes the socket's pending commands
+        and let the socket take that in (ReceiverLinks.settle), so the round goes to live
+        receivers only: else half of it would still be dealt to the dead receiver and
+        wait a stall to be resent."""
+        if self.links.follow(self.tally.sent):  # even if health.changes lags down_transitions
+            self.links.settle(self.stop)
 
     def resend_if_lost(self):
         """Resend every unconfirmed task after a receiver went down, or when confirmations stall.

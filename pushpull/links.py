@@ -7,8 +7,8 @@ dropping packets): no FIN or RST arrives, and a PUSH socket keeps handing messag
 to a connection that leads nowhere, because data sockets carry no ZMTP heartbeats
 (see health.set_heartbeats). The heartbeat monitor's probe does, and calls
 the receiver down; ReceiverLinks makes each worker act on that verdict, and
-counts the messages that may not have arrived at a receiver that went silent and
-never came back (`at_risk`).
+bounds the messages that may not have arrived at a receiver that went silent
+(`at_risk`).
 """
 
 import zmq
@@ -17,6 +17,7 @@ RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 TCP_KEEPALIVE_IDLE = 10  # seconds a connection is idle before the kernel probes the peer
 TCP_KEEPALIVE_INTERVAL = 2  # seconds between two keepalive probes
 TCP_KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection
+DROP_SETTLE_S = 0.05  # seconds for libzmq's I/O thread to end a dropped connection
 
 
 def keep_alive(sock):
@@ -32,28 +33,27 @@ class ReceiverLinks:
     """One worker's connections to its receivers, kept in step with the heartbeat.
 
     A receiver the heartbeat calls down gets no more messages from this worker. How:
-    - kept (plain mode): the worker keeps the connection and pauses while every
+    - kept (one receiver): the worker keeps the connection and pauses while its
       receiver is down, as for a killed receiver; after a heal TCP delivers what
-      the connection held, so a cut that heals in time loses nothing. With several
-      receivers PUSH keeps dealing to a silent one until its queue is full (SNDHWM),
-      then skips it;
-    - dropped (`drop`, for --confirm, which resends whatever is unconfirmed): the
-      worker disconnects from it, so PUSH deals only to the live ones, and connects
-      again when the heartbeat calls it up. A disconnect may throw away what libzmq
-      still held for that connection (its queue after `linger` s, and the bytes its
-      encoder had not written), so what it may have held stays at risk even when
-      the receiver comes back.
+      the connection held, so a cut that heals in time loses nothing;
+    - dropped (`drop`, several receivers): the worker disconnects from it, so PUSH
+      deals only to the live ones, and connects again when the heartbeat calls it
+      up. libzmq discards what it still held for that connection (the sender's
+      sockets connect with ZMQ_IMMEDIATE, so a disconnect ends the connection's
+      session, which throws its queue and its engine's batch away whatever the
+      linger); only what the kernel had taken is delivered after a heal. So what
+      the connection may have held stays at risk even when the receiver comes back;
+      the receivers' reports of the run say what arrived.
     For each receiver it dropped, the worker records how many messages it had sent
     then; at_risk() turns that into the messages that may be lost (episode()).
     Only the worker's own thread uses this object (and its socket).
     """
 
-    def __init__(self, sock, endpoints, health, drop, linger, bound):
+    def __init__(self, sock, endpoints, health, drop, bound):
         self.sock = sock
         self.endpoints = endpoints
         self.health = health
         self.drop = drop
-        self.linger = linger  # seconds a dropped connection keeps its queue
         self.bound = bound  # messages one connection's buffers can hold (in_flight_bound)
         self.seen = -1  # health.changes when this worker last followed it
         self.paused = False  # every receiver this worker sends to is down
@@ -68,17 +68,33 @@ class ReceiverLinks:
         self.connected = set(self.endpoints)
 
     def follow(self, sent):
-        """Act on the heartbeat's verdicts; `sent`: messages this worker has sent so far."""
+        """Act on the heartbeat's verdicts; `sent`: messages this worker has sent so far.
+        Returns True when it dropped a connection: settle() before the next send."""
         health = self.health
         self.seen = health.changes
+        dropped = False
         for endpoint in self.endpoints:
             if health.is_down(endpoint):
                 if self.drop and endpoint in self.connected:
                     self.stopped[endpoint] = sent
-                    self._disconnect(endpoint)
+                    self.sock.disconnect(endpoint)
+                    self.connected.discard(endpoint)
+                    dropped = True
             elif health.is_endpoint_up(endpoint):
                 self._back(endpoint)
         self.paused = all(health.is_down(ep) for ep in self.connected)
+        return dropped
+
+    def settle(self, stop):
+        """After a drop: let the socket take it in before it sends again.
+
+        libzmq ends a dropped connection in its I/O thread, and the socket learns
+        it only when it next processes commands (throttled on the send path): sent
+        at once, a message could still be dealt to the dropped connection, and be
+        thrown away with its queue.
+        """
+        stop.wait(DROP_SETTLE_S)
+        self.sock.getsockopt(zmq.EVENTS)  # processes the socket's pending commands
 
     def at_risk(self, sent):
         """Messages this worker may have lost: see episode(), for every receiver still
@@ -94,17 +110,9 @@ class ReceiverLinks:
         if endpoint not in self.health.seen_up:
             return 0  # never connected: ZeroMQ handed it nothing (ZMQ_IMMEDIATE)
         # A kept connection may have been dealt any message (PUSH skips it only once
-        # its queue is full): all count, up to `sent`, all this worker has sent.
+        # its queue is full): all count, up to `sent`, all this worker has sent. A
+        # dropped one got nothing after the drop.
         return min(self.stopped.get(endpoint, sent), self.bound)
-
-    def _disconnect(self, endpoint):
-        default = self.sock.getsockopt(zmq.LINGER)
-        self.sock.setsockopt(zmq.LINGER, int(self.linger * 1000))  # read by disconnect()
-        try:
-            self.sock.disconnect(endpoint)
-        finally:
-            self.sock.setsockopt(zmq.LINGER, default)
-        self.connected.discard(endpoint)
 
     def _back(self, endpoint):
         """The receiver is up again: reconnect if this worker dropped it."""

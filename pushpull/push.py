@@ -194,8 +194,8 @@ class PushSender:
         retries_used = 0
         wait_started = time.monotonic()
         while not self.stop.is_set():
-            if self.health.changes != self.links.seen:
-                self.links.follow(self.tally.sent)
+            if self.health.changes != self.links.seen and self.links.follow(self.tally.sent):
+                self.links.settle(self.stop)
             if self.links.paused:  # a silent receiver's connection would take the frame
                 self.stop.wait(POLL_S)
             elif self._sock.poll(POLL_INTERVAL, zmq.POLLOUT):

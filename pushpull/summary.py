@@ -106,8 +106,9 @@ def outcome_counts(config, workers):
 
 
 def at_risk(workers):
-    """Messages that may not have arrived: handed to a receiver that went silent and never
-    came back, and maybe still in the connection's buffers (ReceiverLinks.episode)."""
+    """Messages that may not have arrived, by the sender's own bound: handed to a receiver
+    that went silent, and maybe still in, or discarded with, the connection's buffers
+    (ReceiverLinks.at_risk)."""
     total = sum(w.links.at_risk(w.tally.sent) for w in workers if w.links is not None)
     return min(total, sum(w.tally.sent for w in workers))
 
@@ -120,13 +121,14 @@ def merged_lag(workers):
     return lag
 
 
-def receiver_verdict(config, channel, reports):
+def receiver_verdict(config, channel):
     """The receiver_report JSON: the reports merged, and why any are missing."""
+    reports, every_receiver = channel.collected()
     if not reports:
         return {"receivers": 0, "of": len(config.endpoints), "reason": channel.why_no_report()}
     result = verdict.merge(reports, config.planned)
     result["of"] = len(config.endpoints)
-    if len(reports) < len(config.endpoints):
+    if not every_receiver:
         result["reason"] = f"not every receiver reported: {channel.why_no_report()}"
     result["reports"] = reports
     return result
@@ -169,6 +171,9 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
     confirmation = (confirmation_data(config, workers, confirmations)
                     if confirmations is not None else {})
+    # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
+    risk, exact = (verdict.risk(sent, at_risk(workers), receiver_report)
+                   if confirmations is None else (0, False))
     return {**cli.run_facts(config, SECRET_SETTINGS), **confirmation,
         "run_id": wire.run_label(run.run_id),
         "planned": config.planned,
@@ -187,8 +192,8 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
         "receiver_report": receiver_report,
         "gates": judge_gates(config, receiver_report),
         "send_lag_ms": merged_lag(workers).summary_ms() if config.scheduled else None,
-        # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
-        "at_risk": at_risk(workers) if confirmations is None else 0,
+        "at_risk": risk,
+        "at_risk_exact": exact,
     }
 
 
@@ -210,11 +215,11 @@ def sender_table(data):
         if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
             rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
     if data["at_risk"]:
-        rows.append(("at risk", f"up to {data['at_risk']} sent messages may not have arrived:"
-                                " a receiver went silent and never came back"))
-    rows.append(("flush", "complete" if data["flush_complete"] else
-                 f"TIMED OUT: up to {data['unflushed_at_most']} sent messages may not have"
-                 " arrived"))
+        rows.append(("at risk", f"{data['at_risk']} sent messages did not arrive (the receivers'"
+                                " reports)" if data["at_risk_exact"] else
+                     f"up to {data['at_risk']} sent messages may not have arrived: a receiver"
+                     " went silent, and not every receiver reported what it got"))
+    rows.append(("flush", flush_text(data)))
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
     target = data["target_rate_msg_s"]
     rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"
@@ -237,6 +242,15 @@ def sender_table(data):
     return cli.format_table("Sender summary", rows)
 
 
+def flush_text(data):
+    """The summary's flush row: complete, or what a flush cut short may have lost."""
+    if data["flush_complete"]:
+        return "complete"
+    if data["at_risk_exact"] and not data["at_risk"]:
+        return "TIMED OUT, but the receivers report every sent message received"
+    return f"TIMED OUT: up to {data['unflushed_at_most']} sent messages may not have arrived"
+
+
 def exit_reason(config, data, health, interrupted):
     """Exit status and a one-line reason when not every planned message was sent, or the
     receivers' own report says fewer arrived: read from the summary (`data`)."""
@@ -252,19 +266,28 @@ def exit_reason(config, data, health, interrupted):
         reasons = ", ".join(f"{n} {reason}" for reason, n in data["failed_by_reason"].items()
                             if n)
         return SenderExit.NOT_ALL_SENT, f"only {sent} of {planned} messages sent ({reasons})"
+    if data["at_risk_exact"]:
+        # Every receiver reported the run: plain PUSH/PULL cannot know what arrived, they
+        # can (a receiver killed and restarted mid-run reports what its new life received).
+        if data["at_risk"]:
+            return SenderExit.NOT_ALL_SENT, (f"the receivers report {sent - data['at_risk']}"
+                                             f" of the {sent} sent messages received:"
+                                             f" {data['at_risk']} missing")
+        return SenderExit.OK, None
     if data["at_risk"]:
-        silent = ", ".join(ep for ep in config.endpoints if health.is_down(ep))
         return SenderExit.NOT_ALL_SENT, (f"up to {data['at_risk']} of {sent} sent messages may"
-                                         f" not have arrived: {silent} went silent and never"
-                                         " came back")
+                                         f" not have arrived: {silence(config, health)}")
     if not data["flush_complete"]:
         return SenderExit.NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
                                          f" {data['unflushed_at_most']} messages not delivered")
-    receivers = data["receiver_report"]
-    reported = receivers.get("received")
-    if receivers["receivers"] == len(config.endpoints) and reported < sent:
-        # Plain PUSH/PULL cannot know; the receivers can, and they say it did not all arrive
-        # (a receiver killed and restarted mid-run reports what its new life received).
-        return SenderExit.NOT_ALL_SENT, (f"the receivers report {reported} of the {sent} sent"
-                                         " messages received")
     return SenderExit.OK, None
+
+
+def silence(config, health):
+    """Why sent messages may not have arrived, when not every receiver reported the run."""
+    silent = ", ".join(ep for ep in config.endpoints
+                       if health.is_down(ep) and ep in health.seen_up)
+    if silent:
+        return f"{silent} went silent and never came back"
+    return ("a receiver the heartbeat called down was dropped, with what its connections held,"
+            " and not every receiver reported what it got")

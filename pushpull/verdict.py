@@ -96,6 +96,22 @@ def merge(entries, planned):
     }
 
 
+def reported_received(receiver_report):
+    """What the receivers say arrived of the run, when every receiver reported it; else None."""
+    if receiver_report["receivers"] and "reason" not in receiver_report:
+        return receiver_report["received"]
+    return None
+
+
+def risk(sent, bound, receiver_report):
+    """(at_risk, exact): of `sent` messages, those the receivers' reports lack, exactly, when
+    every receiver reported the run; else `bound`, the sender's own upper bound."""
+    received = reported_received(receiver_report)
+    if received is None:
+        return min(bound, sent), False
+    return max(0, sent - received), True
+
+
 def report_line(verdict):
     """The summary's text for a merged verdict: 'receiver: 500/500 received, p99 0.41 ms'."""
     lat = verdict["latency_ms"]

@@ -104,3 +104,14 @@ def test_a_report_too_large_is_cut_to_fit_keeping_what_the_sender_uses():
     huge = {**entry, "missing_tasks": [], "histogram": {str(k): k for k in range(10000)}}
     parsed = verdict.parse_report(confirm.report_json(huge))
     assert parsed["latency_ms"] == {"p99": 0.5} and "histogram" not in parsed
+
+
+def test_at_risk_is_what_the_reports_lack_once_every_receiver_reported():
+    """Every receiver reported the run: at_risk is exact, sent - received; else it is the
+    sender's own bound, never more than it sent."""
+    assert verdict.risk(2000, 600, {"receivers": 2, "received": 1950}) == (50, True)
+    assert verdict.risk(2000, 600, {"receivers": 2, "received": 2000}) == (0, True)
+    one_of_two = {"receivers": 1, "received": 1000, "reason": "not every receiver reported"}
+    assert verdict.reported_received(one_of_two) is None
+    assert verdict.risk(2000, 600, one_of_two) == (600, False)
+    assert verdict.risk(100, 600, {"receivers": 0, "reason": "not connected"}) == (100, False)

@@ -170,32 +170,53 @@ def test_permanent_silent_partition_pauses_gives_up_and_counts_at_risk(network):
     assert sent - result["at_risk"] <= received <= sent, (received, result)
 
 
-def test_one_of_two_receivers_silently_gone_is_counted_at_risk(network):
-    """Two receivers, one cut off for good mid-run: the live one takes the rest (all sent),
-    and the run exits 1 with what the silent one may have lost counted `at_risk`."""
+def sent_after(sender, pattern, skip=1):
+    """What the sender had sent by a [STATS] line computed after the first line matching
+    `pattern` was logged: the (1 + skip)-th [STATS] line after it (the first may have been
+    computed before, and logged after)."""
+    lines = sender.output().splitlines()
+    first = next(i for i, line in enumerate(lines) if re.search(pattern, line))
+    stats = [line for line in lines[first + 1:] if "[STATS] sent" in line]
+    return int(re.search(r"sent (\d+)", stats[skip])[1])
+
+
+def test_one_of_two_receivers_silently_gone_gets_nothing_after_the_verdict(network):
+    """Two receivers, one cut off for good mid-run: once the heartbeat calls it down the
+    workers drop it, so every later message goes to the live one; the run exits 1 with
+    what the silent one may have lost counted `at_risk`, at most what was sent before
+    the verdict (a queue of 1000 per connection would have taken far more)."""
     net = network(receivers=2)
-    receivers = [net.receiver(*PATIENT_RECEIVER, host=host) for host in net.receiver_hosts]
-    sender = paced_sender(net, 4, 400, 0.01, *GIVE_UP, *SMALL_BUFFERS)
+    live, silent = [net.receiver(*PATIENT_RECEIVER, host=host) for host in net.receiver_hosts]
+    sender = paced_sender(net, 4, 400, 0.01, *GIVE_UP)
     wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
     gone = net.receiver_hosts[1]
     net.partition(gone)
     assert sender.wait(30) == 1, sender.output()[-2000:]
     result = sender.summary()
     assert result["sent"] == result["planned"] == 1600, result
-    assert 0 < result["at_risk"] <= 4 * CONNECTION_HOLDS < 1600, result
     assert heartbeat_lines(sender, "down") == sender.lines(rf"{gone.addr}.* down\b")
+    before_verdict = sent_after(sender, rf"\[HEARTBEAT\] .*{gone.addr}.* down\b")
+    assert before_verdict < 1400, "the verdict came too late to tell"
+    # Each worker drops the silent receiver before its first send after the verdict.
+    assert 0 < result["at_risk"] <= before_verdict and not result["at_risk_exact"], result
     assert sender.lines(rf"\[EXIT\] up to {result['at_risk']} of 1600 sent messages may not"
                         rf" have arrived: {gone.endpoint()} went silent")
-    received = sum(received_by(r) for r in receivers)
-    assert 1600 - result["at_risk"] <= received <= 1600, (received, result)
+    got_live, got_silent = received_by(live), received_by(silent)
+    assert got_live >= 1600 - before_verdict, (got_live, before_verdict)
+    assert 1600 - result["at_risk"] <= got_live + got_silent <= 1600, (got_live, got_silent)
 
 
 def test_one_of_two_receivers_cut_and_healed_gets_messages_again(network):
-    """A cut of one of two receivers that heals in time: TCP delivers what its connections
-    held, it takes its share again, nothing is lost, exit 0."""
+    """A cut of one of two receivers, healed: dropped at the verdict, connected again once
+    it is up, it takes its share again. What the dropped connections held in the kernel
+    is delivered after the heal; ZeroMQ discards what they held in their queues, and at
+    this pace (small messages) the kernel took it all. Both receivers report the run, so
+    the sender's verdict is theirs, exact: all 2000 received, at_risk 0, exit 0."""
     net = network(receivers=2)
     receivers = [net.receiver(*PATIENT_RECEIVER, host=host) for host in net.receiver_hosts]
-    sender = paced_sender(net, 4, 500, 0.01)
+    # A long run after the heal: the kernel resends the dropped connections' data (its
+    # timer backed off during the cut) well before the last messages and END frames.
+    sender = paced_sender(net, 4, 800, 0.01)
     wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
     cut = net.receiver_hosts[1]
     net.partition(cut)
@@ -205,13 +226,15 @@ def test_one_of_two_receivers_cut_and_healed_gets_messages_again(network):
         net.heal(cut)
     sender.wait_for_output(rf"\[HEARTBEAT\] .*{cut.addr}.* up\b", timeout=15, count=2)
     sent_at_heal = sent_so_far(sender)
-    assert sent_at_heal < 1800, "the run nearly ended before the heal: no share left to take"
-    assert sender.wait(30) == 0, sender.output()[-2000:]
+    assert sent_at_heal < 2400, "the run nearly ended before the heal: no share left to take"
+    status = sender.wait(30)
     result = sender.summary()
-    assert result["sent"] == result["planned"] == 2000 and result["at_risk"] == 0, result
     shares = [received_by(r) for r in receivers]
-    assert sum(shares) == 2000, shares
-    assert shares[1] > 0.25 * 2000, shares  # it got messages again after the heal
+    assert result["sent"] == result["planned"] == 3200, result
+    assert result["receiver_report"]["receivers"] == 2, result["receiver_report"]
+    assert result["at_risk_exact"] and result["at_risk"] == 3200 - sum(shares), (result, shares)
+    assert status == 0 and sum(shares) == 3200, (status, shares, sender.output()[-2000:])
+    assert shares[1] > 0.25 * (3200 - sent_at_heal), shares  # messages again after the heal
 
 
 def test_localhost_endpoint_is_tracked_through_restarts(procs):

@@ -130,8 +130,7 @@ def new_sender(sock, stop, timeout=0.2, retries=1):
     team = push.Team(flow.SendTurns(), health, stop,
                      logging.getLogger("test_push_sender"), timeout, retries,
                      flow.FlushDeadline(timeout))
-    receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False, linger=1,
-                                    bound=10)
+    receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False, bound=10)
     receivers.connected = set(receivers.endpoints)  # the fixture connected it
     return push.PushSender(sock, "Pusher-1", team, push.WorkerTally(), receivers)
 
@@ -141,7 +140,7 @@ def test_at_risk_counts_a_silent_receiver_seen_up_once_at_most_its_buffers():
     that was never up got nothing (IMMEDIATE), and one that came back lost nothing."""
     endpoints = ["tcp://a:1", "tcp://b:1"]
     health = ReceiverHealth(endpoints)
-    receivers = links.ReceiverLinks(None, endpoints, health, drop=False, linger=1, bound=50)
+    receivers = links.ReceiverLinks(None, endpoints, health, drop=False, bound=50)
     receivers.connected = set(endpoints)
     health.set_state("tcp://b:1", LinkState.DOWN)  # never up
     assert receivers.at_risk(30) == 0
@@ -153,6 +152,30 @@ def test_at_risk_counts_a_silent_receiver_seen_up_once_at_most_its_buffers():
     health.set_state("tcp://a:1", LinkState.UP)
     receivers.follow(80)
     assert not receivers.paused and receivers.at_risk(80) == 0
+
+
+def test_several_receivers_drop_a_silent_one_and_take_it_back():
+    """`drop`: a receiver called down is disconnected, at risk at most what the worker had
+    sent by then; connected again once up, and what its connection held stays at risk."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]  # nobody listens there
+    health = ReceiverHealth(endpoints)
+    receivers = links.ReceiverLinks(sock, endpoints, health, drop=True, bound=50)
+    try:
+        receivers.connect_all()
+        for endpoint in endpoints:
+            health.set_state(endpoint, LinkState.UP)
+        health.set_state(endpoints[1], LinkState.DOWN)
+        assert receivers.follow(30) and receivers.connected == {endpoints[0]}
+        assert not receivers.paused and receivers.at_risk(90) == 30  # none dealt after it
+        health.set_state(endpoints[1], LinkState.UP)
+        assert not receivers.follow(90) and receivers.connected == set(endpoints)
+        assert receivers.at_risk(90) == 30
+    finally:
+        sock.close()
+        ctx.term()
 
 
 def test_push_sender_gives_up_on_a_receiver_that_stays_down(push_socket):
