@@ -469,6 +469,9 @@ def send_run(config, signals, log):
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
         channel.wait_for_reports(within, signals.first)
+        if not config.confirm:  # under --confirm, what is unconfirmed is known exactly
+            links.await_late_verdicts(channel, health, config.heartbeat_interval,
+                                      started + duration, signals.first, log)
         team.flush.start()  # the run has ended: every worker closes its socket now
         join_stopped(workers, log)
         stop.set()

@@ -20,10 +20,19 @@ class LinkState(enum.Enum):
     REJECTED = "rejected"  # the receiver refused us: libzmq will not retry
 
 
+HEARTBEAT_TIMEOUT_MARGIN = 0.5  # seconds a ZMTP ping waits for an answer beyond half an interval
+HEARTBEAT_MIN_MS = 50  # milliseconds: the shortest ZMTP heartbeat interval set
+VERDICT_MARGIN = 0.5  # seconds for a verdict to get from libzmq's timer to ReceiverHealth
+
 # The socket-monitor events that change a link's state.
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def heartbeat_ms(interval):
+    """The ZMTP heartbeat interval, in ms, of probes for `interval` s of HEARTBEAT_INTERVAL."""
+    return max(HEARTBEAT_MIN_MS, int(interval * 1000) // 2)
 
 
 def set_heartbeats(sock, interval):
@@ -34,11 +43,18 @@ def set_heartbeats(sock, interval):
     should get them all once it resumes. libzmq 4.3.5 can also abort when a
     heartbeat fires on a connection stopped at its high-water mark.
     """
-    interval_ms = int(interval * 1000)
-    # Detection worst case is IVL + TIMEOUT = HEARTBEAT_INTERVAL + 0.5 s.
-    sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, interval_ms // 2))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(50, interval_ms // 2) + 500)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, interval_ms * 2)
+    ping = heartbeat_ms(interval)
+    # Detection worst case is IVL + TIMEOUT (detection_bound).
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ping)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ping + int(HEARTBEAT_TIMEOUT_MARGIN * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, int(interval * 1000) * 2)
+
+
+def detection_bound(interval):
+    """Seconds after a silent cut by which the heartbeat calls the receiver down, at the
+    latest: one ping interval, then the ping's timeout (set_heartbeats), and the margin
+    of the verdict's way to ReceiverHealth on a busy machine."""
+    return 2 * heartbeat_ms(interval) / 1000 + HEARTBEAT_TIMEOUT_MARGIN + VERDICT_MARGIN
 
 
 class ReceiverHealth:
@@ -117,3 +133,4 @@ def link_change(event, state, curve):
         # A wrong server key fails every handshake while libzmq retries forever.
         return LinkState.REJECTED, "CURVE handshake failed (wrong --curve-server-public?)"
     return LinkState.DOWN, f"handshake failed ({zmq.Event(event).name})"
+

@@ -8,10 +8,15 @@ to a connection that leads nowhere, because data sockets carry no ZMTP heartbeat
 (see health.set_heartbeats). The heartbeat monitor's probe does, and calls
 the receiver down; ReceiverLinks makes each worker act on that verdict, and
 bounds the messages that may not have arrived at a receiver that went silent
-(`at_risk`).
+(`at_risk`); await_late_verdicts keeps the run's verdict from coming before the
+heartbeat's on a cut in its last seconds.
 """
 
+import time
+
 import zmq
+
+from pushpull.health import detection_bound
 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 TCP_KEEPALIVE_IDLE = 10  # seconds a connection is idle before the kernel probes the peer
@@ -27,6 +32,25 @@ def keep_alive(sock):
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
+
+
+def await_late_verdicts(channel, health, interval, sending_ended, stop, log):
+    """Unless every receiver reported the run: wait until the heartbeat could have seen a
+    silent cut made before the end of sending (its detection bound after it), so that
+    at_risk counts what the cut kept. Ends early once every report is in, or on `stop`
+    (Ctrl+C).
+
+    A cut in the last seconds of a run leaves the last messages in a connection that
+    leads nowhere; with a short --report-timeout the sender would judge before the
+    heartbeat's verdict.
+    """
+    if channel.all_reported() or not health.is_up() or stop.is_set():
+        return
+    left = sending_ended + detection_bound(interval) - time.monotonic()
+    if left > 0:
+        log.info(f"[WAIT] {left:.1f} s more for the heartbeat: a receiver cut off silently"
+                 " in the run's last seconds is seen only then (not every receiver reported)")
+        channel.wait_for_reports(left, stop)
 
 
 class ReceiverLinks:

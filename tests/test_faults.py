@@ -333,27 +333,29 @@ def test_double_sigint_spills_backlog_and_next_start_recovers_it(procs, tmp_path
 
 def test_single_sigint_processes_whole_backlog(procs):
     """Warm stop: the backlog is really processed, with [STOP] backlog progress; nothing spilled."""
-    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.01")
-    # --report-timeout 0: the sender leaves at once, the backlog still waiting.
-    sender = procs.sender(*sender_args(4, 100, 0, 1.0, 1, "--report-timeout", "0"),
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.002")
+    # --report-timeout 0: the sender leaves once its heartbeat could have seen a silent cut
+    # (about 1.5 s); most of the 4000 still wait, beyond the batch being processed (at
+    # most 1000 messages, not counted as waiting).
+    sender = procs.sender(*sender_args(4, 1000, 0, 1.0, 1, "--report-timeout", "0"),
                           endpoints=[receiver.endpoint])
     assert sender.wait(30) == 0, sender.output()[-2000:]
-    assert sender.summary()["sent"] == 400
+    assert sender.summary()["sent"] == 4000
     receiver.signal(signal.SIGINT)
     assert receiver.wait(30) == 0, receiver.output()[-2000:]
     got = receiver.summary()
     assert got["stop"] == "warm"
-    assert got["received"] == got["processed"] == 400
+    assert got["received"] == got["processed"] == 4000
     assert got["spilled"] == 0 and got["unprocessed"] == 0
     assert not (receiver.out_path.parent / spill_name(receiver.port)).exists()
-    # At 0.01 s a message, 200 waiting are 2 s of work: a progress line is due each second.
+    # At 0.002 s a message, 1000 waiting are 2 s of work: a progress line is due each second.
     stopping = receiver.lines(r"\[STOP\] stopping: .*processing the \d+ waiting")
     assert stopping, receiver.output()[-2000:]
     backlog = int(re.search(r"processing the (\d+) waiting", stopping[0])[1])
-    assert backlog >= 200, f"backlog too small to prove anything: {stopping[0]}"
+    assert backlog >= 1000, f"backlog too small to prove anything: {stopping[0]}"
     assert receiver.lines(r"\[STOP\] backlog: \d+ messages left"), receiver.output()[-2000:]
     run_line = receiver.lines(r"\[RUN\]")
-    assert run_line and "received 400/400" in run_line[0] and "missing 0" in run_line[0]
+    assert run_line and "received 4000/4000" in run_line[0] and "missing 0" in run_line[0]
 
 
 # ---------------------------------------------------------------------------

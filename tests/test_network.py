@@ -237,6 +237,30 @@ def test_one_of_two_receivers_cut_and_healed_gets_messages_again(network):
     assert shares[1] > 0.25 * (3200 - sent_at_heal), shares  # messages again after the heal
 
 
+def test_cut_just_before_the_end_is_judged_after_the_heartbeat_could_see_it(network):
+    """Cut a second before the last send, with --report-timeout 0: the last messages go into
+    the kernel's buffer of a connection that leads nowhere, and the heartbeat's verdict
+    (1.5 to 2.5 s after the cut at --heartbeat-interval 2) comes after the end of
+    sending. The sender waits for it, and exits 1 with at_risk a true bound, not 0."""
+    net = network()
+    receiver = net.receiver(*PATIENT_RECEIVER)
+    sender = net.sender("--workers", "1", "--messages", "300", "--delay", "0.01",
+                        "--heartbeat-interval", "2", "--report-timeout", "0",
+                        "--stats-interval", "0.2", "--quiet")
+    wait_until(lambda: sent_so_far(sender) >= 200, 15, "200 messages sent")
+    net.partition(net.receiver_hosts[0])
+    assert sender.wait(30) == 1, sender.output()[-2000:]
+    result = sender.summary()
+    assert result["sent"] == result["planned"] == 300, result  # no verdict while sending
+    assert result["at_risk"] > 0 and not result["at_risk_exact"], result
+    output = sender.output()
+    waited = output.index("s more for the heartbeat")
+    verdict = re.search(r"\[HEARTBEAT\] .* down\b", output).start()
+    assert waited < verdict < output.index("[EXIT] up to"), output
+    received = received_by(receiver)
+    assert result["sent"] - result["at_risk"] <= received < result["sent"], (received, result)
+
+
 def test_localhost_endpoint_is_tracked_through_restarts(procs):
     """tcp://localhost:PORT as written: after a restart the heartbeat says up again, and a
     second kill is seen as a second down (loopback is enough: the name is the point)."""
