@@ -6,8 +6,8 @@
 On loopback a dead receiver's kernel closes its connections and the sender knows at
 once. Across machines failure is often silent: no FIN, no RST. Here each host is a
 namespace joined to a router namespace by a veth pair, and the router can drop a
-host's packets silently (a blackhole rule), slow its link (tc tbf), or lose the host
-with its processes (a silent cut, then kill -9).
+host's packets silently (a blackhole rule), or only those to one port (a firewall), slow
+its link (tc tbf), or lose the host with its processes (a silent cut, then kill -9).
 
 Every test gets its own namespaces and interfaces (their names carry a per-test tag),
 addressed from 10.231.0.0/16, an address range used only inside them: link N is
@@ -217,6 +217,12 @@ class Network:
         for direction in ("to", "from"):
             ip_in(self.router, "rule", "del", direction, host.addr, "blackhole",
                   "priority", str(CUT_PRIORITY))
+
+    def firewall(self, host, port):
+        """A firewall that silently drops every TCP packet to `host`:`port` (SYNs included)
+        and lets the host's other ports through."""
+        ip_in(self.router, "rule", "add", "to", host.addr, "ipproto", "tcp", "dport", str(port),
+              "blackhole", "priority", str(CUT_PRIORITY))
 
     def kill_host(self, host):
         """The host dies silently: cut it off, then kill -9 its processes (their kernel's

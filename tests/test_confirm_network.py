@@ -1,14 +1,15 @@
 """--confirm across a routed network: a permanent silent partition, a host that dies silently
-and comes back, two receivers with one gone for good.
+and comes back, two receivers with one gone for good, a firewalled confirmation port.
 
 Sender and receivers run in separate network namespaces (tests/netns.py): a failure is
 silent as it is across machines. Skipped, with the reason, where namespaces cannot be made.
 """
 
 import re
+from datetime import datetime
 
 from conftest import wait_until
-from netns import network  # noqa: F401  (the fixture, used by name)
+from netns import RECEIVER_PORT, network  # noqa: F401  (the fixture, used by name)
 
 RECEIVER_ARGS = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "30")
 HEARTBEAT = 0.5  # --heartbeat-interval of the senders here: a silent receiver is seen in ~1 s
@@ -82,3 +83,37 @@ def test_a_dead_receivers_work_moves_to_the_live_one_in_one_resend_round(network
     per_worker = [len([r for r in rounds if f"Pusher-{n}:" in r]) for n in (1, 2)]
     assert max(per_worker) <= 1, rounds
     assert not sender.lines(r"\[RESEND\] .*confirmations stalled"), rounds
+
+
+def logged_at(line):
+    """The time of a log line, in seconds."""
+    return datetime.strptime(line[:22], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def test_a_firewalled_confirmation_port_is_named_and_given_up_on(network):
+    """A firewall that lets the data port through and silently drops the confirmation port:
+    --confirm says within about SERVER_TIMEOUT that no confirmations come from that
+    endpoint, not connected, naming the firewall; it gives up after timeout x (1 +
+    retries), exit 1. A plain run delivers everything and says why no report came."""
+    net = network()
+    host = net.receiver_hosts[0]
+    net.receiver(*RECEIVER_ARGS)
+    channel = host.endpoint(RECEIVER_PORT + 1)
+    net.firewall(host, RECEIVER_PORT + 1)
+    assert net.tcp_probe(host, RECEIVER_PORT + 1) == "timeout"  # dropped: no RST, no ICMP
+    assert net.tcp_probe(host, RECEIVER_PORT) == "connected"
+    sender = confirmed_sender(net, 2, 20, 0.05, timeout=1, retries=1)
+    assert sender.wait(30) == 1, sender.output()[-3000:]
+    result = sender.summary()
+    assert result["confirmed"] == 0 and result["unconfirmed"] == 40, result
+    said = sender.lines(rf"\[CONFIRM\] no confirmations from {re.escape(channel)} .*not"
+                        r" connected: .*firewalled")
+    assert said, sender.output()[-3000:]
+    started = logged_at(sender.lines(r"\[START\]")[0])
+    assert logged_at(said[0]) - started < 2 * 1, said[0]  # SERVER_TIMEOUT (1 s) and slack
+    assert sender.lines(r"\[CONFIRM\] .*giving up"), sender.output()[-3000:]
+    plain = net.sender("--workers", "2", "--messages", "20", "--delay", "0.01", "--quiet",
+                       "--heartbeat-interval", str(HEARTBEAT), "--report-timeout", "1")
+    assert plain.wait(30) == 0, plain.output()[-3000:]
+    report = plain.summary()["receiver_report"]
+    assert report["receivers"] == 0 and f"{channel} not connected" in report["reason"], report

@@ -1,4 +1,6 @@
-"""The pair across a routed network: silent partitions, a silently dead host, a slow link.
+"""The pair across a routed network: silent partitions (one of two receivers, a cut in a
+run's last second, a run reported incomplete then complete), a silently dead host, a slow
+link, TCP keepalive.
 
 Sender and receivers run in separate network namespaces joined by a router namespace
 (tests/netns.py), so a failure can be silent as it is across machines: no FIN, RST or
@@ -11,12 +13,12 @@ import time
 
 from conftest import free_port, wait_until
 from pushpull import flow
-from netns import network  # noqa: F401  (the fixture, used by name)
+from netns import RECEIVER_PORT, network  # noqa: F401  (the fixture, used by name)
 
 RECEIVER_BASE = ("--processing-time", "0", "--no-file-log", "--quiet")
 RECEIVER_ARGS = (*RECEIVER_BASE, "--run-timeout", "1")
-# Through a cut a run must stay open: a [RUN] line that reported it incomplete is never
-# corrected today (issue 14).
+# Through a cut a run stays open, for one [RUN] line at its end (with --run-timeout 1 a
+# cut gets it reported incomplete first, then again once complete: see below).
 PATIENT_RECEIVER = (*RECEIVER_BASE, "--run-timeout", "20")
 HEARTBEAT = 0.5  # --heartbeat-interval of the senders here: a cut is seen within about 1 s
 CLOSED_PORT = 5999  # nothing listens there on any host
@@ -261,6 +263,34 @@ def test_cut_just_before_the_end_is_judged_after_the_heartbeat_could_see_it(netw
     assert result["sent"] - result["at_risk"] <= received < result["sent"], (received, result)
 
 
+def test_a_run_reported_incomplete_in_a_cut_is_reported_again_once_complete(network):
+    """A cut longer than the receiver's --run-timeout that heals within the sender's
+    window: the receiver reports the run incomplete, then, once TCP has delivered the
+    rest after the heal, a second [RUN] line reports it complete; the sender's summary
+    and the receiver's runs[] hold the final state, exit 0."""
+    net = network()
+    host = net.receiver_hosts[0]
+    receiver = net.receiver(*RECEIVER_ARGS)  # --run-timeout 1
+    sender = paced_sender(net, 2, 300, 0.01)
+    wait_until(lambda: sent_so_far(sender) >= 100, 15, "100 messages sent")
+    net.partition(host)
+    try:
+        first = receiver.wait_for_output(r"\[RUN\] run \w+ \|", timeout=15)[0]
+    finally:
+        net.heal(host)
+    assert "WARNING" in first and "missing" in first and "missing 0" not in first, first
+    assert sender.wait(30) == 0, sender.output()[-2000:]
+    result = sender.summary()
+    lines = receiver.wait_for_output(rf"\[RUN\] run {result['run_id']} \|", timeout=15, count=2)
+    assert lines[0] == first, lines
+    second = lines[1]
+    assert "received 600/600 | missing 0" in second and "complete after all" in second, second
+    assert result["receiver_report"]["received"] == 600 and result["at_risk_exact"], result
+    assert receiver.stop() == 0
+    (entry,) = receiver.summary()["runs"]
+    assert entry["complete"] and entry["received"] == 600 and entry["missing"] == 0, entry
+
+
 def test_localhost_endpoint_is_tracked_through_restarts(procs):
     """tcp://localhost:PORT as written: after a restart the heartbeat says up again, and a
     second kill is seen as a second down (loopback is enough: the name is the point)."""
@@ -282,8 +312,9 @@ def test_localhost_endpoint_is_tracked_through_restarts(procs):
 
 
 def test_data_connections_carry_tcp_keepalive(network):
-    """Both ends turn TCP keepalive on (the sender's workers and probe, the receiver's
-    PULL): a peer gone without a FIN is dropped by the kernel, not kept half-open."""
+    """Both ends turn TCP keepalive on (the sender's workers, probe and confirmation SUB,
+    the receiver's PULL and PUB): a peer gone without a FIN is dropped by the kernel, not
+    kept half-open."""
     net = network()
     host = net.receiver_hosts[0]
     net.receiver(*RECEIVER_ARGS)
@@ -294,7 +325,8 @@ def test_data_connections_carry_tcp_keepalive(network):
         out = net.run(on_host, "ss", "-Htno", "state", "established", "dst", peer).stdout
         return [line for line in out.splitlines() if "keepalive" in line], out
 
+    channel = f"{host.addr}:{RECEIVER_PORT + 1}"  # the confirmation channel's end
     ours, out = keepalive_timers(net.sender_host, host.addr)
-    assert len(ours) >= 3, out  # two workers and the heartbeat probe
+    assert len(ours) >= 4 and any(channel in line for line in ours), out  # + the channel's SUB
     theirs, out = keepalive_timers(host, net.sender_host.addr)
-    assert len(theirs) >= 3, out
+    assert len(theirs) >= 4 and any(channel in line for line in theirs), out
