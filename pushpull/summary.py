@@ -215,8 +215,8 @@ def sender_table(data):
         if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
             rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))
     if data["at_risk"]:
-        rows.append(("at risk", f"{data['at_risk']} sent messages did not arrive (the receivers'"
-                                " reports)" if data["at_risk_exact"] else
+        rows.append(("at risk", f"{data['at_risk']} sent messages missing from the receivers'"
+                                " reports" if data["at_risk_exact"] else
                      f"up to {data['at_risk']} sent messages may not have arrived: a receiver"
                      " went silent, and not every receiver reported what it got"))
     rows.append(("flush", flush_text(data)))
