@@ -329,15 +329,10 @@ class RunLedger:
         for index, msg in enumerate(messages):
             _, info, kind, worker, task, sent_ns, resent, _, _, intended_ns = msg
             if info is not last_info:
-                if run is not None:
-                    self._record_latencies(run)
-                last_info = info
-                run = None if info is None else self._run(info, now, received_ns)
+                last_info, run = info, self._next_run(run, info, now, received_ns)
             if run is None:  # plain text: in no run
-                if work is not None and not work(msg):
+                if not self._process_plain(msg, work):
                     return index
-                counters.processed += 1
-                counters.plain += 1
                 continue
             run.last_seen = now
             if kind == END:
@@ -363,11 +358,31 @@ class RunLedger:
                 if work is not None:
                     confirms.publish_if_due()  # each confirmed as its work is done
             if run.received >= run.planned:  # a freed complete run never gets here again
-                self.close(run, "complete" if not run.closed else
-                           "complete after all (reported incomplete before)")
+                self._complete(run)
         if run is not None:
             self._record_latencies(run)
         return len(messages)
+
+    def _next_run(self, run, info, now, received_ns):
+        """A new stretch of messages: the last run's latencies recorded; the state of the
+        new stretch's run (None: plain text, in no run)."""
+        if run is not None:
+            self._record_latencies(run)
+        return None if info is None else self._run(info, now, received_ns)
+
+    def _process_plain(self, msg, work):
+        """A message in no run: worked and counted; False if a cold stop came first."""
+        if work is not None and not work(msg):
+            return False
+        self.counters.processed += 1
+        self.counters.plain += 1
+        return True
+
+    def _complete(self, run):
+        """Every planned task is recorded: its [RUN] line (a second one if it was reported
+        incomplete before)."""
+        self.close(run, "complete" if not run.closed else
+                   "complete after all (reported incomplete before)")
 
     def _run(self, info, now, received_ns):
         run = self.runs.get(info.run_id)
