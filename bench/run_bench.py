@@ -601,7 +601,12 @@ def machine():
             f" libzmq {zmq.zmq_version()} (load average at start: {load})")
 
 
-def main(argv=None):
+def log(text):
+    """A progress line, on stderr: stdout holds the report alone."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="runs of every scenario (default 3)")
     p.add_argument("--quick", action="store_true", help="1 run, smaller sizes: a smoke test")
@@ -610,28 +615,20 @@ def main(argv=None):
     p.add_argument("--idle-wait", type=float, default=10.0, metavar="SECONDS",
                    help="before each scenario, wait up to this long for other programs to"
                         " leave the CPUs idle (default 10)")
-    a = p.parse_args(argv)
-    sizes = QUICK if a.quick else FULL
-    runs = 1 if a.quick else max(1, a.runs)
-    output = a.output or (None if a.quick else BENCH / "LATEST.md")
-    size = frame_size()
-    started = time.monotonic()
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    description = machine()
+    return p.parse_args(argv)
+
+
+def run_all(runs, sizes, size, idle_wait):
+    """Every scenario `runs` times, on a snapshot of the code; returns the values of each
+    run, the problems met, and the code's description. Ctrl+C keeps the runs done."""
     results, problems = [], []
-
-    def log(text):
-        print(text, file=sys.stderr, flush=True)
-
-    log(f"Machine: {description}")
-
     code_dir = tempfile.TemporaryDirectory(prefix="bench-code-")
     scripts = snapshot(code_dir.name)
     log(f"Code: {scripts.description}")
     try:
         for number in range(1, runs + 1):
             log(f"run {number}/{runs}")
-            values, found = one_run(scripts, sizes, size, log, a.idle_wait)
+            values, found = one_run(scripts, sizes, size, log, idle_wait)
             results.append(values)
             problems += [f"run {number}: {text}" for text in found]
     except KeyboardInterrupt:
@@ -639,11 +636,14 @@ def main(argv=None):
     finally:
         kill_all()
         code_dir.cleanup()
-    total = time.monotonic() - started
-    body = table(results, sizes, size)
-    notes = [f"Frame size {size} B: wire.HEADER_SIZE {wire.HEADER_SIZE} + a typical"
+    return results, problems, scripts.description
+
+
+def notes(results, size, quick, total, when):
+    """The lines under the table: how each figure was taken, and how busy the machine was."""
+    lines = [f"Frame size {size} B: wire.HEADER_SIZE {wire.HEADER_SIZE} + a typical"
              f" text of {size - wire.HEADER_SIZE} B; (1) sends frames of the same size.",
-             f"{len(results)} run(s){' (--quick: reduced sizes)' if a.quick else ''},"
+             f"{len(results)} run(s){' (--quick: reduced sizes)' if quick else ''},"
              f" {total:.0f} s in all, {when}.",
              "End-to-end rates (2) and (3): from just before the sender process is started"
              " (its start-up included) until the receiver's [RUN] line, printed when the"
@@ -654,19 +654,34 @@ def main(argv=None):
                for k in ("quiet_stamped", "logging_stamped")]
     for key, values in stamped:
         if values:
-            notes.append(f"{key.split('_')[0]}: by the [RUN] line's own time stamp (when the"
+            lines.append(f"{key.split('_')[0]}: by the [RUN] line's own time stamp (when the"
                          f" last message was processed, before its log line was written)"
                          f" median {statistics.median(values):,.0f} msg/s.")
     if BACKGROUND:
         busy = sorted(BACKGROUND)
-        notes.append(f"CPU used by other programs just before each scenario: median"
+        lines.append(f"CPU used by other programs just before each scenario: median"
                      f" {100 * statistics.median(busy):.0f} %, max {100 * busy[-1]:.0f} %"
                      f" ({sum(1 for b in busy if b > 0.10)} of {len(busy)} scenarios started"
                      f" above 10 %); load average at the end:"
                      f" {' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
-    notes += problems
-    text = (f"Machine: {description}\nCode: {scripts.description}\n\n{body}\n\n"
-            + "\n".join(f"- {note}" for note in notes) + "\n")
+    return lines
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    sizes = QUICK if a.quick else FULL
+    runs = 1 if a.quick else max(1, a.runs)
+    output = a.output or (None if a.quick else BENCH / "LATEST.md")
+    size = frame_size()
+    started = time.monotonic()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    description = machine()
+    log(f"Machine: {description}")
+    results, problems, code = run_all(runs, sizes, size, a.idle_wait)
+    body = table(results, sizes, size)
+    listed = notes(results, size, a.quick, time.monotonic() - started, when) + problems
+    text = (f"Machine: {description}\nCode: {code}\n\n{body}\n\n"
+            + "\n".join(f"- {note}" for note in listed) + "\n")
     print()
     print(text)
     if output:
