@@ -9,7 +9,6 @@ run (serve: start, stop sequence), the summary. Machinery lives in pushpull/.
 
 import argparse
 import enum
-import os
 import queue
 import sys
 import time
@@ -17,9 +16,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import cli, confirm, flow, links, logs, runs, security, spill, threads, wire
+from pushpull import cli, confirm, flow, links, logs, runs, security, spill, summary, threads, wire
 from pushpull.threads import POLL_INTERVAL, POLL_S
-from pushpull.wire import CLIENT, DATA, END, KIND, RUN, TASK, TEXT, WORKER
+from pushpull.wire import TASK, TEXT
 
 # ---------------------------------------------------------------------------
 # Constants: edit these to tune a run, or pass the matching flag
@@ -45,18 +44,11 @@ ALLOWED_IPS = []  # client addresses allowed in (ZAP); empty: every address
 CSV_FILE = None  # path of a CSV file with one row per stats interval, or None
 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
-STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
-STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
-STILL_SENDING_WINDOW = 1.0  # seconds: senders heard in this last stretch count as sending
-STILL_SENDING_COUNTED = 1000  # senders the drain tells apart at most, for its log line
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 SILENCE_CHECK_INTERVAL = 1.0  # seconds between checks for silent senders while busy
-
-CSV_COLUMNS = ("time_s", "received", "processed", "rate_msg_s", "queue", "latency_p50_ms",
-               "latency_p99_ms", "latency_max_ms", "invalid")
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -283,8 +275,10 @@ class ReceiveThread(threads.ServiceThread):
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         while not self.stops.cold.is_set():
-            if self.stops.warm.is_set():
-                self.drain_for_stop(sock, monitor)
+            if self.stops.warm.is_set():  # take what is already on its way, then stop
+                drain = flow.StopDrain(self.receive, self.batches, self.overflow, BATCH_MAX,
+                                       self.log)
+                drain.run(sock, monitor, self.peers, self.stops.cold)
                 return
             ready = dict(poller.poll(POLL_INTERVAL))
             if monitor in ready:
@@ -312,19 +306,10 @@ class ReceiveThread(threads.ServiceThread):
         first = self.counters.received + 1
         self.counters.received += len(messages) - ends  # END frames are bookkeeping
         if not self.config.quiet:
-            self.log_received(messages, first)
+            lines = logs.msg_lines(messages, first, self.target)  # [MSG], one record
+            if lines:
+                self.log.info(lines)
         return batch
-
-    def log_received(self, messages, number):
-        """The [MSG] lines of a batch, numbered from `number`, logged as one record."""
-        lines = logs.LineBlock()
-        for msg in messages:
-            if msg[KIND] != END:
-                lines.append(logs.msg_line(number, wire.client_name(msg), self.target,
-                                           msg[TASK], msg[TEXT]))
-                number += 1
-        if lines:
-            self.log.info(lines)
 
     def hand_over(self, batch):
         """Queue a batch, waiting for room; once a stop has come, past the bound."""
@@ -335,59 +320,6 @@ class ReceiveThread(threads.ServiceThread):
             except queue.Full:
                 continue
         self.batches.put_past_bound(batch)
-
-    def drain_for_stop(self, sock, monitor):
-        """Warm stop: take everything already on its way, until the socket has been quiet
-        for STOP_DRAIN_QUIET ms. What the queue's bound cannot hold goes to the spill file.
-
-        Only senders that keep sending make it end on time, after STOP_DRAIN_LIMIT s.
-        """
-        deadline = time.monotonic() + STOP_DRAIN_LIMIT
-        recent = set()  # senders heard in the last STILL_SENDING_WINDOW before the deadline
-        overflowing = False  # once one batch went to the spill file, all after it do
-        while not self.stops.cold.is_set():
-            self.peers.read(monitor)
-            if not sock.poll(STOP_DRAIN_QUIET):
-                return
-            now = time.monotonic()
-            if now >= deadline:
-                self.log_still_sending(recent)
-                return
-            room, byte_room = (0, 0) if overflowing else self.batches.wait_for_room(0)
-            fits = room > 0 and byte_room > 0
-            # A batch for the spill file is bounded like the queue, in messages and bytes.
-            batch = (self.receive(sock, min(BATCH_MAX, room), byte_room) if fits
-                     else self.receive(sock, BATCH_MAX, self.config.queue_bytes))
-            if batch is None:
-                continue
-            if now >= deadline - STILL_SENDING_WINDOW and len(recent) < STILL_SENDING_COUNTED:
-                recent.update((msg[RUN], msg[WORKER] or msg[CLIENT]) for msg in batch.items)
-            if fits:
-                self.batches.put_past_bound(batch)  # it fits: taken up to the bound
-            elif not self.spill_overflow(batch):
-                return
-            else:
-                overflowing = True
-
-    def spill_overflow(self, batch):
-        """Save a batch beyond the queue's bound to the spill file; False if it failed."""
-        try:
-            self.overflow.write(batch.items)
-        except OSError:
-            self.log.error(f"[SPILL] cannot write {self.overflow.temporary}:"
-                           f" {self.overflow.error}; stopped taking messages off the socket")
-            return False
-        return True
-
-    def log_still_sending(self, recent):
-        """The drain ran out of time: messages were still arriving; say from how many."""
-        senders = (f"at least {len(recent)}" if len(recent) >= STILL_SENDING_COUNTED
-                   else str(len(recent)))
-        self.log.warning(f"[STOP] still receiving after {STOP_DRAIN_LIMIT:g} s: messages from"
-                         f" {senders} sender workers arrived in the last"
-                         f" {STILL_SENDING_WINDOW:g} s ({self.counters.peers} connections open);"
-                         " what is still on its way is not received (its senders counted it"
-                         " as sent: --confirm resends it)")
 
     def invalid(self, reason):
         """Count a message dropped as invalid, and say why (rate-limited)."""
@@ -455,7 +387,7 @@ class ProcessorThread(threads.ServiceThread):
         if done < len(batch.items):
             self.batches.put_front(batch.rest(done))
         elif batch.recovered:
-            self.remove_spill_file()
+            spill.remove_processed(self.config.spill_file, self.log)
 
     def work(self, msg):
         """The simulated work of one message, then its [PROC] line; False if a cold stop
@@ -480,15 +412,6 @@ class ProcessorThread(threads.ServiceThread):
             if not self.counters.backlog:  # a backlog is not a silent sender
                 self.runs.report_silent(self.config.run_timeout)
 
-    def remove_spill_file(self):
-        """The spill file's messages are all processed: remove it."""
-        path = self.config.spill_file
-        try:
-            if spill.remove(path):
-                self.log.info(f"[SPILL] recovered messages processed; removed {path}")
-        except OSError as exc:
-            self.log.warning(f"[SPILL] could not remove {path}: {exc.strerror}")
-
 
 # ---------------------------------------------------------------------------
 # The run: start, wait for a stop, the stop sequence
@@ -502,7 +425,7 @@ class StopKind(enum.Enum):
 
 
 def serve(config, signals, log):
-    """Own the spill file for the whole run; serve() does the rest."""
+    """Own the spill file (its lock) for the whole run; serve_with_spill_file() does the rest."""
     lock = spill.SpillLock(config.spill_file)
     try:
         lock.acquire()
@@ -516,32 +439,39 @@ def serve(config, signals, log):
 
 
 def serve_with_spill_file(config, signals, log):
-    """Start both threads, wait for a stop, shut down in order, report."""
+    """Read back the spill file, load the keys, open the --csv file; then run_threads()."""
     counters = Counters()
     try:
-        recovered, counters.invalid = recover_spill(config.spill_file, log)
+        recovered, counters.invalid = spill.recover(config.spill_file, log)
         server_keys = security.load_server_keys(config.curve_server_key, config.curve_allow)
     except (spill.SpillError, security.KeyFileError) as exc:
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
     try:
-        series = cli.CsvSeries(config.csv_path, CSV_COLUMNS)  # report() closes it
+        # report() closes it
+        series = cli.CsvSeries(config.csv_path, summary.RECEIVER_CSV_COLUMNS)
     except OSError as exc:
         log.error(f"[ERROR] cannot write --csv {config.csv_path}: {exc.strerror}")
         return EXIT_STARTUP_FAILED
-    counters.recovered = count_data(recovered)
+    counters.recovered = spill.count_data(recovered)
     curve = server_keys is not None
     security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
+    return run_threads(config, signals, log, counters, recovered, server_keys, series)
+
+
+def run_threads(config, signals, log, counters, recovered, server_keys, series):
+    """Start both threads, wait for a stop, shut down in order, report."""
     started = time.monotonic()
     stops = flow.StopEvents()
     batches = flow.BatchQueue(config.queue_size, config.queue_bytes)
-    run_cache = known_runs(recovered)
+    run_cache = spill.known_runs(recovered)
     saved = spill.SpillWriter(config.spill_file)  # the receive thread's drain, then main
     ctx = zmq.Context()
     gatekeeper = None
     try:
-        gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips, curve,
-                                               config.curve_allow, WARNING_INTERVAL)
+        gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips,
+                                               server_keys is not None, config.curve_allow,
+                                               WARNING_INTERVAL)
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
                                  run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)
@@ -552,46 +482,16 @@ def serve_with_spill_file(config, signals, log):
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
                  f"{' | log file ' + config.log_file if config.log_file else ''}")
         log.info("Server is running. Press Ctrl+C to stop.")
-        rows = CsvRows(series, processor.runs, started)
-        dead = wait_for_stop(signals, counters, config, log, (receiver, processor), rows)
+        stats = summary.ReceiverStats(counters, processor.runs, series, config.stats_interval,
+                                      log, started)
+        dead = wait_for_stop(signals, (receiver, processor), stats)
         stop_kind = shut_down(dead, signals, receiver, processor, saved, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
         if gatekeeper is not None:
             gatekeeper.stop()
         ctx.term()
-    return report(counters, processor.runs, started, stop_kind, config, log, rows)
-
-
-def known_runs(recovered):
-    """wire.decode()'s run cache, knowing the recovered messages' runs: new frames of
-    those runs must agree with them."""
-    run_cache = {}
-    for msg in recovered:
-        info = msg[wire.RUN]
-        if info is not None and info.run_id not in run_cache:
-            wire.remember_run(run_cache, info)
-    return run_cache
-
-
-def recover_spill(path, log):
-    """At start: what a spill file holds (messages, invalid count), after the checks;
-    SpillError when it cannot be used. A file with nothing to process is removed."""
-    if spill.remove_stale_temporary(path):
-        log.warning(f"[SPILL] removed {path}{spill.TEMPORARY_SUFFIX}: a receiver was stopped"
-                    " (killed?) while it saved its spill file; the messages it held are lost")
-    recovered, invalid = spill.load(path)
-    if not recovered and os.path.exists(path):
-        # Nothing to process: counted once here, not again at every start.
-        spill.remove(path)
-        log.warning(f"[SPILL] {path} held no message to process ({invalid} invalid);"
-                    " removed")
-    return recovered, invalid
-
-
-def count_data(messages):
-    """How many of the messages carry a task (END frames do not)."""
-    return sum(1 for msg in messages if msg[KIND] == DATA)
+    return report(counters, processor.runs, started, stop_kind, config, log, stats)
 
 
 def start_threads(receiver, processor, recovered, config, log):
@@ -604,7 +504,7 @@ def start_threads(receiver, processor, recovered, config, log):
         return False
     if recovered:  # a spill file's messages, processed ahead of anything new
         processor.batches.put_past_bound(flow.Batch(None, recovered, recovered=True))
-        log.info(f"[SPILL] {count_data(recovered)} messages recovered from"
+        log.info(f"[SPILL] {spill.count_data(recovered)} messages recovered from"
                  f" {config.spill_file}; processing them first")
     error = processor.start_and_wait()
     if error:
@@ -615,22 +515,14 @@ def start_threads(receiver, processor, recovered, config, log):
     return True
 
 
-def wait_for_stop(signals, counters, config, log, watched, rows):
-    """Block until Ctrl+C/SIGTERM (returns None) or a thread of `watched` dies (returns it),
-    printing [STATS] while busy and a --csv row every interval."""
-    last = (counters.received, counters.processed)
-    last_time = time.monotonic()
+def wait_for_stop(signals, watched, stats):
+    """Block until Ctrl+C/SIGTERM (returns None) or a thread of `watched` dies (returns it);
+    meanwhile, every interval, [STATS] while busy and a --csv row (`stats`)."""
     while not signals.first.wait(POLL_S):
         for thread in watched:
             if not thread.is_alive():
                 return thread
-        now = time.monotonic()
-        if now - last_time >= config.stats_interval:
-            current = (counters.received, counters.processed)
-            if current != last or counters.backlog:
-                log.info(stats_line(counters, last, now - last_time))
-            rows.add(counters, counters.backlog, cli.rate(current[1] - last[1], now - last_time))
-            last, last_time = current, now
+        stats.tick(time.monotonic())
     return None
 
 
@@ -641,7 +533,7 @@ def finish_backlog(signals, receiver, processor, log):
     """
     stops, batches = processor.stops, processor.batches
     stops.warm.set()
-    wait_for_thread(receiver, signals, stops, log)
+    stops.join(receiver, signals, log)
     saved = receiver.overflow.data  # final: the receive thread is done
     if processor.is_alive():
         beyond = (f"; {saved} more, beyond the queue's bound, go to the spill file"
@@ -650,20 +542,10 @@ def finish_backlog(signals, receiver, processor, log):
                  f"{beyond} (Ctrl+C again to stop at once and save them to the spill file)")
     next_progress = time.monotonic() + 1.0
     while processor.is_alive():
-        wait_for_thread(processor, signals, stops, log, POLL_S)
+        stops.join(processor, signals, log, POLL_S)
         if time.monotonic() >= next_progress and processor.is_alive():
             log.info(f"[STOP] backlog: {batches.qsize()} messages left to process")
             next_progress += 1.0
-
-
-def wait_for_thread(thread, signals, stops, log, timeout=None):
-    """Join `thread` (at most `timeout` seconds); a second signal meanwhile makes the stop cold."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
-        thread.join(POLL_S)
-        if signals.second.is_set() and not stops.cold.is_set():
-            stops.cold.set()
-            log.warning("[STOP] second signal: stopping at once")
 
 
 def shut_down(dead, signals, receiver, processor, saved, log):
@@ -677,129 +559,29 @@ def shut_down(dead, signals, receiver, processor, saved, log):
     finish_backlog(signals, receiver, processor, log)
     leftovers = processor.batches.take_all()  # a cold stop put its unfinished batch back
     if leftovers or saved.started:
-        save_spill(saved, leftovers, processor.counters, processor.runs, log)
+        spill.save_at_stop(saved, leftovers, processor.counters, processor.runs, log)
     processor.runs.report_open()
     if dead is not None:
         return StopKind.FAILED
     return StopKind.COLD if processor.stops.cold.is_set() else StopKind.WARM
 
 
-def save_spill(saved, leftovers, counters, ledger, log):
-    """Complete the spill file: what the warm-stop drain put there, then what a cold
-    stop left unprocessed. Counted once, for the [RUN] lines, runs[] and the summary."""
-    try:
-        saved.write(leftovers)
-        saved.commit()
-    except OSError:
-        log.error(f"[SPILL] could not write {saved.path}: {saved.error}; {saved.lost}"
-                  " received but unprocessed messages LOST")
-        return
-    counters.spilled = saved.data
-    ledger.count_spilled(saved.runs)
-    log.warning(f"[SPILL] {saved.data} received but unprocessed messages saved to"
-                f" {saved.path}; the next start processes them first")
-
-
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------
-def report(counters, ledger, started, stop_kind, config, log, rows):
+def report(counters, ledger, started, stop_kind, config, log, stats):
     """Print the summary (and write it as JSON with --json, its last --csv row); returns the
     exit status."""
     lost = counters.backlog - counters.spilled
-    data = summary_data(counters, ledger, lost, started, stop_kind, config)
-    text = summary_table(data)
+    data = summary.receiver_data(counters, ledger, lost, started, stop_kind, config)
+    text = summary.receiver_table(data)
     if not config.quiet and data["latency_ms"]["max"]:
         text += "\n" + "\n".join(ledger.latency().text_lines("Latency, every run"))
     log.info("\n" + text)
-    rows.add(counters, lost, data["processed_per_s"])
-    rows.close()
+    stats.row(lost, data["processed_per_s"])
+    stats.close()
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
     return EXIT_OK if stop_kind is not StopKind.FAILED and not lost and saved else EXIT_FAILED
-
-
-def summary_data(counters, ledger, queued, started, stop_kind, config):
-    """The final summary, as the JSON written by --json."""
-    duration = time.monotonic() - started
-    return {
-        **cli.run_facts(config),
-        "received": counters.received + counters.recovered,
-        "recovered": counters.recovered,
-        "processed": counters.processed,
-        "duplicates": counters.duplicates,
-        "invalid": counters.invalid,
-        "spilled": counters.spilled,
-        "unprocessed": queued,
-        "plain": counters.plain,
-        "clock_skew": counters.clock_skew,
-        "rejected": counters.rejected,
-        "rejected_connections": counters.rejected_connections,
-        "duration_s": round(duration, 3),
-        "processed_per_s": round(cli.rate(counters.processed, duration), 1),
-        "stop": stop_kind.value,
-        "runs": ledger.to_json(),
-        "latency_ms": ledger.latency().summary_ms(),
-        "latency_raw_ms": ledger.latency(raw=True).summary_ms(),
-        "runs_left_out": ledger.left_out,
-    }
-
-
-class CsvRows:
-    """--csv: the receiver's rows (CSV_COLUMNS), counts cumulative since the start."""
-
-    def __init__(self, series, ledger, started):
-        self.series = series
-        self.ledger = ledger
-        self.started = started
-
-    def add(self, counters, queue, rate):
-        """One row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
-        lat = self.ledger.latency().summary_ms()
-        self.series.row((round(time.monotonic() - self.started, 3),
-                         counters.received + counters.recovered, counters.processed,
-                         round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
-                         counters.invalid))
-
-    def close(self):
-        """Close the file (the last row is written)."""
-        self.series.close()
-
-
-def summary_table(data):
-    """The aligned table printed at exit."""
-    rows = [
-        ("received", f"{data['received']}" + (f" ({data['recovered']} recovered from spill file)"
-                                              if data["recovered"] else "")),
-        ("processed", data["processed"]),
-        ("duplicates", f"{data['duplicates']} (dropped: processed before)"),
-        ("invalid", data["invalid"]),
-        ("spilled", data["spilled"]),
-        ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
-        ("duration", f"{data['duration_s']:.2f} s"),
-        ("rate", f"{data['processed_per_s']:.1f} msg/s processed over the receiver's lifetime,"
-                 " idle time included (each run's own rate: its run row)"),
-        ("stop", data["stop"]),
-    ]
-    if data["unprocessed"]:
-        rows.append(("LOST", f"{data['unprocessed']} received but neither processed nor spilled"))
-    if data["clock_skew"]:
-        rows.append(("clock skew", f"{data['clock_skew']} send times out of"
-                                   f" {runs.SENT_TIME_WINDOW} s of their receipt"
-                                   " (not in the latencies)"))
-    rows += [runs.run_row(entry) for entry in data["runs"]]
-    if data["runs_left_out"]:
-        rows.append(("runs left out", f"{data['runs_left_out']} older finished runs"
-                                      f" (at most {runs.RUNS_LISTED} are kept)"))
-    return cli.format_table("Receiver summary", rows)
-
-
-def stats_line(counters, last, elapsed):
-    """One [STATS] line; `last` holds the counts of the previous line."""
-    received_rate = cli.rate(counters.received - last[0], elapsed)
-    processed_rate = cli.rate(counters.processed - last[1], elapsed)
-    return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
-            f" {counters.processed} ({processed_rate:.1f}/s) | queue {counters.backlog}"
-            f" | invalid {counters.invalid} | connections {counters.peers}")
 
 
 def main(argv=None):

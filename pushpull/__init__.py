@@ -7,7 +7,7 @@
 - health:   the sender's view of its receivers (link states, ZMTP heartbeats)
 - security: CURVE certificates and keys; the receiver's gatekeeper and peer watch
 - logs:     line formats and queue-based logging
-- flow:     stop signals, the queues between threads, the sender's turns
+- flow:     stop signals, the queues between threads, the sender's turns, the warm-stop drain
 - threads:  a thread with a clear start and stop
 - spill:    the receiver's spill file: load, save, remove
 - summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason

@@ -1,5 +1,5 @@
 """Flow control between threads: stop signals; the sender's turns to send; the
-receiver's batch queue and stops."""
+receiver's batch queue, its stops and its warm-stop drain."""
 
 import collections
 import contextlib
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from pushpull.threads import POLL_S
-from pushpull.wire import RAW
+from pushpull.wire import CLIENT, RAW, RUN, WORKER
 
 
 class StopSignals:
@@ -304,3 +304,87 @@ class StopEvents:
         self.warm = threading.Event()
         self.cold = threading.Event()
         self.receive_done = threading.Event()
+
+    def join(self, thread, signals, log, timeout=None):
+        """Join `thread` (at most `timeout` seconds); a second Ctrl+C or SIGTERM meanwhile
+        (`signals`, a StopSignals) makes the stop cold."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            thread.join(POLL_S)
+            if signals.second.is_set() and not self.cold.is_set():
+                self.cold.set()
+                log.warning("[STOP] second signal: stopping at once")
+
+
+# The warm stop's drain: the receive thread takes what is already on its way.
+STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
+STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
+STILL_SENDING_WINDOW = 1.0  # seconds: senders heard in this last stretch count as sending
+STILL_SENDING_COUNTED = 1000  # senders the drain tells apart at most, for its log line
+
+
+class StopDrain:
+    """The receive thread's warm stop: take everything already on its way, until the
+    socket has been quiet for STOP_DRAIN_QUIET ms. What the queue's bound cannot hold
+    goes to the spill file. Only senders that keep sending make it end on time, after
+    STOP_DRAIN_LIMIT s, and its log line says how many were still sending."""
+
+    def __init__(self, receive, batches, overflow, batch_max, log):
+        self.receive = receive  # receive(sock, limit, max_bytes): a Batch off the socket, or None
+        self.batches = batches  # the BatchQueue: what fits is processed for real
+        self.overflow = overflow  # a spill.SpillWriter: what does not fit
+        self.batch_max = batch_max  # messages in one batch at most
+        self.log = log
+        self.recent = set()  # senders heard in the last STILL_SENDING_WINDOW before the limit
+        self.overflowing = False  # once one batch went to the spill file, all after it do
+
+    def run(self, sock, monitor, peers, cold):
+        """Drain `sock` until it is quiet, the time is up, a cold stop, or the spill file
+        fails; `peers` (a security.PeerWatch) keeps reading `monitor` meanwhile."""
+        deadline = time.monotonic() + STOP_DRAIN_LIMIT
+        while not cold.is_set():
+            peers.read(monitor)
+            if not sock.poll(STOP_DRAIN_QUIET):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                self.log_still_sending(peers.counters.peers)
+                return
+            batch, fits = self.take(sock)
+            if batch is None:
+                continue
+            if now >= deadline - STILL_SENDING_WINDOW and len(self.recent) < STILL_SENDING_COUNTED:
+                self.recent.update((msg[RUN], msg[WORKER] or msg[CLIENT]) for msg in batch.items)
+            if fits:
+                self.batches.put_past_bound(batch)  # it fits: taken up to the bound
+            elif not self.spill(batch):
+                return
+
+    def take(self, sock):
+        """The next batch off the socket, and whether it fits the queue's bound."""
+        room, byte_room = (0, 0) if self.overflowing else self.batches.wait_for_room(0)
+        if room > 0 and byte_room > 0:
+            return self.receive(sock, min(self.batch_max, room), byte_room), True
+        # A batch for the spill file is bounded like the queue, in messages and bytes.
+        return self.receive(sock, self.batch_max, self.batches.maxbytes), False
+
+    def spill(self, batch):
+        """Save a batch beyond the queue's bound to the spill file; False if it failed."""
+        try:
+            self.overflow.write(batch.items)
+        except OSError:
+            self.log.error(f"[SPILL] cannot write {self.overflow.temporary}:"
+                           f" {self.overflow.error}; stopped taking messages off the socket")
+            return False
+        self.overflowing = True
+        return True
+
+    def log_still_sending(self, connections):
+        """The drain ran out of time: messages were still arriving; say from how many."""
+        recent = len(self.recent)
+        senders = f"at least {recent}" if recent >= STILL_SENDING_COUNTED else str(recent)
+        self.log.warning(f"[STOP] still receiving after {STOP_DRAIN_LIMIT:g} s: messages from"
+                         f" {senders} sender workers arrived in the last"
+                         f" {STILL_SENDING_WINDOW:g} s ({connections} connections open);"
+                         " what is still on its way is not received (its senders counted it"
+                         " as sent: --confirm resends it)")

@@ -10,6 +10,8 @@ import queue
 import sys
 import time
 
+from pushpull.wire import END, KIND, TASK, TEXT, client_name
+
 COUNTER_WIDTH = 7  # digits of [MSG #nnnnnnn]
 CLIENT_WIDTH = 12  # "Pusher-99999"
 TASK_WIDTH = 6  # task numbers up to 999999
@@ -34,6 +36,17 @@ def msg_line(counter, client, target, task, text):
     """The seed's [MSG] line, columns fixed; client and text as shown()."""
     return (f"[MSG #{counter:0{COUNTER_WIDTH}d}] ZMQ [{shown(client):<{CLIENT_WIDTH}}] ->"
             f" [{target}] | Task {task_cell(task)} | {shown(text)}")
+
+
+def msg_lines(messages, number, target):
+    """The [MSG] lines of a batch of decoded messages, numbered from `number`, as one
+    LineBlock (END frames are bookkeeping: no line, no number)."""
+    lines = LineBlock()
+    for msg in messages:
+        if msg[KIND] != END:
+            lines.append(msg_line(number, client_name(msg), target, msg[TASK], msg[TEXT]))
+            number += 1
+    return lines
 
 
 def proc_line(server, client, task, text):

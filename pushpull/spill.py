@@ -219,7 +219,7 @@ class SpillWriter:
     def write(self, messages):
         """Append messages (their raw frames) to PATH.tmp; raises OSError."""
         if self.error is not None:
-            self.lost += _count_data(messages)
+            self.lost += count_data(messages)
             raise OSError(self.error)
         records = []
         for msg in messages:
@@ -231,7 +231,7 @@ class SpillWriter:
                 self._file.write(SPILL_MAGIC)
             self._file.write(b"".join(records))
         except OSError as exc:
-            self._fail(exc, _count_data(messages))
+            self._fail(exc, count_data(messages))
             raise
         self.frames += len(messages)
         for msg in messages:
@@ -276,7 +276,8 @@ class SpillWriter:
             pass  # never created, or already gone
 
 
-def _count_data(messages):
+def count_data(messages):
+    """How many of the messages carry a task (END frames do not)."""
     return sum(1 for msg in messages if msg[wire.KIND] == wire.DATA)
 
 
@@ -298,3 +299,58 @@ def remove(path):
     except FileNotFoundError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------
+# The receiver's run: read back at start, removed once processed, saved at a stop
+# ---------------------------------------------------------------------------
+def recover(path, log):
+    """At start: what a spill file holds (messages, invalid count), after the checks;
+    SpillError when it cannot be used. A file with nothing to process is removed."""
+    if remove_stale_temporary(path):
+        log.warning(f"[SPILL] removed {path}{TEMPORARY_SUFFIX}: a receiver was stopped"
+                    " (killed?) while it saved its spill file; the messages it held are lost")
+    recovered, invalid = load(path)
+    if not recovered and os.path.exists(path):
+        # Nothing to process: counted once here, not again at every start.
+        remove(path)
+        log.warning(f"[SPILL] {path} held no message to process ({invalid} invalid);"
+                    " removed")
+    return recovered, invalid
+
+
+def known_runs(recovered):
+    """wire.decode()'s run cache, knowing the recovered messages' runs: new frames of
+    those runs must agree with them."""
+    run_cache = {}
+    for msg in recovered:
+        info = msg[wire.RUN]
+        if info is not None and info.run_id not in run_cache:
+            wire.remember_run(run_cache, info)
+    return run_cache
+
+
+def remove_processed(path, log):
+    """The spill file's messages are all processed: remove it."""
+    try:
+        if remove(path):
+            log.info(f"[SPILL] recovered messages processed; removed {path}")
+    except OSError as exc:
+        log.warning(f"[SPILL] could not remove {path}: {exc.strerror}")
+
+
+def save_at_stop(writer, leftovers, counters, ledger, log):
+    """Complete the spill file: what the warm-stop drain put there, then what a cold
+    stop left unprocessed. Counted once, for the [RUN] lines, runs[] and the summary:
+    counters.spilled, and each run's share (ledger, a runs.RunLedger)."""
+    try:
+        writer.write(leftovers)
+        writer.commit()
+    except OSError:
+        log.error(f"[SPILL] could not write {writer.path}: {writer.error}; {writer.lost}"
+                  " received but unprocessed messages LOST")
+        return
+    counters.spilled = writer.data
+    ledger.count_spilled(writer.runs)
+    log.warning(f"[SPILL] {writer.data} received but unprocessed messages saved to"
+                f" {writer.path}; the next start processes them first")

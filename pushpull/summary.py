@@ -9,13 +9,118 @@ dictionaries, so a reader of a script sees what is counted, not how it is printe
 import enum
 import time
 
-from pushpull import cli, latency, verdict, wire
+from pushpull import cli, latency, runs, verdict, wire
 from pushpull.health import LinkState
 from pushpull.push import Outcome
 
 # ---------------------------------------------------------------------------
 # The receiver's
 # ---------------------------------------------------------------------------
+RECEIVER_CSV_COLUMNS = ("time_s", "received", "processed", "rate_msg_s", "queue",
+                        "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "invalid")
+
+
+def receiver_stats_line(counters, last, elapsed):
+    """One [STATS] line of the receiver; `last` holds the counts of the previous line."""
+    received_rate = cli.rate(counters.received - last[0], elapsed)
+    processed_rate = cli.rate(counters.processed - last[1], elapsed)
+    return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
+            f" {counters.processed} ({processed_rate:.1f}/s) | queue {counters.backlog}"
+            f" | invalid {counters.invalid} | connections {counters.peers}")
+
+
+class ReceiverStats:
+    """The receiver's [STATS] line while there is work, and its --csv row in any case
+    (RECEIVER_CSV_COLUMNS, counts cumulative since `started`), every --stats-interval."""
+
+    def __init__(self, counters, ledger, series, interval, log, started):
+        self.counters = counters
+        self.ledger = ledger  # the processor's runs.RunLedger: the latency so far
+        self.series = series  # a cli.CsvSeries: a no-op without --csv
+        self.interval = interval
+        self.log = log
+        self.started = started
+        self.last = (counters.received, counters.processed)  # at the last interval's end
+        self.last_time = time.monotonic()
+
+    def tick(self, now):
+        """A [STATS] line and a --csv row, when one is due at `now` (time.monotonic())."""
+        elapsed = now - self.last_time
+        if elapsed < self.interval:
+            return
+        counters, last = self.counters, self.last
+        current = (counters.received, counters.processed)
+        if current != last or counters.backlog:
+            self.log.info(receiver_stats_line(counters, last, elapsed))
+        self.row(counters.backlog, cli.rate(current[1] - last[1], elapsed))
+        self.last, self.last_time = current, now
+
+    def row(self, queue, rate):
+        """One --csv row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
+        counters = self.counters
+        lat = self.ledger.latency().summary_ms()
+        self.series.row((round(time.monotonic() - self.started, 3),
+                         counters.received + counters.recovered, counters.processed,
+                         round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
+                         counters.invalid))
+
+    def close(self):
+        """Close the --csv file (the last row is written)."""
+        self.series.close()
+
+
+def receiver_data(counters, ledger, queued, started, stop_kind, config):
+    """The receiver's final summary, as the JSON written by --json."""
+    duration = time.monotonic() - started
+    return {
+        **cli.run_facts(config),
+        "received": counters.received + counters.recovered,
+        "recovered": counters.recovered,
+        "processed": counters.processed,
+        "duplicates": counters.duplicates,
+        "invalid": counters.invalid,
+        "spilled": counters.spilled,
+        "unprocessed": queued,
+        "plain": counters.plain,
+        "clock_skew": counters.clock_skew,
+        "rejected": counters.rejected,
+        "rejected_connections": counters.rejected_connections,
+        "duration_s": round(duration, 3),
+        "processed_per_s": round(cli.rate(counters.processed, duration), 1),
+        "stop": stop_kind.value,
+        "runs": ledger.to_json(),
+        "latency_ms": ledger.latency().summary_ms(),
+        "latency_raw_ms": ledger.latency(raw=True).summary_ms(),
+        "runs_left_out": ledger.left_out,
+    }
+
+
+def receiver_table(data):
+    """The receiver's aligned table printed at exit, from receiver_data()."""
+    rows = [
+        ("received", f"{data['received']}" + (f" ({data['recovered']} recovered from spill file)"
+                                              if data["recovered"] else "")),
+        ("processed", data["processed"]),
+        ("duplicates", f"{data['duplicates']} (dropped: processed before)"),
+        ("invalid", data["invalid"]),
+        ("spilled", data["spilled"]),
+        ("rejected", f"{data['rejected']} (CURVE / IP allow list)"),
+        ("duration", f"{data['duration_s']:.2f} s"),
+        ("rate", f"{data['processed_per_s']:.1f} msg/s processed over the receiver's lifetime,"
+                 " idle time included (each run's own rate: its run row)"),
+        ("stop", data["stop"]),
+    ]
+    if data["unprocessed"]:
+        rows.append(("LOST", f"{data['unprocessed']} received but neither processed nor spilled"))
+    if data["clock_skew"]:
+        rows.append(("clock skew", f"{data['clock_skew']} send times out of"
+                                   f" {runs.SENT_TIME_WINDOW} s of their receipt"
+                                   " (not in the latencies)"))
+    rows += [runs.run_row(entry) for entry in data["runs"]]
+    if data["runs_left_out"]:
+        rows.append(("runs left out", f"{data['runs_left_out']} older finished runs"
+                                      f" (at most {runs.RUNS_LISTED} are kept)"))
+    return cli.format_table("Receiver summary", rows)
 
 
 # ---------------------------------------------------------------------------
