@@ -172,7 +172,11 @@ def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
     summary = stopped_summary(receiver)
     assert summary["received"] == 0
     # Its probe and two workers, retrying: one burst of refused handshakes, one peer.
-    assert summary["rejected"] == 1, summary
+    # On a busy machine each of them may give up before its greeting reaches the
+    # receiver, which then sees only peers that left mid-handshake (not counted, no
+    # line): the count agrees with the receiver's [AUTH] line, never above one.
+    refusals = receiver.lines(r"\[AUTH\] refused a peer whose CURVE handshake failed")
+    assert summary["rejected"] == min(1, len(refusals)), (summary, refusals)
 
 
 def test_wrong_server_public_key_fails_within_timeout(procs, keys):
