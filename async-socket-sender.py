@@ -193,7 +193,8 @@ def add_load_flags(p):
     """How much to send and when: count or duration, delay or rate, warmup, format."""
     count = p.add_mutually_exclusive_group()
     count.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX),
-                       default=MESSAGES_PER_WORKER, help="messages per worker (MESSAGES_PER_WORKER)")
+                       default=MESSAGES_PER_WORKER,
+                       help="messages per worker (MESSAGES_PER_WORKER)")
     count.add_argument("--duration", metavar="SECONDS", default=RUN_DURATION,
                        type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
                        help="send what the schedule holds in SECONDS instead (RUN_DURATION)")
@@ -337,7 +338,7 @@ class PushWorker(ServiceThread):
                                         self.confirmations, window)
 
     def send_tasks(self, sender, encoder):
-        """The seed's loop: for each task, wait for its time, build its message, send it, log it."""
+        """The seed's loop: for each task, wait for its time, build its frame, send, log."""
         config, tally = self.config, self.tally
         paced = self.schedule is not None
         # Without a pause of 10 ms or more, [MSG] lines are logged in blocks of LOG_BLOCK.

@@ -1,10 +1,14 @@
 """The machinery both scripts share, one module per concern.
 
 - wire:     the frame layout, its encoder and decoder
-- runs:     per-run statistics (latency histogram, the run ledger, [RUN] line, JSON)
+- runs:     per-run statistics (the run ledger, [RUN] line, JSON)
+- latency:  the mergeable latency histogram (p50 ... max within 1 %)
 - confirm:  the confirmation channel between a receiver and --confirm senders
+- verdict:  the receivers' reports of a run, merged, and the gates judged on them
 - push:     one sender worker's send path: outcomes, turns, backpressure
 - health:   the sender's view of its receivers (link states, ZMTP heartbeats)
+- links:    a worker's connections kept in step with the heartbeat; TCP keepalive
+- schedule: when each message is due (--delay, --rate), and the schedule's clock
 - security: CURVE certificates and keys; the receiver's gatekeeper and peer watch
 - logs:     line formats and queue-based logging
 - flow:     stop signals, the queues between threads, the sender's turns, the warm-stop drain

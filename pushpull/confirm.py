@@ -342,7 +342,7 @@ class ConfirmChannel:
         return "; ".join(reasons)
 
     def on_message(self, source, frames, log):
-        """Apply one message from `source`'s channel; anything not sealed for the run is dropped."""
+        """Apply one message from `source`'s channel; what is not sealed for the run is dropped."""
         opened = self.seal.open(frames)
         if opened is None:
             source.dropped += 1
