@@ -183,9 +183,13 @@ def sender_stats_line(config, workers, health, last_sent, elapsed, total_elapsed
     overall = cli.rate(sent, total_elapsed)
     eta = f"{remaining / overall:.1f} s" if overall > 0 else "-"
     waiting = sum(1 for w in workers if w.tally.waiting)
-    return (f"[STATS] sent {sent}/{config.planned} ({100 * sent / max(1, config.planned):.1f}%)"
+    line = (f"[STATS] sent {sent}/{config.planned} ({100 * sent / max(1, config.planned):.1f}%)"
             f" | {recent:.1f} msg/s | failed {failed} | waiting {waiting}"
-            f" | receiver {health.describe()} | ETA {eta}"), sent
+            f" | receiver {health.describe()} | ETA {eta}")
+    confirmations = workers[0].confirmations if workers else None
+    if confirmations is not None:  # once all is sent, the wait for these is the run's rest
+        line += f" | confirmed {confirmations.confirmed()}/{config.planned}"
+    return line, sent
 
 
 def sender_csv_row(workers, health, last_sent, elapsed, total_elapsed):

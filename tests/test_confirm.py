@@ -89,6 +89,19 @@ def test_confirm_run_confirms_every_task(procs):
     assert summary["processed"] == 1000 and summary["duplicates"] == 0, summary
 
 
+def test_stats_show_confirmation_progress_while_the_receiver_works(procs):
+    """All sent at once to a slow receiver: the sender's [STATS] lines go on, counting
+    what is confirmed, never above the summary's final count."""
+    receiver = procs.receiver("--processing-time", "0.01", "--no-file-log", "--quiet")
+    sender = procs.sender("--confirm", "--workers", "2", "--messages", "100", "--delay", "0",
+                          "--quiet", "--stats-interval", "0.2", endpoints=[receiver.endpoint])
+    result = assert_all_confirmed(sender, 200)
+    counts = [int(n) for n in re.findall(r"\| confirmed (\d+)/200", sender.output())]
+    # 2 s of work at 0.01 s a message: lines while it is still under way, and rising.
+    assert any(0 < n < 200 for n in counts), sender.output()[-2000:]
+    assert counts == sorted(counts) and counts[-1] <= result["confirmed"], counts
+
+
 def test_kill_9_then_restart_completes_the_run(procs):
     """Receiver SIGKILLed mid-run, restarted on the same port: resends make confirmed == planned."""
     first = procs.receiver(*FAST_RECEIVER, "--quiet", "--stats-interval", "0.1")
