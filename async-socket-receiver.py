@@ -576,7 +576,7 @@ def report(counters, ledger, started, stop_kind, config, log, stats):
     data = summary.receiver_data(counters, ledger, lost, started, stop_kind, config)
     text = summary.receiver_table(data)
     if not config.quiet and data["latency_ms"]["max"]:
-        text += "\n" + "\n".join(ledger.latency().text_lines("Latency, every run"))
+        text += "\n" + "\n".join(ledger.table.latency().text_lines("Latency, every run"))
     log.info("\n" + text)
     stats.row(lost, data["processed_per_s"])
     stats.close()

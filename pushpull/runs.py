@@ -31,16 +31,16 @@ class Arrivals:
         self.bytes = 0  # of the messages recorded
 
 
-class RunState:
-    """What the receiver knows of one sender run: which tasks were processed, and how fast.
+class TaskCoverage:
+    """Which tasks of one run were recorded (processed once each), and the missing ones as
+    ranges.
 
     Its cost is proportional to what was received, never to what the header claims
     (beyond LIST_WORKERS_MAX workers): per-task state is kept only for workers and
-    tasks seen. free() drops that state
-    and keeps the summary (the counts, the latency histogram, the END frames).
+    tasks seen. free() drops that state and keeps the counts and the missing ranges.
     """
 
-    def __init__(self, info, now):
+    def __init__(self, info):
         self.info = info
         self.planned = info.planned
         # Per worker: every task below this one is recorded. A list indexed by worker is
@@ -50,40 +50,9 @@ class RunState:
         self.next_task = [0] * (info.workers + 1) if info.workers <= LIST_WORKERS_MAX else {}
         self.ahead = {}  # worker -> tasks recorded beyond a missing one
         self.received = 0  # tasks recorded: processed once each
-        self.duplicates = 0
-        self.resent = 0  # tasks marked as resends by a --confirm sender
-        self.spilled = 0  # tasks saved to the spill file by a cold stop
-        self.clock_skew = 0  # tasks whose send time is outside SENT_TIME_WINDOW
         self.untracked = 0  # tasks processed after free() with the run incomplete
-        self.ends = {}  # worker -> tasks it says it sent (its first END frame)
-        # Latency from the intended send time, and from the actual one: the same
-        # histogram for a run without a schedule, where the two times are equal.
-        self.latency = Histogram()
-        self.latency_raw = Histogram() if info.scheduled else self.latency
-        # Intended (and actual) send times of recorded tasks not yet in the histograms,
-        # and when their batch was received (None for a spill file's): the histograms
-        # take them once per batch.
-        self.unrecorded = []
-        self.unrecorded_raw = []
-        self.arrivals = Arrivals()  # unrecorded_received_ns, and the run's own rate
-        self.last_seen = now
-        self.closed = False  # reported in a [RUN] line
         self.tracked = True  # per-task state kept (see free)
         self.missing_listed = []  # missing_ranges() as free() found them
-
-    @property
-    def unrecorded_received_ns(self):
-        """When the batch of the unrecorded send times arrived (None: a spill file's)."""
-        return self.arrivals.current_ns
-
-    @unrecorded_received_ns.setter
-    def unrecorded_received_ns(self, received_ns):
-        arrivals = self.arrivals
-        arrivals.current_ns = received_ns
-        if received_ns is not None:
-            if arrivals.first_ns is None:
-                arrivals.first_ns = received_ns
-            arrivals.last_ns = received_ns
 
     def is_new(self, worker, task):
         """True unless this task was recorded before."""
@@ -93,8 +62,8 @@ class RunState:
             expected = 0
         return task >= expected and task not in self.ahead.get(worker, ())
 
-    def record(self, worker, task, sent_ns, intended_ns, resent):
-        """Account one processed task; False, and nothing changed, if it was recorded before."""
+    def record(self, worker, task):
+        """Mark one processed task recorded; False, and nothing changed, if it was before."""
         next_task = self.next_task
         try:
             expected = next_task[worker]
@@ -116,26 +85,16 @@ class RunState:
         else:
             return False
         self.received += 1
-        self._record_times(sent_ns, intended_ns, resent)
         return True
 
-    def record_untracked(self, worker, task, sent_ns, intended_ns, resent):
+    def record_untracked(self, worker, task):
         """record() once the per-task state is freed and the run incomplete: the task is
         processed but cannot be checked against the earlier ones."""
         self.untracked += 1
-        self._record_times(sent_ns, intended_ns, resent)
         return True
 
-    def _record_times(self, sent_ns, intended_ns, resent):
-        if intended_ns is not None:  # None: a message of the sender's --warmup
-            self.unrecorded.append(intended_ns)
-            if self.info.scheduled:
-                self.unrecorded_raw.append(sent_ns)
-        if resent:
-            self.resent += 1
-
     def free(self):
-        """Drop the per-task state, keep the summary. A complete run's later tasks are
+        """Drop the per-task state, keep the counts. A complete run's later tasks are
         all duplicates; an incomplete run's are processed and counted `untracked`."""
         self.missing_listed = self.missing_ranges(MISSING_LISTED)
         self.next_task = self.ahead = None
@@ -146,20 +105,6 @@ class RunState:
         else:
             self.is_new = _not_recorded
             self.record = self.record_untracked
-
-    def record_latencies(self):
-        """Move the unrecorded send times into the latency histograms; returns how many
-        were left out as clock skew (judged by the intended send time)."""
-        received_ns, skewed = self.unrecorded_received_ns, 0
-        if self.unrecorded and received_ns:
-            skewed = self.latency.add_batch(received_ns, self.unrecorded, SENT_TIME_WINDOW_NS)
-            if self.unrecorded_raw:
-                self.latency_raw.add_batch(received_ns, self.unrecorded_raw,
-                                           SENT_TIME_WINDOW_NS)
-            self.clock_skew += skewed
-        self.unrecorded = []
-        self.unrecorded_raw = []
-        return skewed
 
     def missing_ranges(self, limit):
         """Up to `limit` ranges of tasks not recorded, in order, each as (first worker,
@@ -209,55 +154,13 @@ class RunState:
         """How many planned tasks were not recorded."""
         return self.planned - self.received
 
-    def rates(self):
-        """(msg/s, MB/s) from the run's first message to its last; None for both when they
-        came together, or from a spill file (no receive time)."""
-        first, last = self.arrivals.first_ns, self.arrivals.last_ns
-        if first is None or last <= first:
-            return None, None
-        seconds = (last - first) / 1e9
-        return round(self.received / seconds, 1), round(self.arrivals.bytes / 1e6 / seconds, 3)
-
     @property
     def complete(self):
         """Every planned task was recorded."""
         return self.received >= self.planned
 
-    @property
-    def finished(self):
-        """Every task was recorded, or every worker sent its END frame."""
-        return self.complete or len(self.ends) >= self.info.workers
 
-    def to_json(self):
-        """The run's entry in the JSON summary."""
-        one_receiver = self.info.endpoints == 1
-        listed = self.missing_ranges(MISSING_LISTED)
-        sent = sum(self.ends.values()) if len(self.ends) >= self.info.workers else None
-        return {
-            "run_id": wire.run_label(self.info.run_id),
-            "workers": self.info.workers,
-            "planned": self.planned,
-            "sent_reported": sent,
-            "received": self.received,
-            "missing": self.missing if one_receiver else None,
-            "missing_tasks": [range_text(r) for r in listed] if one_receiver else [],
-            "duplicates": self.duplicates,
-            "spilled": self.spilled,
-            "resent": self.resent,
-            "clock_skew": self.clock_skew,
-            "untracked": self.untracked,
-            "confirm": self.info.confirm,
-            "endpoints": self.info.endpoints,
-            "complete": self.complete,
-            "rate_msg_s": self.rates()[0],
-            "rate_mb_s": self.rates()[1],
-            "latency_ms": self.latency.summary_ms(),
-            "latency_raw_ms": self.latency_raw.summary_ms(),
-            "latency_samples": self.latency.count,
-        }
-
-
-def _recorded_before(worker, task, *unused):
+def _recorded_before(worker, task):
     """is_new() and record() of a freed complete run: every task was recorded before."""
     return False
 
@@ -265,6 +168,113 @@ def _recorded_before(worker, task, *unused):
 def _not_recorded(worker, task):
     """is_new() of a freed incomplete run: nothing is known to have been recorded."""
     return True
+
+
+class RunState:
+    """What the receiver knows of one sender run: its tasks (a TaskCoverage), what else
+    befell them (duplicates, resends, the spill file, END frames), when they arrived and
+    their latencies; its entry in the JSON summary."""
+
+    def __init__(self, info, now):
+        self.info = info
+        self.tasks = TaskCoverage(info)  # which tasks were recorded, and the missing ones
+        self.duplicates = 0
+        self.resent = 0  # tasks marked as resends by a --confirm sender
+        self.spilled = 0  # tasks saved to the spill file by a cold stop
+        self.clock_skew = 0  # tasks whose send time is outside SENT_TIME_WINDOW
+        self.ends = {}  # worker -> tasks it says it sent (its first END frame)
+        # Latency from the intended send time, and from the actual one: the same
+        # histogram for a run without a schedule, where the two times are equal.
+        self.latency = Histogram()
+        self.latency_raw = Histogram() if info.scheduled else self.latency
+        # Intended (and actual) send times of recorded tasks not yet in the histograms,
+        # and when their batch was received (None for a spill file's): the histograms
+        # take them once per batch.
+        self.unrecorded = []
+        self.unrecorded_raw = []
+        self.arrivals = Arrivals()  # unrecorded_received_ns, and the run's own rate
+        self.last_seen = now
+        self.closed = False  # reported in a [RUN] line
+
+    @property
+    def unrecorded_received_ns(self):
+        """When the batch of the unrecorded send times arrived (None: a spill file's)."""
+        return self.arrivals.current_ns
+
+    @unrecorded_received_ns.setter
+    def unrecorded_received_ns(self, received_ns):
+        arrivals = self.arrivals
+        arrivals.current_ns = received_ns
+        if received_ns is not None:
+            if arrivals.first_ns is None:
+                arrivals.first_ns = received_ns
+            arrivals.last_ns = received_ns
+
+    def record_times(self, sent_ns, intended_ns, resent):
+        """Keep a recorded task's send times for the latency histograms; count a resend."""
+        if intended_ns is not None:  # None: a message of the sender's --warmup
+            self.unrecorded.append(intended_ns)
+            if self.info.scheduled:
+                self.unrecorded_raw.append(sent_ns)
+        if resent:
+            self.resent += 1
+
+    def record_latencies(self):
+        """Move the unrecorded send times into the latency histograms; returns how many
+        were left out as clock skew (judged by the intended send time)."""
+        received_ns, skewed = self.unrecorded_received_ns, 0
+        if self.unrecorded and received_ns:
+            skewed = self.latency.add_batch(received_ns, self.unrecorded, SENT_TIME_WINDOW_NS)
+            if self.unrecorded_raw:
+                self.latency_raw.add_batch(received_ns, self.unrecorded_raw,
+                                           SENT_TIME_WINDOW_NS)
+            self.clock_skew += skewed
+        self.unrecorded = []
+        self.unrecorded_raw = []
+        return skewed
+
+    def rates(self):
+        """(msg/s, MB/s) from the run's first message to its last; None for both when they
+        came together, or from a spill file (no receive time)."""
+        first, last = self.arrivals.first_ns, self.arrivals.last_ns
+        if first is None or last <= first:
+            return None, None
+        seconds = (last - first) / 1e9
+        return (round(self.tasks.received / seconds, 1),
+                round(self.arrivals.bytes / 1e6 / seconds, 3))
+
+    @property
+    def finished(self):
+        """Every task was recorded, or every worker sent its END frame."""
+        return self.tasks.complete or len(self.ends) >= self.info.workers
+
+    def to_json(self):
+        """The run's entry in the JSON summary."""
+        tasks, one_receiver = self.tasks, self.info.endpoints == 1
+        listed = tasks.missing_ranges(MISSING_LISTED)
+        sent = sum(self.ends.values()) if len(self.ends) >= self.info.workers else None
+        return {
+            "run_id": wire.run_label(self.info.run_id),
+            "workers": self.info.workers,
+            "planned": tasks.planned,
+            "sent_reported": sent,
+            "received": tasks.received,
+            "missing": tasks.missing if one_receiver else None,
+            "missing_tasks": [range_text(r) for r in listed] if one_receiver else [],
+            "duplicates": self.duplicates,
+            "spilled": self.spilled,
+            "resent": self.resent,
+            "clock_skew": self.clock_skew,
+            "untracked": tasks.untracked,
+            "confirm": self.info.confirm,
+            "endpoints": self.info.endpoints,
+            "complete": tasks.complete,
+            "rate_msg_s": self.rates()[0],
+            "rate_mb_s": self.rates()[1],
+            "latency_ms": self.latency.summary_ms(),
+            "latency_raw_ms": self.latency_raw.summary_ms(),
+            "latency_samples": self.latency.count,
+        }
 
 
 def range_text(missing_range):
@@ -282,26 +292,17 @@ def range_size(missing_range):
     return (last_worker - first_worker + 1) * (last_task - first_task + 1)
 
 
-class RunLedger:
-    """Accounts each processed message to its sender run, and reports each run.
+class RunTable:
+    """The runs a receiver keeps, in the order first seen, within two bounds.
 
-    Writes counters.processed, .duplicates, .plain and .clock_skew.
-
-    A run's lifecycle: open (per-task state kept) until it completes, its sender
-    finishes or falls silent, or the receiver stops; then its [RUN] line. A complete
-    run is then freed (summary only). An incomplete one keeps its per-task state
-    ("unhealed"), so data that arrives later (after a network cut heals) is still
-    checked, and a run that completes after all gets a second [RUN] line, then is
-    freed. At most OPEN_RUNS_MAX runs keep per-task state: past that, the oldest
-    unhealed run is freed, or else the oldest open run is closed early (its [RUN]
-    line says so). At most RUNS_LISTED runs are kept for the JSON; past that the
-    oldest freed run is dropped and counted in left_out.
+    At most OPEN_RUNS_MAX runs keep per-task state: the open ones (not reported yet) and
+    the "unhealed" ones (reported incomplete, so data that arrives later, after a network
+    cut heals, is still checked). At most RUNS_LISTED runs are kept for the JSON: past
+    that the oldest freed run (summary only) is dropped, counted in left_out, its latency
+    kept for the lifetime figures.
     """
 
-    def __init__(self, counters, log, warnings):
-        self.counters = counters
-        self.log = log
-        self.warnings = warnings  # a logs.RateLimitedLog
+    def __init__(self):
         self.runs = {}  # run id -> RunState: every run kept, in the order first seen
         self.open = collections.OrderedDict()  # run id -> RunState not reported yet
         self.unhealed = collections.OrderedDict()  # reported incomplete, per-task state kept
@@ -310,6 +311,77 @@ class RunLedger:
         # The latency of the runs dropped, kept for the lifetime figures (latency()).
         self.left_out_latency = Histogram()
         self.left_out_latency_raw = Histogram()
+
+    @property
+    def full(self):
+        """As many runs keep per-task state as OPEN_RUNS_MAX allows: one must be freed."""
+        return len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX
+
+    def oldest_tracked(self):
+        """The run to free when full: the oldest unhealed run, or else the oldest open run."""
+        return next(iter((self.unhealed or self.open).values()))
+
+    def add(self, run):
+        """Keep a new run, open; past RUNS_LISTED the oldest freed runs are dropped."""
+        run_id = run.info.run_id
+        self.runs[run_id] = self.open[run_id] = run
+        while len(self.runs) > RUNS_LISTED and self.freed:
+            self.drop(next(iter(self.freed.values())))
+        return run
+
+    def reported(self, run):
+        """A run just reported is no longer open: unhealed while it is incomplete."""
+        self.open.pop(run.info.run_id, None)
+        if not run.tasks.complete:
+            self.unhealed[run.info.run_id] = run
+
+    def free(self, run):
+        """Drop a reported run's per-task state, keep its summary."""
+        run.tasks.free()
+        self.unhealed.pop(run.info.run_id, None)
+        self.freed[run.info.run_id] = run
+
+    def drop(self, run):
+        """Forget a run altogether, counted in left_out."""
+        run_id = run.info.run_id
+        for table in (self.runs, self.open, self.unhealed, self.freed):
+            table.pop(run_id, None)
+        self.left_out += 1
+        self.left_out_latency.merge(run.latency)
+        self.left_out_latency_raw.merge(run.latency_raw)
+
+    def to_json(self):
+        """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""
+        return [run.to_json() for run in self.runs.values()]
+
+    def latency(self, raw=False):
+        """Every run's latency (raw: from the actual send time) merged in one histogram,
+        the runs left out included."""
+        merged = Histogram()
+        merged.merge(self.left_out_latency_raw if raw else self.left_out_latency)
+        for run in list(self.runs.values()):  # list: the processor may add a run meanwhile
+            merged.merge(run.latency_raw if raw else run.latency)
+        return merged
+
+
+class RunLedger:
+    """Accounts each processed message to its sender run, and reports each run.
+
+    Writes counters.processed, .duplicates, .plain and .clock_skew.
+
+    A run's lifecycle: open until it completes, its sender finishes or falls silent, or
+    the receiver stops; then its [RUN] line. A complete run is then freed (summary only).
+    An incomplete one keeps its per-task state, and a run that completes after all gets a
+    second [RUN] line, then is freed. When the table is full (RunTable: OPEN_RUNS_MAX),
+    the oldest run reported incomplete is freed, or else the oldest open run is closed
+    early (its [RUN] line says so).
+    """
+
+    def __init__(self, counters, log, warnings):
+        self.counters = counters
+        self.log = log
+        self.warnings = warnings  # a logs.RateLimitedLog
+        self.table = RunTable()  # the runs kept, and their bounds
         # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
         # while its socket is open (None: the report is only logged).
         self.reports = None
@@ -325,11 +397,12 @@ class RunLedger:
         # too, one call per message (an is_new() call before it cost 0.06 µs more).
         counters = self.counters
         now = time.monotonic()
-        last_info = run = None
+        last_info = run = tasks = None
         for index, msg in enumerate(messages):
             _, info, kind, worker, task, sent_ns, resent, _, _, intended_ns = msg
             if info is not last_info:
                 last_info, run = info, self._next_run(run, info, now, received_ns)
+                tasks = None if run is None else run.tasks
             if run is None:  # plain text: in no run
                 if not self._process_plain(msg, work):
                     return index
@@ -341,23 +414,24 @@ class RunLedger:
             if run.closed and not resent:
                 self._late(run)
             if work is not None:
-                if not run.is_new(worker, task):
+                if not tasks.is_new(worker, task):
                     self._duplicate(run, msg, confirms)  # not worked again
                     continue
                 if not work(msg):
                     return index
                 now = run.last_seen = time.monotonic()
             # Without work, record() is the duplicate check too: one call per message.
-            if not run.record(worker, task, sent_ns, intended_ns, resent):
+            if not tasks.record(worker, task):
                 self._duplicate(run, msg, confirms)
                 continue
+            run.record_times(sent_ns, intended_ns, resent)
             counters.processed += 1
             run.arrivals.bytes += len(msg[0])
             if info.confirm:
                 confirms.add(info.run_id, worker, task)
                 if work is not None:
                     confirms.publish_if_due()  # each confirmed as its work is done
-            if run.received >= run.planned:  # a freed complete run never gets here again
+            if tasks.received >= tasks.planned:  # a freed complete run never gets here again
                 self._complete(run)
         if run is not None:
             self._record_latencies(run)
@@ -385,53 +459,39 @@ class RunLedger:
                    "complete after all (reported incomplete before)")
 
     def _run(self, info, now, received_ns):
-        run = self.runs.get(info.run_id)
+        run = self.table.runs.get(info.run_id)
         if run is None or (run.info is not info and run.info != info):
             run = self._new_run(info, now)
         run.unrecorded_received_ns = received_ns
         return run
 
     def _new_run(self, info, now):
-        """Start a run's state, within OPEN_RUNS_MAX and RUNS_LISTED."""
-        reused = self.runs.get(info.run_id)
+        """Start a run's state, within the table's bounds."""
+        reused = self.table.runs.get(info.run_id)
         if reused is not None:  # decode() forgot the run (RUNS_REMEMBERED) and saw it anew
-            self._drop(reused, "its run id came back with other run fields")
-        if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX:
+            if not reused.closed:
+                self.close(reused, "its run id came back with other run fields")
+            self.table.drop(reused)
+        if self.table.full:
             self._make_room()
-        run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now)
-        while len(self.runs) > RUNS_LISTED and self.freed:
-            self._drop(next(iter(self.freed.values())), None)
-        return run
+        return self.table.add(RunState(info, now))
 
     def _make_room(self):
         """Free the oldest unhealed run, or else close the oldest open run early."""
-        if self.unhealed:
-            _, run = self.unhealed.popitem(last=False)
+        run = self.table.oldest_tracked()
+        if run.closed:  # reported incomplete before
             self._free(run)
             self.warnings.warning("untracked", f"[RUN] run {wire.run_label(run.info.run_id)}:"
                                   f" over {OPEN_RUNS_MAX} runs tracked, its task state is freed;"
                                   " tasks arriving later are processed unchecked")
             return
-        run = next(iter(self.open.values()))  # incomplete: a complete run is not open
+        # Open, so incomplete: a complete run is not open.
         self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
-        self.unhealed.pop(run.info.run_id)
         self._free(run)
-
-    def _drop(self, run, reason):
-        """Forget a run altogether (counted in left_out); report it first if it is open."""
-        if reason and not run.closed:
-            self.close(run, reason)
-        run_id = run.info.run_id
-        for table in (self.runs, self.open, self.unhealed, self.freed):
-            table.pop(run_id, None)
-        self.left_out += 1
-        self.left_out_latency.merge(run.latency)
-        self.left_out_latency_raw.merge(run.latency_raw)
 
     def _free(self, run):
         self._record_latencies(run)
-        run.free()
-        self.freed[run.info.run_id] = run
+        self.table.free(run)
 
     def _record_latencies(self, run):
         self.counters.clock_skew += run.record_latencies()
@@ -443,7 +503,7 @@ class RunLedger:
             return
         run.ends[worker] = sent
         if run.finished and not run.closed:
-            self.close(run, "complete" if run.complete else "sender finished")
+            self.close(run, "complete" if run.tasks.complete else "sender finished")
 
     def _late(self, run):
         self.warnings.warning("late", f"[RUN] run {wire.run_label(run.info.run_id)}: a message"
@@ -468,33 +528,29 @@ class RunLedger:
         early: a run closed to make room, reported rate-limited (a flood of runs)."""
         self._record_latencies(run)  # the [RUN] line shows them
         run.closed = True
-        run_id = run.info.run_id
-        self.open.pop(run_id, None)
-        if run.complete:
-            self.unhealed.pop(run_id, None)
+        self.table.reported(run)
+        if run.tasks.complete:
             self._free(run)
-        else:
-            self.unhealed[run_id] = run
         line = run_line(run, reason)
         if early:
             self.warnings.warning("early", line)
-        elif run.complete or run.info.endpoints > 1:
+        elif run.tasks.complete or run.info.endpoints > 1:
             self.log.info(line)
         else:
             self.log.warning(line)
         if self.reports is not None:  # again when a run reported incomplete completes
-            self.reports.report(run_id, run.to_json())
+            self.reports.report(run.info.run_id, run.to_json())
 
     def report_silent(self, timeout):
         """Report every open run whose sender has said nothing for `timeout` seconds."""
         now = time.monotonic()
-        for run in list(self.open.values()):
+        for run in list(self.table.open.values()):
             if now - run.last_seen >= timeout:
                 self.close(run, f"sender silent for {timeout:g} s")
 
     def report_open(self):
         """At shutdown: report every run not yet reported."""
-        for run in list(self.open.values()):
+        for run in list(self.table.open.values()):
             self.close(run, "still open at shutdown")
 
     def count_spilled(self, spilled):
@@ -502,42 +558,29 @@ class RunLedger:
         count), a run none of whose tasks was processed included."""
         now = time.monotonic()
         for info, count in spilled.items():
-            run = self.runs.get(info.run_id) or self._new_run(info, now)
+            run = self.table.runs.get(info.run_id) or self._new_run(info, now)
             run.spilled += count
-
-    def to_json(self):
-        """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""
-        return [run.to_json() for run in self.runs.values()]
-
-    def latency(self, raw=False):
-        """Every run's latency (raw: from the actual send time) merged in one histogram,
-        the runs left out included."""
-        merged = Histogram()
-        merged.merge(self.left_out_latency_raw if raw else self.left_out_latency)
-        for run in list(self.runs.values()):  # list: the processor may add a run meanwhile
-            merged.merge(run.latency_raw if raw else run.latency)
-        return merged
 
 
 def run_line(run, reason):
     """The one [RUN] line that reports a finished (or silent) sender run."""
-    info = run.info
+    info, tasks = run.info, run.tasks
     lat = run.latency.summary_ms()
     if info.endpoints == 1:
-        listed, missing = run.missing_ranges(MISSING_LISTED), run.missing
+        listed, missing = tasks.missing_ranges(MISSING_LISTED), tasks.missing
         shown = ", ".join(range_text(r) for r in listed)
         not_shown = missing - sum(range_size(r) for r in listed)
         more = f" ... +{not_shown}" if not_shown > 0 else ""
         missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
         if run.spilled:
             missing_text += f", {run.spilled} of them in the spill file"
-        received = f"received {run.received}/{run.planned}"
+        received = f"received {tasks.received}/{tasks.planned}"
     else:
         missing_text = f"share of {info.endpoints} receivers"
-        received = f"received {run.received} of {run.planned} planned"
+        received = f"received {tasks.received} of {tasks.planned} planned"
     resent = f" | resent {run.resent}" if info.confirm else ""
-    if run.untracked:
-        resent += f" | untracked {run.untracked}"
+    if tasks.untracked:
+        resent += f" | untracked {tasks.untracked}"
     if run.clock_skew:
         resent += f" | clock skew {run.clock_skew}"
     msg_s, mb_s = run.rates()

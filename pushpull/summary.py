@@ -58,7 +58,7 @@ class ReceiverStats:
     def row(self, queue, rate):
         """One --csv row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
         counters = self.counters
-        lat = self.ledger.latency().summary_ms()
+        lat = self.ledger.table.latency().summary_ms()
         self.series.row((round(time.monotonic() - self.started, 3),
                          counters.received + counters.recovered, counters.processed,
                          round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
@@ -88,10 +88,10 @@ def receiver_data(counters, ledger, queued, started, stop_kind, config):
         "duration_s": round(duration, 3),
         "processed_per_s": round(cli.rate(counters.processed, duration), 1),
         "stop": stop_kind.value,
-        "runs": ledger.to_json(),
-        "latency_ms": ledger.latency().summary_ms(),
-        "latency_raw_ms": ledger.latency(raw=True).summary_ms(),
-        "runs_left_out": ledger.left_out,
+        "runs": ledger.table.to_json(),
+        "latency_ms": ledger.table.latency().summary_ms(),
+        "latency_raw_ms": ledger.table.latency(raw=True).summary_ms(),
+        "runs_left_out": ledger.table.left_out,
     }
 
 

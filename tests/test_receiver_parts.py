@@ -159,13 +159,14 @@ def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log):
     ledger = runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60))
     batch = [wire.decode(frame, cache) for frame in frames]
     assert ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1)) == 9
-    (run,) = ledger.runs.values()
-    assert (counters.processed, counters.duplicates, run.received, run.duplicates) == (6, 1, 6, 1)
-    assert run.closed and run.missing_ranges(10) == [] and run.missing == 0
+    (run,) = ledger.table.runs.values()
+    assert (counters.processed, counters.duplicates, run.tasks.received, run.duplicates) == \
+        (6, 1, 6, 1)
+    assert run.closed and run.tasks.missing_ranges(10) == [] and run.tasks.missing == 0
     assert run.latency.count == 6
     reports = [line for line in log.lines.messages if line.startswith("[RUN]")]
     assert len(reports) == 1 and "received 6/6 | missing 0" in reports[0]
-    entry = ledger.to_json()[0]
+    entry = ledger.table.to_json()[0]
     assert entry["complete"] and entry["sent_reported"] == 6 and entry["duplicates"] == 1
 
 
@@ -184,13 +185,14 @@ def test_ledger_records_a_task_only_after_its_work(log):
     counters = Counters()
     ledger = runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60))
     assert ledger.process(batch, time.time_ns(), work, confirm.ConfirmPublisher(None, 1)) == 2
-    (run,) = ledger.runs.values()
-    assert worked == [0, 1] and run.received == counters.processed == 2
-    assert run.missing_ranges(10) == [(1, 1, 2, 4)] and run.missing == 3 and not run.closed
+    (run,) = ledger.table.runs.values()
+    assert worked == [0, 1] and run.tasks.received == counters.processed == 2
+    assert run.tasks.missing_ranges(10) == [(1, 1, 2, 4)] and run.tasks.missing == 3
+    assert not run.closed
     # The rest, processed later (after a restart: from the spill file), completes the run.
     assert ledger.process(batch[2:], None, lambda msg: True,
                           confirm.ConfirmPublisher(None, 1)) == 3
-    assert run.received == 5 and run.closed
+    assert run.tasks.received == 5 and run.closed
 
 
 def test_confirmations_published_as_ranges_per_run():
@@ -248,12 +250,12 @@ def test_missing_tasks_are_ranges_over_workers_and_tasks(log):
     encoders, cache = run_frames(5, 10), {}
     ledger, _ = ledger_for(log)
     feed(ledger, [encoders[2].data(t) for t in (0, 1, 4, 7)] + [encoders[4].data(9)], cache)
-    (run,) = ledger.runs.values()
-    assert run.missing == 45
-    assert [runs.range_text(r) for r in run.missing_ranges(10)] == [
+    (run,) = ledger.table.runs.values()
+    assert run.tasks.missing == 45
+    assert [runs.range_text(r) for r in run.tasks.missing_ranges(10)] == [
         "Pusher-1:0-9", "Pusher-2:2-3", "Pusher-2:5-6", "Pusher-2:8-9", "Pusher-3:0-9",
         "Pusher-4:0-8", "Pusher-5:0-9"]
-    assert len(run.missing_ranges(3)) == 3
+    assert len(run.tasks.missing_ranges(3)) == 3
 
 
 def test_open_runs_are_capped_the_oldest_closed_early(log, monkeypatch):
@@ -262,16 +264,16 @@ def test_open_runs_are_capped_the_oldest_closed_early(log, monkeypatch):
     monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 3)
     monkeypatch.setattr(runs, "RUNS_LISTED", 4)
     ledger, counters = ledger_for(log)
-    cache, encoders = {}, [run_frames(1, 2) for _ in range(6)]
+    table, cache, encoders = ledger.table, {}, [run_frames(1, 2) for _ in range(6)]
     for enc in encoders:
         feed(ledger, [enc[1].data(0)], cache)
-        assert len(ledger.open) + len(ledger.unhealed) <= 3 and len(ledger.runs) <= 4
-    assert len(ledger.open) == 3 and ledger.left_out == 2
+        assert len(table.open) + len(table.unhealed) <= 3 and len(table.runs) <= 4
+    assert len(table.open) == 3 and table.left_out == 2
     assert any("closed early: over 3 runs open" in line for line in log.lines.messages)
     third = encoders[2][1].run.run_id
-    assert not ledger.runs[third].tracked
+    assert not table.runs[third].tasks.tracked
     feed(ledger, [encoders[2][1].data(1)], cache)  # its last task, after it was freed
-    entry = ledger.runs[third].to_json()
+    entry = table.runs[third].to_json()
     assert entry["untracked"] == 1 and not entry["complete"] and entry["missing"] == 1
     assert entry["missing_tasks"] == ["Pusher-1:1"]  # as it was when freed
     assert counters.processed == 7
@@ -286,8 +288,9 @@ def test_a_run_reported_incomplete_is_freed_before_an_open_one(log, monkeypatch)
     ledger.report_silent(0)  # first: reported incomplete, task state kept
     feed(ledger, [second[1].data(0)], cache)
     feed(ledger, [third[1].data(0)], cache)
-    assert list(ledger.open) == [second[1].run.run_id, third[1].run.run_id]
-    assert not ledger.unhealed and not ledger.runs[first[1].run.run_id].tracked
+    assert list(ledger.table.open) == [second[1].run.run_id, third[1].run.run_id]
+    assert not ledger.table.unhealed
+    assert not ledger.table.runs[first[1].run.run_id].tasks.tracked
     assert not any("closed early" in line for line in log.lines.messages)
 
 
