@@ -333,7 +333,8 @@ class ReceiveThread(threads.ServiceThread):
 # ---------------------------------------------------------------------------
 class ProcessorThread(threads.ServiceThread):
     """Takes batches off the queue and works each message; its RunLedger accounts them
-    to their sender runs and tells --confirm senders what was processed."""
+    to their sender runs (its RunTable reports each run) and tells --confirm senders what
+    was processed."""
 
     def __init__(self, ctx, config, server_keys, batches, counters, stops, log):
         super().__init__("processor", log)
@@ -343,7 +344,9 @@ class ProcessorThread(threads.ServiceThread):
         self.batches = batches
         self.counters = counters
         self.stops = stops
-        self.runs = runs.RunLedger(counters, log, logs.RateLimitedLog(log, WARNING_INTERVAL))
+        warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
+        self.runs = runs.RunTable(counters, log, warnings)  # each run kept, and reported
+        self.ledger = runs.RunLedger(counters, self.runs, warnings)  # each message to its run
         self.server = f"Server:{config.port}"
         self.lines = None  # the current batch's [PROC] lines, when logged together
         self._next_silence_check = 0.0
@@ -381,7 +384,7 @@ class ProcessorThread(threads.ServiceThread):
         self.lines = None if self.config.quiet else logs.LineBlock()
         # None: no simulated work and no [PROC] line, so nothing to do per message.
         work = self.work if self.config.processing_time or self.lines is not None else None
-        done = self.runs.process(batch.items, batch.recv_ns, work, confirms)
+        done = self.ledger.process(batch.items, batch.recv_ns, work, confirms)
         if self.lines:
             self.log.info(self.lines)
         if done < len(batch.items):
@@ -569,14 +572,14 @@ def shut_down(dead, signals, receiver, processor, saved, log):
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------
-def report(counters, ledger, started, stop_kind, config, log, stats):
+def report(counters, run_table, started, stop_kind, config, log, stats):
     """Print the summary (and write it as JSON with --json, its last --csv row); returns the
     exit status."""
     lost = counters.backlog - counters.spilled
-    data = summary.receiver_data(counters, ledger, lost, started, stop_kind, config)
+    data = summary.receiver_data(counters, run_table, lost, started, stop_kind, config)
     text = summary.receiver_table(data)
     if not config.quiet and data["latency_ms"]["max"]:
-        text += "\n" + "\n".join(ledger.table.latency().text_lines("Latency, every run"))
+        text += "\n" + "\n".join(run_table.latency().text_lines("Latency, every run"))
     log.info("\n" + text)
     stats.row(lost, data["processed_per_s"])
     stats.close()

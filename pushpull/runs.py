@@ -293,16 +293,25 @@ def range_size(missing_range):
 
 
 class RunTable:
-    """The runs a receiver keeps, in the order first seen, within two bounds.
+    """The runs a receiver keeps, and each one's lifecycle in it, within two bounds.
 
-    At most OPEN_RUNS_MAX runs keep per-task state: the open ones (not reported yet) and
-    the "unhealed" ones (reported incomplete, so data that arrives later, after a network
-    cut heals, is still checked). At most RUNS_LISTED runs are kept for the JSON: past
-    that the oldest freed run (summary only) is dropped, counted in left_out, its latency
-    kept for the lifetime figures.
+    Writes counters.clock_skew.
+
+    A run is open until it completes, its sender finishes or falls silent, or the
+    receiver stops; then close() reports it in its [RUN] line. A complete run is then
+    freed (summary only). An incomplete one keeps its per-task state ("unhealed"), so
+    data that arrives later (after a network cut heals) is still checked, and a run that
+    completes after all gets a second [RUN] line, then is freed. At most OPEN_RUNS_MAX
+    runs keep per-task state: past that, the oldest unhealed run is freed, or else the
+    oldest open run is closed early (its [RUN] line says so). At most RUNS_LISTED runs
+    are kept for the JSON; past that the oldest freed run is dropped and counted in
+    left_out.
     """
 
-    def __init__(self):
+    def __init__(self, counters, log, warnings):
+        self.counters = counters
+        self.log = log
+        self.warnings = warnings  # a logs.RateLimitedLog
         self.runs = {}  # run id -> RunState: every run kept, in the order first seen
         self.open = collections.OrderedDict()  # run id -> RunState not reported yet
         self.unhealed = collections.OrderedDict()  # reported incomplete, per-task state kept
@@ -311,44 +320,99 @@ class RunTable:
         # The latency of the runs dropped, kept for the lifetime figures (latency()).
         self.left_out_latency = Histogram()
         self.left_out_latency_raw = Histogram()
+        # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
+        # while its socket is open (None: the report is only logged).
+        self.reports = None
 
-    @property
-    def full(self):
-        """As many runs keep per-task state as OPEN_RUNS_MAX allows: one must be freed."""
-        return len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX
-
-    def oldest_tracked(self):
-        """The run to free when full: the oldest unhealed run, or else the oldest open run."""
-        return next(iter((self.unhealed or self.open).values()))
-
-    def add(self, run):
-        """Keep a new run, open; past RUNS_LISTED the oldest freed runs are dropped."""
-        run_id = run.info.run_id
-        self.runs[run_id] = self.open[run_id] = run
+    def new_run(self, info, now):
+        """Start a run's state, within OPEN_RUNS_MAX and RUNS_LISTED."""
+        reused = self.runs.get(info.run_id)
+        if reused is not None:  # decode() forgot the run (RUNS_REMEMBERED) and saw it anew
+            self._drop(reused, "its run id came back with other run fields")
+        if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX:
+            self._make_room()
+        run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now)
         while len(self.runs) > RUNS_LISTED and self.freed:
-            self.drop(next(iter(self.freed.values())))
+            self._drop(next(iter(self.freed.values())), None)
         return run
 
-    def reported(self, run):
-        """A run just reported is no longer open: unhealed while it is incomplete."""
-        self.open.pop(run.info.run_id, None)
-        if not run.tasks.complete:
-            self.unhealed[run.info.run_id] = run
+    def _make_room(self):
+        """Free the oldest unhealed run, or else close the oldest open run early."""
+        if self.unhealed:
+            _, run = self.unhealed.popitem(last=False)
+            self._free(run)
+            self.warnings.warning("untracked", f"[RUN] run {wire.run_label(run.info.run_id)}:"
+                                  f" over {OPEN_RUNS_MAX} runs tracked, its task state is freed;"
+                                  " tasks arriving later are processed unchecked")
+            return
+        run = next(iter(self.open.values()))  # incomplete: a complete run is not open
+        self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
+        self.unhealed.pop(run.info.run_id)
+        self._free(run)
 
-    def free(self, run):
-        """Drop a reported run's per-task state, keep its summary."""
-        run.tasks.free()
-        self.unhealed.pop(run.info.run_id, None)
-        self.freed[run.info.run_id] = run
-
-    def drop(self, run):
-        """Forget a run altogether, counted in left_out."""
+    def _drop(self, run, reason):
+        """Forget a run altogether (counted in left_out); report it first if it is open."""
+        if reason and not run.closed:
+            self.close(run, reason)
         run_id = run.info.run_id
         for table in (self.runs, self.open, self.unhealed, self.freed):
             table.pop(run_id, None)
         self.left_out += 1
         self.left_out_latency.merge(run.latency)
         self.left_out_latency_raw.merge(run.latency_raw)
+
+    def _free(self, run):
+        self.record_latencies(run)
+        run.tasks.free()
+        self.freed[run.info.run_id] = run
+
+    def record_latencies(self, run):
+        """Move a run's send times into its latency histograms, counting the clock skew."""
+        self.counters.clock_skew += run.record_latencies()
+
+    def close(self, run, reason, early=False):
+        """Report a run in its [RUN] line (a warning when tasks are missing), then free it
+        if it is complete; an incomplete run keeps its per-task state (unhealed).
+
+        early: a run closed to make room, reported rate-limited (a flood of runs)."""
+        self.record_latencies(run)  # the [RUN] line shows them
+        run.closed = True
+        run_id = run.info.run_id
+        self.open.pop(run_id, None)
+        if run.tasks.complete:
+            self.unhealed.pop(run_id, None)
+            self._free(run)
+        else:
+            self.unhealed[run_id] = run
+        line = run_line(run, reason)
+        if early:
+            self.warnings.warning("early", line)
+        elif run.tasks.complete or run.info.endpoints > 1:
+            self.log.info(line)
+        else:
+            self.log.warning(line)
+        if self.reports is not None:  # again when a run reported incomplete completes
+            self.reports.report(run_id, run.to_json())
+
+    def report_silent(self, timeout):
+        """Report every open run whose sender has said nothing for `timeout` seconds."""
+        now = time.monotonic()
+        for run in list(self.open.values()):
+            if now - run.last_seen >= timeout:
+                self.close(run, f"sender silent for {timeout:g} s")
+
+    def report_open(self):
+        """At shutdown: report every run not yet reported."""
+        for run in list(self.open.values()):
+            self.close(run, "still open at shutdown")
+
+    def count_spilled(self, spilled):
+        """Charge the tasks saved to the spill file to their runs (`spilled`: RunInfo ->
+        count), a run none of whose tasks was processed included."""
+        now = time.monotonic()
+        for info, count in spilled.items():
+            run = self.runs.get(info.run_id) or self.new_run(info, now)
+            run.spilled += count
 
     def to_json(self):
         """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""
@@ -365,26 +429,16 @@ class RunTable:
 
 
 class RunLedger:
-    """Accounts each processed message to its sender run, and reports each run.
+    """Accounts each processed message to its sender run in `table` (a RunTable), which
+    reports the run once it is complete or its sender finished.
 
-    Writes counters.processed, .duplicates, .plain and .clock_skew.
-
-    A run's lifecycle: open until it completes, its sender finishes or falls silent, or
-    the receiver stops; then its [RUN] line. A complete run is then freed (summary only).
-    An incomplete one keeps its per-task state, and a run that completes after all gets a
-    second [RUN] line, then is freed. When the table is full (RunTable: OPEN_RUNS_MAX),
-    the oldest run reported incomplete is freed, or else the oldest open run is closed
-    early (its [RUN] line says so).
+    Writes counters.processed, .duplicates and .plain.
     """
 
-    def __init__(self, counters, log, warnings):
+    def __init__(self, counters, table, warnings):
         self.counters = counters
-        self.log = log
+        self.table = table
         self.warnings = warnings  # a logs.RateLimitedLog
-        self.table = RunTable()  # the runs kept, and their bounds
-        # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
-        # while its socket is open (None: the report is only logged).
-        self.reports = None
 
     def process(self, messages, received_ns, work, confirms):
         """Take a batch's messages in order: END frames and duplicates are only counted;
@@ -434,14 +488,14 @@ class RunLedger:
             if tasks.received >= tasks.planned:  # a freed complete run never gets here again
                 self._complete(run)
         if run is not None:
-            self._record_latencies(run)
+            self.table.record_latencies(run)
         return len(messages)
 
     def _next_run(self, run, info, now, received_ns):
         """A new stretch of messages: the last run's latencies recorded; the state of the
         new stretch's run (None: plain text, in no run)."""
         if run is not None:
-            self._record_latencies(run)
+            self.table.record_latencies(run)
         return None if info is None else self._run(info, now, received_ns)
 
     def _process_plain(self, msg, work):
@@ -455,46 +509,15 @@ class RunLedger:
     def _complete(self, run):
         """Every planned task is recorded: its [RUN] line (a second one if it was reported
         incomplete before)."""
-        self.close(run, "complete" if not run.closed else
-                   "complete after all (reported incomplete before)")
+        self.table.close(run, "complete" if not run.closed else
+                         "complete after all (reported incomplete before)")
 
     def _run(self, info, now, received_ns):
         run = self.table.runs.get(info.run_id)
         if run is None or (run.info is not info and run.info != info):
-            run = self._new_run(info, now)
+            run = self.table.new_run(info, now)
         run.unrecorded_received_ns = received_ns
         return run
-
-    def _new_run(self, info, now):
-        """Start a run's state, within the table's bounds."""
-        reused = self.table.runs.get(info.run_id)
-        if reused is not None:  # decode() forgot the run (RUNS_REMEMBERED) and saw it anew
-            if not reused.closed:
-                self.close(reused, "its run id came back with other run fields")
-            self.table.drop(reused)
-        if self.table.full:
-            self._make_room()
-        return self.table.add(RunState(info, now))
-
-    def _make_room(self):
-        """Free the oldest unhealed run, or else close the oldest open run early."""
-        run = self.table.oldest_tracked()
-        if run.closed:  # reported incomplete before
-            self._free(run)
-            self.warnings.warning("untracked", f"[RUN] run {wire.run_label(run.info.run_id)}:"
-                                  f" over {OPEN_RUNS_MAX} runs tracked, its task state is freed;"
-                                  " tasks arriving later are processed unchecked")
-            return
-        # Open, so incomplete: a complete run is not open.
-        self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
-        self._free(run)
-
-    def _free(self, run):
-        self._record_latencies(run)
-        self.table.free(run)
-
-    def _record_latencies(self, run):
-        self.counters.clock_skew += run.record_latencies()
 
     def _end(self, run, worker, sent):
         if worker in run.ends:  # counts once: a second END cannot change sent_reported
@@ -503,7 +526,7 @@ class RunLedger:
             return
         run.ends[worker] = sent
         if run.finished and not run.closed:
-            self.close(run, "complete" if run.tasks.complete else "sender finished")
+            self.table.close(run, "complete" if run.tasks.complete else "sender finished")
 
     def _late(self, run):
         self.warnings.warning("late", f"[RUN] run {wire.run_label(run.info.run_id)}: a message"
@@ -520,46 +543,6 @@ class RunLedger:
         self.warnings.warning("dup", f"[DUP] run {wire.run_label(run.info.run_id)}"
                                      f" {logs.shown(wire.client_name(msg))} task {task} arrived"
                                      " again; dropped")
-
-    def close(self, run, reason, early=False):
-        """Report a run in its [RUN] line (a warning when tasks are missing), then free it
-        if it is complete; an incomplete run keeps its per-task state (unhealed).
-
-        early: a run closed to make room, reported rate-limited (a flood of runs)."""
-        self._record_latencies(run)  # the [RUN] line shows them
-        run.closed = True
-        self.table.reported(run)
-        if run.tasks.complete:
-            self._free(run)
-        line = run_line(run, reason)
-        if early:
-            self.warnings.warning("early", line)
-        elif run.tasks.complete or run.info.endpoints > 1:
-            self.log.info(line)
-        else:
-            self.log.warning(line)
-        if self.reports is not None:  # again when a run reported incomplete completes
-            self.reports.report(run.info.run_id, run.to_json())
-
-    def report_silent(self, timeout):
-        """Report every open run whose sender has said nothing for `timeout` seconds."""
-        now = time.monotonic()
-        for run in list(self.table.open.values()):
-            if now - run.last_seen >= timeout:
-                self.close(run, f"sender silent for {timeout:g} s")
-
-    def report_open(self):
-        """At shutdown: report every run not yet reported."""
-        for run in list(self.table.open.values()):
-            self.close(run, "still open at shutdown")
-
-    def count_spilled(self, spilled):
-        """Charge the tasks saved to the spill file to their runs (`spilled`: RunInfo ->
-        count), a run none of whose tasks was processed included."""
-        now = time.monotonic()
-        for info, count in spilled.items():
-            run = self.table.runs.get(info.run_id) or self._new_run(info, now)
-            run.spilled += count
 
 
 def run_line(run, reason):

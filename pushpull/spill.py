@@ -339,10 +339,10 @@ def remove_processed(path, log):
         log.warning(f"[SPILL] could not remove {path}: {exc.strerror}")
 
 
-def save_at_stop(writer, leftovers, counters, ledger, log):
+def save_at_stop(writer, leftovers, counters, run_table, log):
     """Complete the spill file: what the warm-stop drain put there, then what a cold
     stop left unprocessed. Counted once, for the [RUN] lines, runs[] and the summary:
-    counters.spilled, and each run's share (ledger, a runs.RunLedger)."""
+    counters.spilled, and each run's share (run_table, a runs.RunTable)."""
     try:
         writer.write(leftovers)
         writer.commit()
@@ -351,6 +351,6 @@ def save_at_stop(writer, leftovers, counters, ledger, log):
                   " received but unprocessed messages LOST")
         return
     counters.spilled = writer.data
-    ledger.count_spilled(writer.runs)
+    run_table.count_spilled(writer.runs)
     log.warning(f"[SPILL] {writer.data} received but unprocessed messages saved to"
                 f" {writer.path}; the next start processes them first")

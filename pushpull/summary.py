@@ -33,9 +33,9 @@ class ReceiverStats:
     """The receiver's [STATS] line while there is work, and its --csv row in any case
     (RECEIVER_CSV_COLUMNS, counts cumulative since `started`), every --stats-interval."""
 
-    def __init__(self, counters, ledger, series, interval, log, started):
+    def __init__(self, counters, run_table, series, interval, log, started):
         self.counters = counters
-        self.ledger = ledger  # the processor's runs.RunLedger: the latency so far
+        self.run_table = run_table  # the processor's runs.RunTable: the latency so far
         self.series = series  # a cli.CsvSeries: a no-op without --csv
         self.interval = interval
         self.log = log
@@ -58,7 +58,7 @@ class ReceiverStats:
     def row(self, queue, rate):
         """One --csv row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
         counters = self.counters
-        lat = self.ledger.table.latency().summary_ms()
+        lat = self.run_table.latency().summary_ms()
         self.series.row((round(time.monotonic() - self.started, 3),
                          counters.received + counters.recovered, counters.processed,
                          round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
@@ -69,7 +69,7 @@ class ReceiverStats:
         self.series.close()
 
 
-def receiver_data(counters, ledger, queued, started, stop_kind, config):
+def receiver_data(counters, run_table, queued, started, stop_kind, config):
     """The receiver's final summary, as the JSON written by --json."""
     duration = time.monotonic() - started
     return {
@@ -88,10 +88,10 @@ def receiver_data(counters, ledger, queued, started, stop_kind, config):
         "duration_s": round(duration, 3),
         "processed_per_s": round(cli.rate(counters.processed, duration), 1),
         "stop": stop_kind.value,
-        "runs": ledger.table.to_json(),
-        "latency_ms": ledger.table.latency().summary_ms(),
-        "latency_raw_ms": ledger.table.latency(raw=True).summary_ms(),
-        "runs_left_out": ledger.table.left_out,
+        "runs": run_table.to_json(),
+        "latency_ms": run_table.latency().summary_ms(),
+        "latency_raw_ms": run_table.latency(raw=True).summary_ms(),
+        "runs_left_out": run_table.left_out,
     }
 
 

@@ -24,7 +24,7 @@ class Lines(logging.Handler):
 
 
 class Counters:
-    """The totals a RunLedger writes."""
+    """The totals a RunLedger and its RunTable write."""
 
     processed = duplicates = plain = clock_skew = 0
 
@@ -44,6 +44,12 @@ def run_frames(workers, per_worker, confirm_run=False):
     """The encoder of each worker of a new run: {worker: MessageEncoder}."""
     run = wire.RunInfo(random.getrandbits(63), workers, per_worker, 1, confirm_run)
     return {w: wire.MessageEncoder(run, w, 1, 2) for w in range(1, workers + 1)}
+
+
+def ledger_for(log):
+    """A RunLedger and its RunTable writing to fresh counters; returns (ledger, counters)."""
+    counters, warnings = Counters(), logs.RateLimitedLog(log, 60)
+    return runs.RunLedger(counters, runs.RunTable(counters, log, warnings), warnings), counters
 
 
 def test_spill_file_round_trip(tmp_path):
@@ -155,8 +161,7 @@ def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log):
     frames = [encoders[1].data(2), encoders[1].data(0), encoders[2].data(0),
               encoders[1].data(0), encoders[1].data(1), encoders[2].data(1),
               encoders[2].data(2), encoders[1].end(3), encoders[2].end(3)]
-    counters = Counters()
-    ledger = runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60))
+    ledger, counters = ledger_for(log)
     batch = [wire.decode(frame, cache) for frame in frames]
     assert ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1)) == 9
     (run,) = ledger.table.runs.values()
@@ -182,8 +187,7 @@ def test_ledger_records_a_task_only_after_its_work(log):
         worked.append(msg[wire.TASK])
         return True
 
-    counters = Counters()
-    ledger = runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60))
+    ledger, counters = ledger_for(log)
     assert ledger.process(batch, time.time_ns(), work, confirm.ConfirmPublisher(None, 1)) == 2
     (run,) = ledger.table.runs.values()
     assert worked == [0, 1] and run.tasks.received == counters.processed == 2
@@ -233,12 +237,6 @@ def test_batch_put_back_in_front_keeps_the_order():
     assert batches.take_all() == ["b", "c", "d"] and batches.qsize() == 0
 
 
-def ledger_for(log):
-    """A RunLedger writing to fresh counters; returns (ledger, counters)."""
-    counters = Counters()
-    return runs.RunLedger(counters, log, logs.RateLimitedLog(log, 60)), counters
-
-
 def feed(ledger, frames, cache):
     """Decode frames and let the ledger take them as one batch, without work."""
     batch = [wire.decode(frame, cache) for frame in frames]
@@ -285,7 +283,7 @@ def test_a_run_reported_incomplete_is_freed_before_an_open_one(log, monkeypatch)
     ledger, _ = ledger_for(log)
     cache, first, second, third = {}, run_frames(1, 2), run_frames(1, 2), run_frames(1, 2)
     feed(ledger, [first[1].data(0)], cache)
-    ledger.report_silent(0)  # first: reported incomplete, task state kept
+    ledger.table.report_silent(0)  # first: reported incomplete, task state kept
     feed(ledger, [second[1].data(0)], cache)
     feed(ledger, [third[1].data(0)], cache)
     assert list(ledger.table.open) == [second[1].run.run_id, third[1].run.run_id]
