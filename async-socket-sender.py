@@ -469,7 +469,7 @@ def send_run(config, signals, log):
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
-        channel.wait_for_reports(within, signals.first)
+        channel.wait_for_reports(within, signals.first, sum(w.tally.sent for w in workers))
         if not config.confirm:  # under --confirm, what is unconfirmed is known exactly
             links.await_late_verdicts(channel, health, config.heartbeat_interval,
                                       started + duration, signals.first, log)

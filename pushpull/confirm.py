@@ -310,9 +310,21 @@ class ConfirmChannel:
         with self.changed:
             return self.reports(), self.all_reported()
 
-    def wait_for_reports(self, within, stop):
-        """Wait (at most `within` s) until every channel brought a report."""
-        self._wait(lambda: all(s.reports for s in self.sources), within, stop)
+    def wait_for_reports(self, within, stop, sent=0):
+        """Wait (at most `within` s) until every channel brought a report, and together
+        they count at least `sent` messages received.
+
+        A receiver that reported the run incomplete (its sender fell silent past
+        --run-timeout, or data came late over a healed connection) reports it again
+        once it completes; that later report supersedes the first.
+        """
+        self._wait(lambda: all(s.reports for s in self.sources)
+                   and self._received() >= sent, within, stop)
+
+    def _received(self):
+        """Messages of the run received, by the reports so far (the lock held)."""
+        return sum(verdict.count(entry, "received") for s in self.sources
+                   for entry in s.reports.values())
 
     def _wait(self, done, within, stop):
         """Wait until done() is true, `within` seconds pass, or `stop` is set."""

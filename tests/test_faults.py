@@ -156,6 +156,24 @@ def test_receiver_back_within_retry_window_run_completes(procs):
     assert sender.lines(rf"\[EXIT\] the receivers report {got['received']} of the 200 sent")
 
 
+def test_a_run_reported_incomplete_then_complete_is_judged_on_the_later_report(procs):
+    """A sender quiet past the receiver's --run-timeout between its messages: the receiver
+    reports the run incomplete, then complete after all once its last messages are
+    worked. The sender waits for the later report and exits 0, not 1 on the first."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.3",
+                              "--run-timeout", "1")
+    # 2.5 s between a worker's messages: silent for about 1.9 s after each pair's work.
+    sender = procs.sender("--workers", "2", "--messages", "3", "--delay", "2.5", "--quiet",
+                          "--report-timeout", "30", endpoints=[receiver.endpoint])
+    assert sender.wait(60) == 0, sender.output()[-2000:]
+    result = sender.summary()
+    assert result["receiver_report"]["received"] == 6 and result["at_risk"] == 0, result
+    lines = receiver.lines(rf"\[RUN\] run {result['run_id']}")
+    # In order: reported incomplete while the sender was quiet, then complete after all
+    # (the sender's last messages were still being worked when it stopped sending).
+    assert "received 6/6" not in lines[0] and "complete after all" in lines[-1], lines
+
+
 def test_stopped_receiver_is_seen_down_and_loses_nothing(procs):
     """SIGSTOP: down through heartbeats; after SIGCONT every planned message arrives."""
     receiver = procs.receiver(*QUIET_RECEIVER)
