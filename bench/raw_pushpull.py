@@ -94,14 +94,18 @@ def lat_push(port, threads, count, delay, size):
             pause.wait(delay)
         sock.close(linger=5000)
 
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    return run_threads(ctx, [threading.Thread(target=worker) for _ in range(threads)])
+
+
+
+def run_threads(ctx, workers):
+    """Start the sending threads, wait for them all, then let the context flush; returns 0."""
     for thread in workers:
         thread.start()
     for thread in workers:
         thread.join()
     ctx.term()
     return 0
-
 
 def rate_push(port, threads, rate, count, size):
     """Like the pair's --rate: each thread's frame k is due at start + (n + k x threads) / rate,
@@ -123,13 +127,8 @@ def rate_push(port, threads, rate, count, size):
             sock.send(struct.pack("!q", start_ns + int(due * 1e9)) + padding)
         sock.close(linger=5000)
 
-    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    ctx.term()
-    return 0
+    return run_threads(ctx, [threading.Thread(target=worker, args=(n,))
+                             for n in range(threads)])
 
 
 def main(argv):
