@@ -60,7 +60,7 @@ class SendTurns:
     Python runs one thread at a time anyway, and pyzmq lets go of the GIL in every
     send: with fifty workers ready at once, each send woke another worker for
     nothing. Fifty workers sent at 150k msg/s into a fast sink, one at 550k;
-    taking turns brought fifty back to 400-500k (bench figure (2), README,
+    taking turns brought fifty back to 400-500k (bench figure (2), bench/README.md,
     Performance). A worker holds its turn for at most TURN_MESSAGES messages,
     and never while it waits for the receiver, its delay or its window.
     """

@@ -133,7 +133,7 @@ class MessageEncoder:
         return self._end_prefix + MESSAGE_TAIL.pack(sent, now, now, 0)
 
 
-# --format text: the seed's message, then this trailer (README, "The text format").
+# --format text: the seed's message, then this trailer (docs/load-testing.md, "The text format").
 TEXT_TRAILER = (" | pushpull run={run:016x} shape={workers}x{messages}x{endpoints}"
                 " intended={intended} sent={sent}")
 TEXT_WARMUP = " warmup"  # appended to the trailer of a message sent in the --warmup seconds

@@ -245,7 +245,7 @@ def test_garbage_input_is_counted_and_valid_messages_keep_flowing(procs):
 
 
 def test_multi_frame_message_led_by_a_wire_frame_is_read_as_documented(procs):
-    """README, Wire format: a whole wire frame first is a message of its own, and the
+    """docs/internals.md, Wire format: a whole wire frame first is a message of its own, and the
     parts after it are the next message (here one multi-frame, invalid; one plain)."""
     receiver = procs.receiver("--no-file-log", "--processing-time", "0")
     encoder = wire.MessageEncoder(wire.RunInfo(random.getrandbits(63), 1, 2, 1),
@@ -269,7 +269,7 @@ def test_oversized_message_drops_its_peer_and_others_go_on(procs):
     """A frame over --max-size (ZMQ_MAXMSGSIZE) makes ZeroMQ drop that peer; others go on.
 
     libzmq discards the frame before the application sees it, so the receiver
-    cannot count it (README, Delivery guarantees); our own sender refuses to send
+    cannot count it (docs/delivery.md); our own sender refuses to send
     such a frame and counts it as too_large.
     """
     receiver = procs.receiver(*QUIET_RECEIVER, "--max-size", "2000")

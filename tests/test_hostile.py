@@ -12,8 +12,8 @@ import zmq
 from pushpull import runs, wire
 
 WORKERS_MAX = 2 ** 32 - 1  # the widest value of a 4-byte header field
-RSS_BASE_MB = 60  # README, "Memory": the receiver's own size, before any message
-RSS_TEXT_COPIES = 4  # README, "Memory": each queued byte counted twice, text copies too
+RSS_BASE_MB = 60  # docs/hostile-input.md: the receiver's own size, before any message
+RSS_TEXT_COPIES = 4  # docs/hostile-input.md: each queued byte counted twice, text copies too
 
 
 def frame(run_id, workers=1, per_worker=10, worker=1, task=0, kind=wire.DATA, sent_ns=None,
@@ -149,7 +149,7 @@ def test_many_one_frame_runs_keep_memory_shutdown_and_json_bounded(procs):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS read from /proc")
 def test_queue_byte_bound_keeps_rss_within_the_readme_figure(procs):
     """2 workers x 300 kB messages into a slow receiver: its peak RSS stays within the
-    README's figure for the flags given (the message bound alone would allow 3 GB)."""
+    docs/hostile-input.md figure for the flags given (the message bound alone would allow 3 GB)."""
     size, per_worker, queue_bytes, hwm = 300_000, 400, 8 * 2 ** 20, 20
     receiver = procs.receiver("--processing-time", "0.001", "--quiet", "--no-file-log",
                               "--queue-bytes", str(queue_bytes), "--hwm", str(hwm))
