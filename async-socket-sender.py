@@ -8,6 +8,7 @@ command-line flag (--help lists them).
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, flow, latency, links, logs, push, schedule, security,
-                      summary, verdict, wire)
+from pushpull import (cli, confirm, flow, instances, latency, links, logs, processes, push,
+                      schedule, security, summary, verdict, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -58,6 +59,11 @@ RUN_DURATION = None  # seconds of schedule to send, instead of MESSAGES_PER_WORK
 WARMUP = 0.0  # seconds at the start whose messages are kept out of the latency figures
 MESSAGE_FORMAT = "binary"  # "binary" (the wire format) or "text" (any text consumer reads it)
 CSV_FILE = None  # path of a CSV file with one row per [STATS] interval, or None
+NUM_INSTANCES = 1  # sender instances (processes, hosts) sharing one run (docs/many-hosts.md)
+INSTANCE_INDEX = 0  # this instance, 0 to NUM_INSTANCES - 1
+RUN_NAME = None  # the shared run's ID (--run-id), required when NUM_INSTANCES > 1
+START_AT = None  # when the run's schedule starts (--start-at): None, at once
+NUM_PROCESSES = 1  # instances of one run started as child processes of this one
 
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
@@ -104,11 +110,17 @@ class Config:
     warmup: float
     format: str
     csv_path: "str | None"
+    plan: instances.Plan = instances.Plan()  # this process's place in a shared run
 
     @property
     def planned(self):
-        """Messages this run plans to send."""
+        """Messages this run plans to send (this instance's share of a shared run)."""
         return self.workers * self.messages
+
+    @property
+    def run_planned(self):
+        """Messages the whole run plans to send, over every instance."""
+        return self.plan.run_workers(self.workers) * self.messages
 
     @property
     def scheduled(self):
@@ -146,6 +158,7 @@ def build_parser():
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
                    help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
+    instances.add_flags(p, NUM_INSTANCES, INSTANCE_INDEX, RUN_NAME, START_AT, NUM_PROCESSES)
     return p
 
 
@@ -222,16 +235,20 @@ def parse_args(argv=None):
     if a.format == "text" and a.confirm:
         p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
     delay = 0.0 if a.rate else a.delay
+    plan = instances.plan_from_args(p, a)
+    run_workers = plan.run_workers(a.workers)  # --rate and --duration are the whole run's
     messages = a.messages
     if a.duration is not None:
-        messages = schedule.messages_for_duration(a.duration, a.workers, a.rate, delay)
+        messages = schedule.messages_for_duration(a.duration, run_workers, a.rate, delay)
         if messages < 1:
             p.error("--duration needs a schedule (--rate, or --delay > 0) that holds at least"
                     " one message per worker")
-    if a.workers * messages > cli.MAX_RUN_MESSAGES:
+    if run_workers * messages > cli.MAX_RUN_MESSAGES:
         counted = f"--messages {messages}" if a.duration is None else \
             f"the {messages} messages per worker of --duration"
-        p.error(f"--workers {a.workers} x {counted} is more than the"
+        workers = f"--workers {a.workers}" if run_workers == a.workers else \
+            f"{run_workers} workers in all"
+        p.error(f"{workers} x {counted} is more than the"
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     cli.check_output_path(p, "--json", a.json)
     cli.check_output_path(p, "--csv", a.csv)
@@ -243,7 +260,7 @@ def parse_args(argv=None):
             p.error(str(exc))
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config) if hasattr(a, f.name)}
     return Config(**{**flags, "messages": messages, "delay": delay, "json_path": a.json,
-                     "csv_path": a.csv, "curve_keys": None,
+                     "csv_path": a.csv, "curve_keys": None, "plan": plan,
                      "endpoints": tuple(getattr(a, "connect", SERVER_ENDPOINTS))})
 
 
@@ -292,7 +309,8 @@ class PushWorker(ServiceThread):
         self.counter = counter  # numbers the [MSG] lines of all workers
         self.confirmations = confirmations  # None unless --confirm
         self.tally = push.WorkerTally()
-        self.schedule = schedule.worker_schedule(clock, number, config.workers, config.rate,
+        self.clock = clock
+        self.schedule = schedule.worker_schedule(clock, number, run.workers, config.rate,
                                                  config.delay, config.warmup)
         # A flood has no schedule; with --warmup its messages are flagged until then.
         self.warmup_until = clock.monotonic + config.warmup
@@ -333,7 +351,7 @@ class PushWorker(ServiceThread):
         """The send path: plain, or holding each frame until confirmed (--confirm)."""
         if self.confirmations is None:
             return push.PushSender(sock, self.name, self.team, self.tally, self.links)
-        window = self.confirmations.windows[self.number - 1]
+        window = self.confirmations.window(self.number)
         return confirm.ConfirmingSender(sock, self.name, self.team, self.tally, self.links,
                                         self.confirmations, window)
 
@@ -345,6 +363,8 @@ class PushWorker(ServiceThread):
         slow = paced and self.schedule.interval >= 0.01
         lines = None if config.quiet else logs.BlockLog(self.log, 1 if slow else LOG_BLOCK)
         timed = paced or config.warmup > 0
+        if not paced:  # a flood with --start-at waits for it; a schedule waits in due_frame
+            instances.wait_for_start(self.clock, sender.pause)
         for task in range(config.messages):
             frame = self.due_frame(sender, encoder, task) if timed else encoder.data(task)
             if self.team.stop.is_set():
@@ -440,7 +460,9 @@ class HeartbeatMonitor(ServiceThread):
 # ---------------------------------------------------------------------------
 def send_run(config, signals, log):
     """Start the helpers and the workers, wait for them, stop them, flush, report."""
-    run = wire.RunInfo(random.getrandbits(63), config.workers, config.messages,
+    plan = config.plan
+    run_id = random.getrandbits(63) if plan.wire_id is None else plan.wire_id
+    run = wire.RunInfo(run_id, plan.run_workers(config.workers), config.messages,
                        len(config.endpoints), config.confirm, config.scheduled)
     try:
         series = cli.CsvSeries(config.csv_path, summary.SENDER_CSV_COLUMNS)
@@ -451,7 +473,8 @@ def send_run(config, signals, log):
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
                      flow.FlushDeadline(config.timeout))
-    confirmations = (confirm.Confirmations(config.workers, config.window)
+    confirmations = (confirm.Confirmations(config.workers, config.window,
+                                           plan.first_worker(config.workers))
                      if config.confirm else None)
     channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
                                      confirmations, config.timeout, config.retries)
@@ -500,13 +523,15 @@ def start_helpers(ctx, config, health, channel, stop, log):
 def start_workers(ctx, config, run, team, confirmations, channel):
     """Log the [START] line, and start the workers on one schedule clock."""
     counter = itertools.count(1)
-    clock = schedule.Clock.now()
+    clock = instances.start_clock(config.plan)
+    first = config.plan.first_worker(config.workers)  # workers are numbered run-wide
     workers = [PushWorker(n, ctx, config, run, team, counter, clock, confirmations)
-               for n in range(1, config.workers + 1)]
+               for n in range(first + 1, first + config.workers + 1)]
     shown_format = f", {config.format} format" if config.format != "binary" else ""
     team.log.info(f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
                   f" {config.messages} messages{shown_format}"
                   f"{schedule.describe(config.rate, config.delay, config.warmup)}"
+                  f"{instances.describe(config.plan, config.workers)}"
                   f" -> {', '.join(config.endpoints)}"
                   f" | confirmations and reports from {channel.describe()}")
     for worker in workers:
@@ -561,6 +586,8 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
             verdict.gate_line(record, summary.GATE_UNITS[record["name"]]))
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
     status, reason = summary.exit_reason(config, data, health, interrupted)
+    if status == SenderExit.OK and config.plan.shared:  # a loss anywhere fails every instance
+        status, reason = summary.shared_run_exit(data)
     failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
     if status == SenderExit.OK and not saved:
         status, reason = SenderExit.NOT_ALL_SENT, "the --json summary could not be written"
@@ -574,6 +601,10 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
 def main(argv=None):
     """Run the workers to the end of the run; returns the exit status."""
     config = parse_args(argv)
+    if config.plan.processes > 1:  # this process starts the instances and waits for them
+        return cli.run_script("async-socket-sender", config, functools.partial(
+            processes.run_instances, __file__, sys.argv[1:] if argv is None else argv),
+            SenderExit.NOT_ALL_SENT)
     # File descriptors the run needs: each socket's mailbox, one per connection, spare.
     sockets = config.workers + 2 * len(config.endpoints) + 2  # workers, probes, SUBs, logs
     needed = sockets * (1 + len(config.endpoints)) + OPEN_FILES_SPARE

@@ -198,17 +198,25 @@ class Confirmations:
     whole timeout more.
     """
 
-    def __init__(self, workers, size):
+    def __init__(self, workers, size, first=0):
         self.windows = [UnconfirmedWindow(size) for _ in range(workers)]
+        # Workers first + 1 ... first + workers are ours: another instance of a shared run
+        # (--instances) has the others, whose confirmations cost a comparison each.
+        self.first = first
         self.last = time.monotonic()  # when any confirmation last arrived
         self.stalls = 0
         self.failure = None  # the Outcome every worker gives up with: no channel confirms
         self._last_stall = 0.0
         self._lock = threading.Lock()
 
+    def window(self, worker):
+        """The unconfirmed window of one of our workers (its run-wide number)."""
+        return self.windows[worker - self.first - 1]
+
     def confirm(self, worker, first, count):
-        """Apply one confirmed range; a worker number outside the run is ignored."""
-        if 1 <= worker <= len(self.windows) and self.windows[worker - 1].confirm(first, count):
+        """Apply one confirmed range; a worker that is not ours is ignored."""
+        index = worker - self.first - 1
+        if 0 <= index < len(self.windows) and self.windows[index].confirm(first, count):
             self.last = time.monotonic()
 
     def check_stall(self, timeout):

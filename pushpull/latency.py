@@ -8,6 +8,7 @@ PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99_9", 0.999))
 TEXT_BARS = 10  # rows of the text histogram
 TEXT_WIDTH = 40  # characters of its longest bar
 NO_WINDOW = 2**64  # ns: add_batch() without a window keeps every value
+BUCKETS_MAX = 64 * 128  # buckets a histogram of 64-bit ns values can have (from_buckets bound)
 
 
 class Histogram:
@@ -80,6 +81,30 @@ class Histogram:
         twin.merge(self)
         return twin
 
+    def buckets(self):
+        """The samples as JSON, for an exact merge elsewhere (pushpull.merge):
+        {"sub_buckets", "max_ns", "counts": [[bucket, samples], ...]}."""
+        return {"sub_buckets": self.SUB_BUCKETS, "max_ns": self.max_ns,
+                "counts": [[b, n] for b, n in sorted(self.counts.copy().items())]}
+
+    @classmethod
+    def from_buckets(cls, data):
+        """The histogram that buckets() described; ValueError for anything else."""
+        if not isinstance(data, dict) or data.get("sub_buckets") != cls.SUB_BUCKETS:
+            raise ValueError("not a histogram's buckets")
+        pairs, top = data.get("counts"), data.get("max_ns")
+        if not isinstance(pairs, list) or len(pairs) > BUCKETS_MAX or not _count(top):
+            raise ValueError("bad histogram buckets")
+        histogram = cls()
+        for pair in pairs:
+            if (not isinstance(pair, list) or len(pair) != 2 or not _count(pair[0])
+                    or not _count(pair[1]) or pair[0] >= BUCKETS_MAX):
+                raise ValueError("bad histogram bucket")
+            histogram.counts[pair[0]] = histogram.counts.get(pair[0], 0) + pair[1]
+            histogram.count += pair[1]
+        histogram.max_ns = top
+        return histogram
+
     def percentile(self, fraction):
         """The value (ns) at or below which `fraction` of the samples lie, within 1 %."""
         if not self.count:
@@ -135,3 +160,8 @@ def lower_bound(bucket):
         return bucket
     shift = bucket // Histogram.SUB_BUCKETS - 1
     return (bucket - shift * Histogram.SUB_BUCKETS) << shift
+
+
+def _count(value):
+    """True for a non-negative int (never a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -415,8 +415,10 @@ class RunTable:
             run.spilled += count
 
     def to_json(self):
-        """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary."""
-        return [run.to_json() for run in self.runs.values()]
+        """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary, each with
+        its latency buckets (pushpull.merge); never in a report, which must stay small."""
+        return [{**run.to_json(), "latency_buckets": run.latency.buckets()}
+                for run in self.runs.values()]
 
     def latency(self, raw=False):
         """Every run's latency (raw: from the actual send time) merged in one histogram,

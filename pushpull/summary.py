@@ -9,7 +9,7 @@ dictionaries, so a reader of a script sees what is counted, not how it is printe
 import enum
 import time
 
-from pushpull import cli, latency, runs, verdict, wire
+from pushpull import cli, instances, latency, runs, verdict, wire
 from pushpull.health import LinkState
 from pushpull.push import Outcome
 
@@ -132,6 +132,9 @@ GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit
 SENDER_CSV_COLUMNS = ("time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting",
                       "receivers_up")
 SECRET_SETTINGS = ("curve_keys",)  # the sender's Config fields never written to the JSON
+# Written apart: a shared run's `run` (a run of one keeps its JSON as it was).
+UNLISTED_SETTINGS = (*SECRET_SETTINGS, "plan")
+RUN_MISSING_LISTED = 20  # ranges of a shared run's missing tasks its summary lists
 
 
 class SenderExit(enum.IntEnum):
@@ -235,7 +238,7 @@ def receiver_verdict(config, channel):
     reports, every_receiver = channel.collected()
     if not reports:
         return {"receivers": 0, "of": len(config.endpoints), "reason": channel.why_no_report()}
-    result = verdict.merge(reports, config.planned)
+    result = verdict.merge(reports, config.run_planned)
     result["of"] = len(config.endpoints)
     if not every_receiver:
         result["reason"] = f"not every receiver reported: {channel.why_no_report()}"
@@ -283,7 +286,12 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
     # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
     risk, exact = (verdict.risk(sent, at_risk(workers), receiver_report)
                    if confirmations is None else (0, False))
-    return {**cli.run_facts(config, SECRET_SETTINGS), **confirmation,
+    shared = shared_run(config, receiver_report) if config.plan.shared else {}
+    if shared and confirmations is None:  # the reports count the whole run, not our share
+        risk, exact = (0, True) if shared["run"]["missing"] == 0 else \
+            (min(at_risk(workers), sent), False)
+    lag = merged_lag(workers) if config.scheduled else None
+    return {**cli.run_facts(config, UNLISTED_SETTINGS), **confirmation, **shared,
         "run_id": wire.run_label(run.run_id),
         "planned": config.planned,
         "sent": sent,
@@ -300,16 +308,73 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
         "target_rate_msg_s": config.rate,
         "receiver_report": receiver_report,
         "gates": judge_gates(config, receiver_report),
-        "send_lag_ms": merged_lag(workers).summary_ms() if config.scheduled else None,
+        "send_lag_ms": lag.summary_ms() if lag else None,
+        "send_lag_buckets": lag.buckets() if lag else None,
         "at_risk": risk,
         "at_risk_exact": exact,
     }
+
+
+def shared_run(config, receiver_report):
+    """{"run": ...}: the whole run of which this process is one instance (--instances), as
+    the receivers' reports count it; received and missing are None without every report."""
+    plan = config.plan
+    every = receiver_report["receivers"] and "reason" not in receiver_report
+    received = receiver_report["received"] if every else None
+    listed = [text for entry in receiver_report.get("reports", ())
+              for text in entry.get("missing_tasks") or () if isinstance(text, str)]
+    first = plan.first_worker(config.workers)
+    return {"run": {
+        "name": plan.run_name,
+        "instances": plan.instances,
+        "instance": plan.instance,
+        "workers": plan.run_workers(config.workers),
+        "own_workers": [first + 1, first + config.workers],
+        "planned": config.run_planned,
+        "received": received,
+        "missing": None if received is None else max(0, config.run_planned - received),
+        "missing_tasks": listed[:RUN_MISSING_LISTED],
+        "start_at": instances.iso_time(plan.start_ns) if plan.start_ns is not None else None,
+        "reason": receiver_report.get("reason"),
+    }}
+
+
+def shared_run_rows(data):
+    """The summary rows of the whole shared run: this instance's share, the run's verdict."""
+    run = data["run"]
+    rows = [("shared run", f"{run['name']}: instance {run['instance']} of {run['instances']},"
+                           f" workers {run['own_workers'][0]}-{run['own_workers'][1]} of"
+                           f" {run['workers']}")]
+    if run["received"] is None:
+        rows.append(("run verdict", f"unknown: {run['reason']}"))
+        return rows
+    rows.append(("run received", f"{run['received']}/{run['planned']} (every instance),"
+                                 f" missing {run['missing']}"))
+    if run["missing_tasks"]:
+        rows.append(("run missing", ", ".join(run["missing_tasks"])))
+    return rows
+
+
+def shared_run_exit(data):
+    """A shared run's exit status and reason, once this instance did its own part: the
+    whole run's, since a loss anywhere fails every instance."""
+    run = data["run"]
+    if run["received"] is None:
+        return SenderExit.NOT_ALL_SENT, f"the whole run's verdict is unknown: {run['reason']}"
+    if run["missing"]:
+        tasks = f" ({', '.join(run['missing_tasks'])})" if run["missing_tasks"] else ""
+        return SenderExit.NOT_ALL_SENT, (f"the receivers report {run['received']} of the run's"
+                                         f" {run['planned']} planned messages received:"
+                                         f" {run['missing']} missing{tasks}")
+    return SenderExit.OK, None
 
 
 def sender_table(data):
     """The aligned table printed at exit."""
     rows = [("run", data["run_id"]), ("planned", data["planned"]), ("sent", data["sent"]),
             ("failed", data["failed"])]
+    if "run" in data:
+        rows[1:1] = shared_run_rows(data)
     rows += [(f"  {reason}", n) for reason, n in data["failed_by_reason"].items() if n]
     if "confirmed" in data:
         rows.append(("confirmed", f"{data['confirmed']}/{data['planned']} processed by a"

@@ -272,7 +272,8 @@ def known_run(run_cache, run):
     known = run_cache[key]
     if known != run:
         raise InvalidMessage(f"run {run_label(run.run_id)}: run fields differ from its first"
-                             " frame's")
+                             " frame's (sender instances that disagree about the run:"
+                             " --workers, --messages, --instances, flags or receivers?)")
     return known  # the same run under another key (a text-format run id spelled anew)
 
 
