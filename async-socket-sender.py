@@ -492,7 +492,11 @@ def send_run(config, signals, log):
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
-        channel.wait_for_reports(within, signals.first, sum(w.tally.sent for w in workers))
+        # A shared run's reports are awaited until they count the whole run (the other
+        # instances may finish later); a run of one's, until they count what it sent.
+        expected = config.run_planned if config.plan.shared else sum(w.tally.sent
+                                                                     for w in workers)
+        channel.wait_for_reports(within, signals.first, expected)
         if not config.confirm:  # under --confirm, what is unconfirmed is known exactly
             links.await_late_verdicts(channel, health, config.heartbeat_interval,
                                       started + duration, signals.first, log)

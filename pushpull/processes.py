@@ -78,6 +78,7 @@ def run_instances(script, argv, config, signals, log):
         try:
             for child in children:
                 child.start()
+                log.info(f"[PROCESSES] {child.name}: pid {child.pid}")
             wait_for_children(children, signals, log)
         finally:
             for child in children:
