@@ -251,3 +251,15 @@ def test_single_process_json_keeps_its_keys(procs):
     assert "run" not in data and "plan" not in data["config"]
     assert not sender.lines("shared run|instance")
     assert latency.Histogram.from_buckets(data["send_lag_buckets"]).count == 10
+
+
+def test_confirm_with_instances(procs):
+    """--confirm: each instance has its own workers confirmed and ignores the others'."""
+    receiver = procs.receiver(*RECEIVER_ARGS, "--run-timeout", "20")
+    _, senders = start_instances(procs, 2, [receiver.endpoint], "--workers", "2",
+                                 "--messages", "150", "--delay", "0", "--confirm")
+    for sender in senders:
+        assert sender.wait() == 0, sender.output()[-3000:]
+        data = sender.summary()
+        assert data["confirmed"] == data["sent"] == 300 and data["unconfirmed"] == 0
+        assert data["resent"] == 0 and data["run"]["received"] == 600
