@@ -32,8 +32,12 @@ PACED_SECONDS = 3.0  # seconds of schedule per paced step
 # Seconds kept out of the send lag: a child spawned late on a busy machine would
 # otherwise show its start-up, not the pace it keeps.
 PACED_WARMUP = 1.0
+STEP_ATTEMPTS = 2  # runs of a paced step before it counts as not kept (a shared machine)
 LADDER = (10_000, 20_000, 40_000, 60_000, 80_000, 120_000, 160_000)  # msg/s tried, in order
-RECEIVER_ARGS = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "30",
+# --run-timeout 2: a receiver whose share of a flood lacks a worker's END frame (PUSH
+# deals them by turn, and a full pipe is skipped) reports it 2 s after the last message;
+# the figures are the receivers' own arrival spans, without those 2 s.
+RECEIVER_ARGS = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "2",
                  "--bind", "127.0.0.1")
 
 
@@ -85,7 +89,8 @@ def flood(workdir, receivers, processes, messages, runs):
                           "--messages", messages, "--delay", "0")
         rate, received = run_rate(data)
         if received != WORKERS * messages:
-            raise BenchError(f"flood P={processes}: {received} of {WORKERS * messages}")
+            raise BenchError(f"flood P={processes}: {received} of {WORKERS * messages}"
+                             f" received ({data['receiver_report'].get('reason')})")
         rates.append(rate)
     return statistics.median(rates)
 
@@ -94,14 +99,17 @@ def paced_maximum(workdir, receivers, processes, ladder):
     """The highest rate of `ladder` the run keeps; and each step's figures."""
     kept, steps = 0, []
     for target in ladder:
-        data = run_sender(workdir, receivers, processes, f"paced-p{processes}-{target}",
-                          "--rate", target, "--duration", PACED_SECONDS,
-                          "--warmup", PACED_WARMUP)
-        rate, received = run_rate(data)
-        planned = data["planned"]
-        ok = received == planned and rate >= 0.95 * target and \
-            lag_p99(data) <= PACED_LAG_P99_MS
-        steps.append((target, round(rate), lag_p99(data), received, planned, ok))
+        for attempt in range(STEP_ATTEMPTS):
+            data = run_sender(workdir, receivers, processes,
+                              f"paced-p{processes}-{target}-{attempt}", "--rate", target,
+                              "--duration", PACED_SECONDS, "--warmup", PACED_WARMUP)
+            rate, received = run_rate(data)
+            planned = data["planned"]
+            ok = received == planned and rate >= 0.95 * target and \
+                lag_p99(data) <= PACED_LAG_P99_MS
+            steps.append((target, round(rate), lag_p99(data), received, planned, ok))
+            if ok:
+                break
         if not ok:
             break
         kept = target

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from pushpull import schedule
+from pushpull import cli, schedule
 
 MAX_INSTANCES = 10_000  # sender instances of one run (each has --workers workers)
 MAX_PROCESSES = 64  # --processes: child processes on one machine
@@ -62,11 +62,11 @@ class Plan:
 
 def add_flags(parser, instances, instance, run_id, start_at, processes):
     """The flags of a run shared by several processes; defaults from the script's constants."""
-    parser.add_argument("--instances", metavar="N", type=_count(1, MAX_INSTANCES),
+    parser.add_argument("--instances", metavar="N", type=cli.count(1, MAX_INSTANCES),
                         default=instances,
                         help="sender instances sharing one run, each with --workers workers"
                              " (NUM_INSTANCES)")
-    parser.add_argument("--instance", metavar="K", type=_count(0, MAX_INSTANCES - 1),
+    parser.add_argument("--instance", metavar="K", type=cli.count(0, MAX_INSTANCES - 1),
                         default=instance,
                         help="this instance's index, 0 to N-1: it runs workers K x W + 1 to"
                              " K x W + W (INSTANCE_INDEX)")
@@ -77,22 +77,10 @@ def add_flags(parser, instances, instance, run_id, start_at, processes):
     parser.add_argument("--start-at", metavar="TIME", default=start_at, type=start_time,
                         help="start the schedule at TIME: ISO 8601 (UTC without a zone), or"
                              " +SECONDS from now (START_AT)")
-    parser.add_argument("--processes", metavar="P", type=_count(1, MAX_PROCESSES),
+    parser.add_argument("--processes", metavar="P", type=cli.count(1, MAX_PROCESSES),
                         default=processes,
                         help="run P instances of one run as child processes of this one,"
                              " and print one combined summary (NUM_PROCESSES)")
-
-
-def _count(low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is not an integer from {low} to {high}")
-        return value
-    return parse
 
 
 def start_time(text):

@@ -76,7 +76,11 @@ def _histogram(data, path, key):
 def run_identity(data):
     """(run id label, run name or None, instances) a sender summary says it belongs to."""
     run = _run_of(data)
-    return data["run_id"], run.get("name"), run.get("instances", 1)
+    name, count = run.get("name"), run.get("instances", 1)
+    if not isinstance(name, (str, type(None))) or not _count(count):
+        raise MergeError(f"run {data['run_id'][:20]!r}: its run name or instance count is"
+                         " damaged")
+    return data["run_id"], name, count
 
 
 def _run_of(data):
@@ -96,14 +100,15 @@ def combine_senders(named):
         if run_identity(data) != identity:
             raise MergeError(f"{path}: run {run_identity(data)[:2]} is not the run of"
                              f" {first_path}, {identity[:2]}: summaries of different runs")
-        index = _run_of(data).get("instance", 0)
+        index = _need(_run_of(data).get("instance", 0), path, "instance")
         if index in instances_seen:
             raise MergeError(f"{path}: instance {index} is given twice (also"
                              f" {instances_seen[index]})")
         instances_seen[index] = path
         for key in totals:
             totals[key] += _need(data.get(key), path, key)
-        for reason, n in (data.get("failed_by_reason") or {}).items():
+        reasons = data.get("failed_by_reason")
+        for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
             failed_by_reason[reason] = failed_by_reason.get(reason, 0) + _need(n, path, reason)
         part = _histogram(data.get("send_lag_buckets"), path, "send_lag_buckets")
         if part is not None:
@@ -114,7 +119,7 @@ def combine_senders(named):
         "run_name": identity[1],
         "instances": identity[2],
         "instances_merged": sorted(instances_seen),
-        "planned": run.get("planned", totals["planned"]),
+        "planned": _need(run.get("planned", totals["planned"]), first_path, "run planned"),
         "sent": totals["sent"],
         "failed": totals["failed"],
         "failed_by_reason": failed_by_reason,
@@ -137,7 +142,7 @@ def combine_receivers(named, run_id):
         received += _need(entry.get("received"), path, "received")
         duplicates += _need(entry.get("duplicates"), path, "duplicates")
         clock_skew += _need(entry.get("clock_skew", 0), path, "clock_skew")
-        endpoints.add(entry.get("endpoints"))
+        endpoints.add(_need(entry.get("endpoints"), path, "endpoints"))
         missing_tasks += [t for t in entry.get("missing_tasks") or () if isinstance(t, str)]
         part = _histogram(entry.get("latency_buckets"), path, "latency_buckets")
         if part is None:

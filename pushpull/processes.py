@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from pushpull import cli, instances, merge, verdict
-from pushpull.summary import SenderExit
+from pushpull.summary import UNLISTED_SETTINGS, SenderExit
 
 # A spawned Python importing pyzmq starts in about 0.3 s on an idle machine; a child
 # that starts later still keeps the schedule (its late messages go at once, its send
@@ -133,7 +133,7 @@ def combined_data(config, run_name, summaries, statuses):
     report = max(reports, key=lambda r: (r.get("receivers", 0), "reason" not in r),
                  default={"receivers": 0, "reason": "no instance wrote a summary"})
     return {
-        **cli.run_facts(config, ("curve_keys", "plan")),
+        **cli.run_facts(config, UNLISTED_SETTINGS),
         "run_id": sums.get("run_id"),
         "run_name": run_name,
         "processes": config.plan.processes,

@@ -263,3 +263,27 @@ def test_confirm_with_instances(procs):
         data = sender.summary()
         assert data["confirmed"] == data["sent"] == 300 and data["unconfirmed"] == 0
         assert data["resent"] == 0 and data["run"]["received"] == 600
+
+
+SENDER_STUB = {"run_id": "0000abcd", "sent": 10, "planned": 10, "failed": 0,
+               "failed_by_reason": {}, "send_lag_buckets": None,
+               "run": {"name": "r", "instances": 2, "instance": 0, "planned": 20}}
+
+
+@pytest.mark.parametrize("damage", [
+    {"run": {"name": "r", "instances": "two", "instance": 0, "planned": 20}},
+    {"run": {"name": ["r"], "instances": 2, "instance": 0, "planned": 20}},
+    {"failed": -1},
+    {"send_lag_buckets": {"sub_buckets": 128, "max_ns": 5, "counts": [[10 ** 9, 1]]}},
+    {"send_lag_buckets": {"sub_buckets": 64, "max_ns": 5, "counts": []}},
+    {"run": {"name": "r", "instances": 2, "instance": [0], "planned": 20}},
+])
+def test_merge_refuses_damaged_summaries(tmp_path, damage):
+    """Values of the wrong type or out of bounds: a one-line error, exit 2, no traceback."""
+    from pushpull import merge
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(dict(SENDER_STUB, run=dict(SENDER_STUB["run"], instance=1))))
+    bad.write_text(json.dumps({**SENDER_STUB, **damage}))
+    with pytest.raises(merge.MergeError):
+        merge.merge([good, bad])
+    assert merge.main([str(good), str(bad)]) == 2
