@@ -287,3 +287,18 @@ def test_merge_refuses_damaged_summaries(tmp_path, damage):
     with pytest.raises(merge.MergeError):
         merge.merge([good, bad])
     assert merge.main([str(good), str(bad)]) == 2
+
+
+def test_instances_that_disagree_are_named_by_the_receiver(procs):
+    """Two instances of one run with different --messages: the receiver drops the second
+    one's frames with an [INVALID] line naming the case; neither instance exits 0."""
+    receiver = procs.receiver("--processing-time", "0", "--no-file-log", "--run-timeout", "2")
+    run_id = str(uuid.uuid4())
+    senders = [procs.sender(*INSTANCE_ARGS, "--workers", "1", "--messages", str(messages),
+                            "--delay", "0.01", "--instances", "2", "--instance", str(k),
+                            "--run-id", run_id, "--report-timeout", "8",
+                            endpoints=[receiver.endpoint], name=f"instance{k}")
+               for k, messages in enumerate((20, 30))]
+    receiver.wait_for_output(r"\[INVALID\] message dropped: run \w+: run fields differ from"
+                             r" its first frame's \(sender instances that disagree", 30)
+    assert [s.wait() for s in senders] == [1, 1]
