@@ -96,15 +96,16 @@ def start_time(text):
         return int((now + offset) * 1e9)
     try:
         when = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp()
+    except (ValueError, OverflowError):  # OverflowError: a zone moves it out of range
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time"
                                          " (2026-12-07T03:00:00Z) or +SECONDS") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    if abs(when.timestamp() - now) > START_AT_RANGE:
+    if abs(seconds - now) > START_AT_RANGE:
         raise argparse.ArgumentTypeError(f"{text} is more than {START_AT_RANGE:g} s from now"
                                          " (is this host's clock right?)")
-    return int(when.timestamp() * 1e9)
+    return int(seconds * 1e9)
 
 
 def iso_time(epoch_ns):

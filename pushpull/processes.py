@@ -7,6 +7,7 @@ Each writes its --json summary to a temporary file; this process sums them
 (pushpull.merge) and prints the combined summary. Ctrl+C here stops them all.
 """
 
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -26,6 +27,7 @@ from pushpull.summary import UNLISTED_SETTINGS, SenderExit
 # lag shows it).
 PROCESS_START_LEAD = 2.0  # seconds from the start of --processes to its instances' start
 CHILD_POLL = 0.1  # seconds between checks of the children (and of Ctrl+C)
+CHILD_STOP_TIMEOUT = 10.0  # seconds a child told to end (SIGTERM) has before it is killed
 RUN_NAME_BYTES = 16  # random bytes of the --run-id made for the children (32 hex digits)
 
 
@@ -84,7 +86,10 @@ def run_instances(script, argv, config, signals, log):
             for child in children:
                 if child.is_alive():  # only after an unexpected error here
                     child.terminate()
-                child.join()
+                    child.join(CHILD_STOP_TIMEOUT)
+                if child.is_alive():
+                    child.kill()
+                child.join(CHILD_STOP_TIMEOUT)
         summaries = [read_summary(path) for path in paths]
     statuses = [child.exitcode for child in children]
     data = combined_data(config, run_name, summaries, statuses)
@@ -110,7 +115,8 @@ def wait_for_children(children, signals, log):
                             " make them exit at once)")
             for child in children:
                 if child.is_alive() and hasattr(os, "setsid"):  # else the console told them
-                    os.kill(child.pid, signal.SIGINT)
+                    with contextlib.suppress(ProcessLookupError):  # it has just exited
+                        os.kill(child.pid, signal.SIGINT)
         multiprocessing.connection.wait([c.sentinel for c in children if c.is_alive()],
                                         CHILD_POLL)
 
