@@ -296,7 +296,7 @@ def test_instances_that_disagree_are_named_by_the_receiver(procs):
     run_id = str(uuid.uuid4())
     senders = [procs.sender(*INSTANCE_ARGS, "--workers", "1", "--messages", str(messages),
                             "--delay", "0.01", "--instances", "2", "--instance", str(k),
-                            "--run-id", run_id, "--report-timeout", "8",
+                            "--run-id", run_id, "--report-timeout", "4",
                             endpoints=[receiver.endpoint], name=f"instance{k}")
                for k, messages in enumerate((20, 30))]
     receiver.wait_for_output(r"\[INVALID\] message dropped: run \w+: run fields differ from"
