@@ -487,6 +487,7 @@ def send_run(config, signals, log):
     try:
         helpers = start_helpers(ctx, config, health, channel, stop, log)
         workers = start_workers(ctx, config, run, team, confirmations, channel)
+        started = max(started, workers[0].clock.monotonic)  # not the wait for --start-at
         with series:
             wait_for_workers(config, workers, health, signals, stop, log, series)
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it

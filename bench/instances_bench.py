@@ -7,8 +7,8 @@
 Against two receivers on this machine, the sender with --processes 1 and 2 (the same
 workers in all): the flood's rate end to end, and the paced maximum, the highest
 --rate of a ladder that the run keeps (every message received, at least 95 % of the
-rate achieved, send lag p99 at most PACED_LAG_P99_MS past a PACED_WARMUP). Prints a markdown table with
-the machine; the figures go into bench/README.md by hand.
+rate achieved, send lag p99 at most PACED_LAG_P99_MS past a PACED_WARMUP). Prints a
+markdown table with the machine; the figures go into bench/README.md by hand.
 """
 
 import argparse

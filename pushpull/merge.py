@@ -204,7 +204,8 @@ def table(result):
             ("failed", result["failed"])]
     if result["send_lag_ms"]:
         lag = result["send_lag_ms"]
-        rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms (exact merge)"))
+        rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms"
+                                 " (exact merge)"))
     receiver = result["receiver"]
     if receiver:
         rows.append(("receivers", f"{receiver['receivers']} of {receiver['of']}"))

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, load_script, wait_until
 from netns import network  # noqa: F401  (the fixture)
+from pushpull import instances
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 yaml = pytest.importorskip("yaml")
@@ -124,7 +125,6 @@ def test_instances_on_separate_hosts_share_one_run(network):  # noqa: F811
     receiver = net.receiver("--processing-time", "0", "--no-file-log", "--quiet",
                             host=net.receiver_hosts[0])
     start_at = time.time_ns() + 3_000_000_000
-    from pushpull import instances
     docs = rendered(receivers=1, instances=2, start_at=instances.iso_time(start_at),
                     extra=("--workers", "2", "--messages", "100", "--rate", "400",
                            "--report-timeout", "20"))
