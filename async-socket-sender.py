@@ -8,6 +8,7 @@ command-line flag (--help lists them).
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, flow, latency, links, logs, push, schedule, security,
-                      summary, verdict, wire)
+from pushpull import (cli, confirm, findmax, flow, latency, links, logs, push, schedule,
+                      security, summary, verdict, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -58,6 +59,10 @@ RUN_DURATION = None  # seconds of schedule to send, instead of MESSAGES_PER_WORK
 WARMUP = 0.0  # seconds at the start whose messages are kept out of the latency figures
 MESSAGE_FORMAT = "binary"  # "binary" (the wire format) or "text" (any text consumer reads it)
 CSV_FILE = None  # path of a CSV file with one row per [STATS] interval, or None
+FIND_MAX = False  # True: search the highest rate within the gates (docs/find-max.md)
+FIND_MAX_START_RATE = 1000.0  # messages per second of the search's first step without --rate
+STEP_DURATION = 10.0  # seconds each search step sends, after WARMUP
+FIND_MAX_PRECISION = 5.0  # percent between the rates that held and failed where a search stops
 
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
@@ -104,6 +109,9 @@ class Config:
     warmup: float
     format: str
     csv_path: "str | None"
+    find_max: bool = False
+    step_duration: float = STEP_DURATION
+    precision: float = FIND_MAX_PRECISION
 
     @property
     def planned(self):
@@ -142,6 +150,7 @@ def build_parser():
     p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
     add_delivery_flags(p)
+    findmax.add_flags(p, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
@@ -221,6 +230,7 @@ def parse_args(argv=None):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
     if a.format == "text" and a.confirm:
         p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
+    findmax.check_flags(p, a, FIND_MAX_START_RATE)
     delay = 0.0 if a.rate else a.delay
     messages = a.messages
     if a.duration is not None:
@@ -438,8 +448,9 @@ class HeartbeatMonitor(ServiceThread):
 # ---------------------------------------------------------------------------
 # The run and its stop sequence
 # ---------------------------------------------------------------------------
-def send_run(config, signals, log):
-    """Start the helpers and the workers, wait for them, stop them, flush, report."""
+def send_run(config, signals, log, judge=None):
+    """Start the helpers and the workers, wait for them, stop them, flush, report (or, for
+    a --find-max step, return what `judge` makes of the run)."""
     run = wire.RunInfo(random.getrandbits(63), config.workers, config.messages,
                        len(config.endpoints), config.confirm, config.scheduled)
     try:
@@ -481,6 +492,8 @@ def send_run(config, signals, log):
         stop.set()  # after an unexpected error: threads let go of their sockets
         team.flush.start()
         flush_result = flush(ctx, config, team.flush, workers)
+    if judge is not None:
+        return judge(run, workers, channel, started + duration, signals.first.is_set())
     return report(config, run, workers, health, confirmations, flush_result,
                   summary.receiver_verdict(config, channel), duration,
                   signals.first.is_set(), log)
@@ -590,7 +603,8 @@ def main(argv=None):
         print(f"async-socket-sender: {exc}", file=sys.stderr)
         return SenderExit.NOT_ALL_SENT
     config = dataclasses.replace(config, curve_keys=keys)
-    return cli.run_script("async-socket-sender", config, send_run, SenderExit.NOT_ALL_SENT,
+    body = functools.partial(findmax.search, send_run) if config.find_max else send_run
+    return cli.run_script("async-socket-sender", config, body, SenderExit.NOT_ALL_SENT,
                           exit_on_second=True)
 
 
