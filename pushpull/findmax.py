@@ -21,6 +21,7 @@ from pushpull.summary import SenderExit
 
 FIND_MAX_STEPS = 40  # steps a search runs at most: doublings from the lowest rate, then bisection
 SCHEDULE_TOLERANCE = 0.01  # fraction of the target rate the sender may fall short of
+MIN_STEP_WARMUP = 0.2  # seconds of warmup a step has at least: its sockets connect in them
 DRAIN_FLOOR = 0.1  # seconds of drain always allowed without --max-p99: a report's own delay
 MIN_PRECISION, MAX_PRECISION = 0.1, 100.0  # percent: --precision's range
 MAX_STEP_DURATION = 3600.0  # seconds: the longest --step-duration
@@ -201,23 +202,26 @@ def check_flags(parser, args, start_rate):
 # One step
 # ---------------------------------------------------------------------------
 def step_config(config, rate):
-    """The Config of one step at `rate`: --warmup + --step-duration of schedule, no
-    per-message lines, no per-run files, and time for the receivers to drain a backlog
-    as long as the step before their report is given up on."""
-    span = config.warmup + config.step_duration
+    """The Config of one step at `rate`: --warmup (at least MIN_STEP_WARMUP: the first
+    messages wait for the workers' connections, a delay that is not the rate's) then
+    --step-duration of schedule; no per-message lines, no per-run files, and time for the
+    receivers to drain a backlog as long as the step before their report is given up on."""
+    warmup = max(config.warmup, MIN_STEP_WARMUP)
+    span = warmup + config.step_duration
     messages = max(1, schedule.messages_for_duration(span, config.workers, rate, 0.0))
     return dataclasses.replace(config, rate=rate, delay=0.0, messages=messages, duration=span,
+                               warmup=warmup,
                                quiet=True, json_path=None, csv_path=None,
                                report_timeout=config.report_timeout + span)
 
 
 def allowance_s(config, span):
     """Seconds the receivers may take after a step's last message to report it: the p99
-    gate (the last message's latency, processed); without one SCHEDULE_TOLERANCE of the
-    step (they processed at most that fraction slower than the rate), at least DRAIN_FLOOR."""
-    if config.max_p99 is not None:
-        return config.max_p99 / 1000
-    return max(SCHEDULE_TOLERANCE * span, DRAIN_FLOOR)
+    gate (the last message's latency, processed), or SCHEDULE_TOLERANCE of the step (they
+    processed at most that fraction slower than the rate), whichever is longer; at least
+    DRAIN_FLOOR (the report's own way back, on a busy machine)."""
+    gate = config.max_p99 / 1000 if config.max_p99 is not None else 0.0
+    return max(gate, SCHEDULE_TOLERANCE * span, DRAIN_FLOOR)
 
 
 def judge(config, number):

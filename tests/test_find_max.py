@@ -1,0 +1,195 @@
+"""--find-max (issue 25): the capacity search, with the real scripts against receivers of a
+known capacity (--processing-time)."""
+
+import csv
+import json
+import re
+import signal
+
+import pytest
+
+from conftest import wait_until
+from helpers import run_cli
+
+ANSWER = re.compile(r"max sustainable rate: ([0-9.]+) msg/s \((.*)\)")
+STEP = r"\[STEP\] \d+:"
+SEARCH = ("--workers", "2", "--step-duration", "2", "--quiet")
+
+
+def steps_of(sender):
+    """The find_max object of the sender's --json summary."""
+    return sender.summary()["find_max"]
+
+
+def answer(sender):
+    """(rate, figures text) of the 'max sustainable rate' line."""
+    line = sender.lines(ANSWER.pattern)
+    assert line, sender.output()[-3000:]
+    match = ANSWER.search(line[-1])
+    return float(match[1]), match[2]
+
+
+def flood_capacity(procs, receiver, messages=6000):
+    """The receiver's processing rate (msg/s), measured by a flood it queues: its --csv
+    rows (every 0.25 s) while this flood's messages wait in its queue."""
+    with open(receiver.csv_path, newline="", encoding="utf-8") as src:
+        before = len(list(csv.DictReader(src)))
+    sender = procs.sender("--workers", "2", "--messages", str(messages // 2), "--delay", "0",
+                          "--quiet", "--report-timeout", "30", endpoints=[receiver.endpoint])
+    assert sender.wait(60) == 0, sender.output()[-2000:]
+    with open(receiver.csv_path, newline="", encoding="utf-8") as src:
+        rows = [r for r in list(csv.DictReader(src))[before:] if int(r["queue"]) > 0]
+    assert len(rows) >= 4, rows
+    first, last = rows[0], rows[-1]
+    return ((int(last["processed"]) - int(first["processed"]))
+            / (float(last["time_s"]) - float(first["time_s"])))
+
+
+def known_receiver(procs, processing_time="0.0005"):
+    """A receiver whose capacity is set by --processing-time, writing --csv every 0.25 s."""
+    csv_path = procs.workdir / "receiver.csv"
+    receiver = procs.receiver("--processing-time", processing_time, "--quiet", "--no-file-log",
+                              "--csv", str(csv_path), "--stats-interval", "0.25")
+    receiver.csv_path = csv_path
+    return receiver
+
+
+def test_find_max_lands_on_the_measured_capacity(procs):
+    """Against a receiver of ~1/0.0005 s capacity, measured by a flood before and after,
+    --find-max --max-p99 100 answers within 10 % of it, and every step's figures are the
+    receiver's own. A sleeping receiver's capacity moves with the machine's load (by 15 %
+    on a busy 2-core machine): the answer must land within 10 % of one of the two
+    measurements, or between them."""
+    receiver = known_receiver(procs)
+    before = flood_capacity(procs, receiver)
+    sender = procs.sender("--find-max", "--max-p99", "100", "--warmup", "0.3", "--workers",
+                          "2", "--step-duration", "3", "--quiet", endpoints=[receiver.endpoint])
+    status = sender.wait(60)
+    after = flood_capacity(procs, receiver)
+    found, figures = answer(sender)
+    assert status == 0, sender.output()[-3000:]
+    low, high = min(before, after), max(before, after)
+    assert 0.9 * low <= found <= 1.1 * high, (found, before, after, sender.output()[-3000:])
+    assert re.fullmatch(r"p99 [0-9.]+ ms <= 100", figures), figures
+    result = steps_of(sender)
+    assert result["outcome"] == "found" and result["max_rate_msg_s"] == found
+    assert result["limit"] == "receiver"
+    assert receiver.stop() == 0
+    runs = {run["run_id"]: run for run in receiver.summary()["runs"]}
+    for step in result["steps"]:  # the step's figures are the receiver's report of that run
+        own = runs[step["run_id"]]
+        assert step["receiver_report"]["received"] == own["received"] == step["planned"]
+        assert step["receiver_report"]["latency_ms"] == {
+            key: own["latency_ms"][key] for key in ("p50", "p90", "p99", "p99_9", "max")}
+    assert len(sender.lines(STEP)) == len(result["steps"])
+
+
+def test_a_second_search_gives_the_same_answer(procs):
+    """Two searches against the same receiver agree within twice --precision."""
+    receiver = known_receiver(procs)
+    answers = []
+    for name in ("first", "second"):
+        sender = procs.sender("--find-max", "--max-p99", "100", "--precision", "10",
+                              "--rate", "500", "--warmup", "0.3", *SEARCH, name=name,
+                              endpoints=[receiver.endpoint])
+        assert sender.wait(60) == 0, sender.output()[-3000:]
+        answers.append(answer(sender)[0])
+    assert abs(answers[0] - answers[1]) <= 0.20 * min(answers), answers
+
+
+def test_p99_gate_alone_fails_the_step_the_receiver_cannot_take(procs):
+    """A slow receiver with small buffers: backpressure shows as latency, the gate on p99
+    fails the step above its capacity, and the answer says p99 only."""
+    receiver = procs.receiver("--processing-time", "0.002", "--queue-size", "10", "--hwm",
+                              "10", "--quiet", "--no-file-log")
+    sender = procs.sender("--find-max", "--max-p99", "200", "--rate", "100", "--precision",
+                          "25", "--hwm", "10", *SEARCH, endpoints=[receiver.endpoint])
+    assert sender.wait(60) == 0, sender.output()[-3000:]
+    found, figures = answer(sender)
+    assert 200 <= found <= 500, sender.output()[-3000:]
+    assert "loss" not in figures
+    failed = [s for s in steps_of(sender)["steps"] if not s["held"]]
+    assert failed and all(s["limit"] == "receiver" for s in failed), failed
+    assert any(f["check"] == "max-p99" for s in failed for f in s["failed"]), failed
+
+
+def test_loss_gate_alone_with_a_small_receiver_queue(procs, tmp_path):
+    """--max-loss only: PUSH backpressure loses nothing, so every step's loss is 0; the steps
+    above the receiver's capacity fail because it could not process them at the rate; the
+    steps go to the CSV file named after --csv."""
+    receiver = procs.receiver("--processing-time", "0.002", "--queue-size", "10", "--quiet",
+                              "--no-file-log")
+    csv_path = tmp_path / "search.csv"
+    sender = procs.sender("--find-max", "--max-loss", "0", "--rate", "100", "--precision",
+                          "25", "--csv", str(csv_path), *SEARCH, endpoints=[receiver.endpoint])
+    assert sender.wait(60) == 0, sender.output()[-3000:]
+    found, figures = answer(sender)
+    assert 200 <= found <= 500 and figures == "loss 0 <= 0", (found, figures)
+    steps = steps_of(sender)["steps"]
+    assert all(s["loss_percent"] == 0 for s in steps), steps
+    failed = [s for s in steps if not s["held"]]
+    assert failed and all(s["limit"] == "receiver" for s in failed), failed
+    with open(tmp_path / "search.steps.csv", newline="", encoding="utf-8") as src:
+        rows = list(csv.DictReader(src))
+    assert [int(r["step"]) for r in rows] == [s["step"] for s in steps]
+    assert [r["held"] for r in rows] == [str(s["held"]) for s in steps]
+
+
+def test_first_step_failing_exits_1_below_the_start_rate(procs):
+    """A receiver of ~500 msg/s and a search from 1000: the first step fails, exit 1, said."""
+    receiver = procs.receiver("--processing-time", "0.002", "--quiet", "--no-file-log")
+    sender = procs.sender("--find-max", "--max-p99", "50", "--workers", "2",
+                          "--step-duration", "1", "--quiet", endpoints=[receiver.endpoint])
+    assert sender.wait(60) == 1, sender.output()[-3000:]
+    assert sender.lines(r"max sustainable rate: below the start rate of 1000 msg/s"), \
+        sender.output()[-3000:]
+    result = steps_of(sender)
+    assert result["outcome"] == "below_start" and result["max_rate_msg_s"] is None
+    assert len(result["steps"]) == 1
+
+
+def test_ctrl_c_mid_search_exits_130_with_the_steps_so_far(procs):
+    """Ctrl+C during a step: exit 130, the table of the steps so far, the best rate so far."""
+    receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
+    sender = procs.sender("--find-max", "--max-p99", "1000", "--rate", "200", "--workers",
+                          "2", "--step-duration", "1", "--quiet", endpoints=[receiver.endpoint])
+    sender.wait_for_output(STEP, timeout=30, count=2)
+    sender.signal(signal.SIGINT)
+    assert sender.wait(30) == 130, sender.output()[-3000:]
+    result = steps_of(sender)
+    assert result["outcome"] == "interrupted" and len(result["steps"]) >= 2
+    held = [s["target_msg_s"] for s in result["steps"] if s["held"]]
+    best = max(held) if held else None
+    assert result["max_rate_msg_s"] == best
+    shown = f"{best:g} msg/s" if held else "none"
+    assert sender.lines(rf"best rate so far {shown}"), sender.output()[-3000:]
+    assert sender.lines(r"==== Capacity search")
+
+
+def test_receiver_killed_mid_search_fails_the_step_with_the_reason(procs):
+    """The receiver dies after the first step: the next step fails for want of a report,
+    with the reason, and the search ends with exit 1 and the best rate so far."""
+    receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
+    sender = procs.sender("--find-max", "--max-p99", "1000", "--rate", "200", "--workers", "2",
+                          "--step-duration", "1", "--quiet", "--timeout", "0.5", "--retries",
+                          "0", "--heartbeat-interval", "0.5", endpoints=[receiver.endpoint])
+    sender.wait_for_output(STEP, timeout=30)
+    receiver.signal(signal.SIGKILL)
+    assert sender.wait(60) == 1, sender.output()[-3000:]
+    result = steps_of(sender)
+    assert result["outcome"] == "no_report"
+    last = result["steps"][-1]
+    assert not last["held"] and last["failed"][0]["check"] == "no-report"
+    assert last["failed"][0]["reason"], last
+    assert sender.lines(r"FAILED no-report \(.+\)"), sender.output()[-3000:]
+    best = result["max_rate_msg_s"]
+    assert best is not None and sender.lines(rf"best rate so far {best:g} msg/s")
+
+
+def test_find_max_without_a_gate_exits_2_in_one_line():
+    """--find-max needs --max-p99 or --max-loss: exit 2, one line."""
+    result = run_cli("async-socket-sender.py", "--find-max")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "needs a gate" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
