@@ -308,6 +308,7 @@ class PushWorker(ServiceThread):
         self.warmup_until = clock.monotonic + config.warmup
         self.lag = latency.Histogram()  # send lag (ns) of scheduled messages past the warmup
         self.done_sending = threading.Event()  # set once its last frame is handed to ZeroMQ
+        self.sent_until = None  # time.monotonic() after its last task: --find-max's rate
 
     def serve(self):
         """Connect, send every task, await confirmations (--confirm), say END; close the
@@ -373,6 +374,7 @@ class PushWorker(ServiceThread):
             if lines is not None:
                 lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
                                         encoder.text(task)))
+        self.sent_until = time.monotonic()
         if lines is not None:
             lines.flush()
 
@@ -493,7 +495,7 @@ def send_run(config, signals, log, judge=None):
         team.flush.start()
         flush_result = flush(ctx, config, team.flush, workers)
     if judge is not None:
-        return judge(run, workers, channel, started + duration, signals.first.is_set())
+        return judge(run, workers, channel, signals.first.is_set())
     return report(config, run, workers, health, confirmations, flush_result,
                   summary.receiver_verdict(config, channel), duration,
                   signals.first.is_set(), log)

@@ -21,8 +21,9 @@ from pushpull.summary import SenderExit
 
 FIND_MAX_STEPS = 40  # steps a search runs at most: doublings from the lowest rate, then bisection
 SCHEDULE_TOLERANCE = 0.01  # fraction of the target rate the sender may fall short of
+SCHEDULE_FLOOR = 0.05  # seconds late its last task may always be: one wakeup of a busy machine
 MIN_STEP_WARMUP = 0.2  # seconds of warmup a step has at least: its sockets connect in them
-DRAIN_FLOOR = 0.1  # seconds of drain always allowed without --max-p99: a report's own delay
+DRAIN_FLOOR = 0.1  # seconds of drain always allowed: the last message's processing, its report
 MIN_PRECISION, MAX_PRECISION = 0.1, 100.0  # percent: --precision's range
 MAX_STEP_DURATION = 3600.0  # seconds: the longest --step-duration
 STEP_CSV_COLUMNS = ("step", "run_id", "target_msg_s", "achieved_msg_s", "planned", "sent",
@@ -86,12 +87,13 @@ class Step:
     number: int
     run_id: str
     target: float  # msg/s
-    achieved: float  # msg/s: sent / (end of sending - start of the schedule)
+    achieved: float  # msg/s: sent / (the last task's send - the schedule's start)
     planned: int
     sent: int
     receiver_report: dict  # summary.receiver_verdict(): the receivers' reports merged
     send_lag: dict  # ms
     drain_ms: "float | None"  # last report's arrival - the last message's due time
+    late_end_s: float = 0.0  # the last task's send - its due time
     interrupted: bool = False
     failures: list = field(default_factory=list)
     side: "Side | None" = None
@@ -215,19 +217,22 @@ def step_config(config, rate):
                                report_timeout=config.report_timeout + span)
 
 
-def allowance_s(config, span):
-    """Seconds the receivers may take after a step's last message to report it: the p99
-    gate (the last message's latency, processed), or SCHEDULE_TOLERANCE of the step (they
-    processed at most that fraction slower than the rate), whichever is longer; at least
-    DRAIN_FLOOR (the report's own way back, on a busy machine)."""
-    gate = config.max_p99 / 1000 if config.max_p99 is not None else 0.0
-    return max(gate, SCHEDULE_TOLERANCE * span, DRAIN_FLOOR)
+def allowance_s(span):
+    """Seconds the receivers may take after a step's last message was due to report it:
+    SCHEDULE_TOLERANCE of the step (a backlog of more means they processed the step more
+    than that fraction slower than its rate, as the sender's own check), at least
+    DRAIN_FLOOR (the last message's processing and its report's way back, on a busy
+    machine)."""
+    return max(SCHEDULE_TOLERANCE * span, DRAIN_FLOOR)
 
 
 def judge(config, number):
     """send_run's judge for step `number`: measures the run and returns its Step."""
-    def measure(run, workers, channel, ended, interrupted):
+    def measure(run, workers, channel, interrupted):
         clock = workers[0].schedule.clock
+        # The end of sending: the last task handed to ZeroMQ (END frames are not the rate).
+        ended = max((w.sent_until for w in workers if w.sent_until is not None),
+                    default=clock.monotonic)
         receiver_report = summary.receiver_verdict(config, channel)
         receiver_report.pop("of", None)
         sent = sum(w.tally.sent for w in workers)
@@ -238,7 +243,7 @@ def judge(config, number):
                     cli.rate(sent, ended - clock.monotonic), config.planned, sent,
                     receiver_report, summary.merged_lag(workers).summary_ms(),
                     None if reported_at is None else round((reported_at - last_due) * 1000, 3),
-                    interrupted)
+                    ended - last_due, interrupted)
         if not interrupted:
             step.failures = failures(config, step)
             step.side = limiting_side(config, step, reported_at, ended)
@@ -259,13 +264,13 @@ def failures(config, step):
                          else record.get("reason", "no value"))
                 found.append(Failure(Check(record["name"]), record["value"], record["limit"],
                                      f"{shown} > {record['limit']:g} {unit}"))
-        allowed_ms = allowance_s(config, config.duration) * 1000
+        allowed_ms = allowance_s(config.duration) * 1000
         if step.drain_ms is not None and step.drain_ms > allowed_ms:
             found.append(Failure(Check.DRAIN, step.drain_ms, round(allowed_ms, 3),
                                  f"processed {step.drain_ms:.0f} ms after the last message"
                                  f" was due > {allowed_ms:g} ms: a backlog"))
     floor = step.target * (1 - SCHEDULE_TOLERANCE)
-    if step.achieved < floor:
+    if step.achieved < floor and step.late_end_s > SCHEDULE_FLOOR:
         found.append(Failure(Check.SCHEDULE, round(step.achieved, 1), round(floor, 1),
                              f"sent {step.achieved:.1f} msg/s < {floor:.1f}"))
     lag_p99 = step.send_lag.get("p99")
@@ -283,7 +288,7 @@ def limiting_side(config, step, reported_at, ended):
         return None
     behind = any(f.check in SENDER_CHECKS for f in step.failures)
     if behind and reported_at is not None \
-            and reported_at - ended <= allowance_s(config, config.duration):
+            and reported_at - ended <= allowance_s(config.duration):
         return Side.SENDER
     return Side.RECEIVER
 
