@@ -130,8 +130,8 @@ class Step:
         received = (f"received {report['received']}/{self.planned}, missing {report['missing']}"
                     if report["receivers"] else "no report")
         lat = self.latency
-        latency_text = (f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} max {lat['max']:.2f} ms"
-                        if "p99" in lat else "no latency")
+        latency_text = " ".join(f"{key} {lat[key]:.2f}" for key in ("p50", "p99", "max")
+                                if key in lat) + " ms" if lat else "no latency"
         return (f"target {self.target:.1f} msg/s, achieved {self.achieved:.1f} msg/s"
                 f" | {received} | {latency_text}")
 
@@ -193,7 +193,7 @@ def check_flags(parser, args, start_rate):
             parser.error(f"--find-max cannot be used with {flag} (each step sends"
                          " --step-duration seconds, open loop)")
     args.rate = args.rate or start_rate
-    span = args.warmup + args.step_duration
+    span = max(args.warmup, MIN_STEP_WARMUP) + args.step_duration
     if schedule.messages_for_duration(span, args.workers, args.rate, 0.0) < 1:
         parser.error(f"--find-max: {args.rate:g} msg/s for {span:g} s is less than one"
                      f" message for each of the {args.workers} workers: raise --rate or"
@@ -209,12 +209,17 @@ def step_config(config, rate):
     --step-duration of schedule; no per-message lines, no per-run files, and time for the
     receivers to drain a backlog as long as the step before their report is given up on."""
     warmup = max(config.warmup, MIN_STEP_WARMUP)
-    span = warmup + config.step_duration
+    span = step_span(config)
     messages = max(1, schedule.messages_for_duration(span, config.workers, rate, 0.0))
     return dataclasses.replace(config, rate=rate, delay=0.0, messages=messages, duration=span,
                                warmup=warmup,
                                quiet=True, json_path=None, csv_path=None,
                                report_timeout=config.report_timeout + span)
+
+
+def step_span(config):
+    """Seconds of schedule one step sends: its warmup and --step-duration."""
+    return max(config.warmup, MIN_STEP_WARMUP) + config.step_duration
 
 
 def allowance_s(span):
@@ -234,7 +239,6 @@ def judge(config, number):
         ended = max((w.sent_until for w in workers if w.sent_until is not None),
                     default=clock.monotonic)
         receiver_report = summary.receiver_verdict(config, channel)
-        receiver_report.pop("of", None)
         sent = sum(w.tally.sent for w in workers)
         reported_at = (max(s.reported_at for s in channel.sources)
                        if channel.all_reported() else None)
@@ -260,10 +264,10 @@ def failures(config, step):
         for record in summary.judge_gates(config, report):
             if not record["passed"]:
                 unit = summary.GATE_UNITS[record["name"]]
-                shown = (f"{record['value']:g} {unit}" if record["value"] is not None
-                         else record.get("reason", "no value"))
+                text = (f"{record['value']:g} {unit} > {record['limit']:g} {unit}"
+                        if record["value"] is not None else record["reason"])
                 found.append(Failure(Check(record["name"]), record["value"], record["limit"],
-                                     f"{shown} > {record['limit']:g} {unit}"))
+                                     text))
         allowed_ms = allowance_s(config.duration) * 1000
         if step.drain_ms is not None and step.drain_ms > allowed_ms:
             found.append(Failure(Check.DRAIN, step.drain_ms, round(allowed_ms, 3),
@@ -308,8 +312,7 @@ class Search:
 
     def ceiling(self):
         """The highest rate a step may send: --rate's bound, and what a run can count."""
-        span = self.config.warmup + self.config.step_duration
-        return min(cli.MAX_RATE, cli.MAX_RUN_MESSAGES / span)
+        return min(cli.MAX_RATE, cli.MAX_RUN_MESSAGES / step_span(self.config))
 
     def add(self, step):
         """Record a judged step; returns the next rate, or None with `outcome` set."""
@@ -443,9 +446,12 @@ def answer_lines(found):
         lines.append(f"max sustainable rate: below the start rate of {failed.target:g} msg/s"
                      f" (step {failed.number} {failed.verdict_text()})")
     elif best is not None:
-        lines.append(f"max sustainable rate: {best.target:g} msg/s ({answer_figures(config, best)})")
+        lines.append(f"max sustainable rate: {best.target:g} msg/s"
+                     f" ({answer_figures(config, best)})")
     else:
-        lines.append("max sustainable rate: not found (no step completed)")
+        last = found.steps[-1] if found.steps else None
+        lines.append("max sustainable rate: not found" + (
+            f" (step {last.number} {last.verdict_text()})" if last else " (no step ran)"))
     if failed is not None and failed.side is Side.SENDER:
         lines.append(f"[FIND-MAX] the sender, not the receiver, was the limit at"
                      f" {failed.target:g} msg/s (achieved {failed.achieved:.1f} msg/s): the"

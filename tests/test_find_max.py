@@ -208,12 +208,19 @@ def test_receiver_killed_mid_search_fails_the_step_with_the_reason(procs):
     assert best is not None and sender.lines(rf"best rate so far {best:g} msg/s")
 
 
-def test_find_max_without_a_gate_exits_2_in_one_line():
-    """--find-max needs --max-p99 or --max-loss: exit 2, one line."""
-    result = run_cli("async-socket-sender.py", "--find-max")
-    assert result.returncode == 2
+@pytest.mark.parametrize("args,reason", [
+    ((), "needs a gate"),
+    (("--max-p99", "50", "--duration", "5"), "cannot be used with --duration"),
+    (("--max-loss", "1", "--confirm"), "cannot be used with --confirm"),
+    (("--max-p99", "50", "--precision", "0"), "--precision"),
+    (("--max-p99", "50", "--rate", "1", "--step-duration", "1"), "less than one message"),
+])
+def test_find_max_refuses_what_it_cannot_search_in_one_line(args, reason):
+    """--find-max needs --max-p99 or --max-loss, and a schedule of its own: exit 2, one line."""
+    result = run_cli("async-socket-sender.py", "--find-max", *args)
+    assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "needs a gate" in errors[0], result.stderr
+    assert len(errors) == 1 and reason in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
