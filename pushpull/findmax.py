@@ -21,9 +21,8 @@ from pushpull.summary import SenderExit
 
 FIND_MAX_STEPS = 40  # steps a search runs at most: doublings from the lowest rate, then bisection
 SCHEDULE_TOLERANCE = 0.01  # fraction of the target rate the sender may fall short of
-SCHEDULE_FLOOR = 0.05  # seconds late its last task may always be: one wakeup of a busy machine
 MIN_STEP_WARMUP = 0.2  # seconds of warmup a step has at least: its sockets connect in them
-DRAIN_FLOOR = 0.1  # seconds of drain always allowed: the last message's processing, its report
+STALL_FLOOR = 0.1  # seconds a step's end may always be late, both ends: a busy machine's stall
 MIN_PRECISION, MAX_PRECISION = 0.1, 100.0  # percent: --precision's range
 MAX_STEP_DURATION = 3600.0  # seconds: the longest --step-duration
 STEP_CSV_COLUMNS = ("step", "run_id", "target_msg_s", "achieved_msg_s", "planned", "sent",
@@ -226,9 +225,9 @@ def allowance_s(span):
     """Seconds the receivers may take after a step's last message was due to report it:
     SCHEDULE_TOLERANCE of the step (a backlog of more means they processed the step more
     than that fraction slower than its rate, as the sender's own check), at least
-    DRAIN_FLOOR (the last message's processing and its report's way back, on a busy
-    machine)."""
-    return max(SCHEDULE_TOLERANCE * span, DRAIN_FLOOR)
+    STALL_FLOOR (the last message's processing and its report's way back, on a busy
+    machine). Also how late the sender's last task may leave."""
+    return max(SCHEDULE_TOLERANCE * span, STALL_FLOOR)
 
 
 def judge(config, number):
@@ -274,7 +273,7 @@ def failures(config, step):
                                  f"processed {step.drain_ms:.0f} ms after the last message"
                                  f" was due > {allowed_ms:g} ms: a backlog"))
     floor = step.target * (1 - SCHEDULE_TOLERANCE)
-    if step.achieved < floor and step.late_end_s > SCHEDULE_FLOOR:
+    if step.achieved < floor and step.late_end_s > STALL_FLOOR:
         found.append(Failure(Check.SCHEDULE, round(step.achieved, 1), round(floor, 1),
                              f"sent {step.achieved:.1f} msg/s < {floor:.1f}"))
     lag_p99 = step.send_lag.get("p99")

