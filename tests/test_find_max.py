@@ -3,6 +3,7 @@ known capacity (--processing-time)."""
 
 import contextlib
 import csv
+import dataclasses
 import os
 import re
 import signal
@@ -10,8 +11,9 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import load_script, wait_until
 from helpers import run_cli
+from pushpull import findmax
 
 ANSWER = re.compile(r"max sustainable rate: ([0-9.]+) msg/s \((.*)\)")
 STEP = r"\[STEP\] \d+:"
@@ -268,3 +270,43 @@ def test_a_sender_that_falls_behind_is_named_the_limit(procs):
     assert steps_of(sender)["limit"] == "sender"
     assert sender.lines(r"the sender, not the receiver, was the limit .*--processes"), \
         sender.output()[-3000:]
+
+
+def fake_config(**changes):
+    """A sender Config for --find-max, as the command line makes it."""
+    sender = load_script("async-socket-sender")
+    config = sender.parse_args(["--find-max", "--max-p99", "50", "--step-duration", "2"])
+    return dataclasses.replace(config, **changes)
+
+
+def judged(number, rate, capacity):
+    """A Step at `rate` as a receiver of `capacity` msg/s would have it judged."""
+    step = findmax.Step(number, f"{number:08x}", rate, rate, 10, 10,
+                        {"receivers": 1, "received": 10, "missing": 0, "planned": 10,
+                         "latency_ms": {"p99": 1.0}}, {}, 1.0)
+    if rate > capacity:
+        step.failures = [findmax.Failure(findmax.Check.DRAIN, 500.0, 100.0, "a backlog")]
+        step.side = findmax.Side.RECEIVER
+    return step
+
+
+@pytest.mark.parametrize("capacity,precision,expected", [
+    (1700, 5.0, [1000, 2000, 1500, 1750, 1625, 1687.5]),
+    (5000, 25.0, [1000, 2000, 4000, 8000, 6000, 5000]),
+    (700, 5.0, [1000]),
+])
+def test_search_doubles_then_bisects_to_the_precision(capacity, precision, expected):
+    """The rates a search runs: doubling from the start while steps hold, then halving the
+    bracket until it is within --precision; below the start rate, one step."""
+    search = findmax.Search(fake_config(precision=precision))
+    rate, rates = 1000.0, []
+    while rate is not None:
+        rates.append(rate)
+        rate = search.add(judged(len(rates), rate, capacity))
+    assert rates == expected
+    if capacity < 1000:
+        assert search.outcome is findmax.Outcome.BELOW_START and search.exit_status() == 1
+    else:
+        assert search.outcome is findmax.Outcome.FOUND and search.exit_status() == 0
+        assert search.held.target <= capacity < search.failed.target
+        assert search.failed.target - search.held.target <= search.held.target * precision / 100
