@@ -393,6 +393,9 @@ def search(send_run, config, signals, log):
              f"{f' after {config.warmup:g} s warmup' if config.warmup else ''}, to within"
              f" {config.precision:g} %, gates: {gates_text(config)}")
     while rate is not None:
+        if signals.first.is_set():  # Ctrl+C between two steps
+            found.outcome = Outcome.INTERRUPTED
+            break
         step_cfg = step_config(config, rate)
         step = send_run(step_cfg, signals, log, judge=judge(step_cfg, len(found.steps) + 1))
         if not isinstance(step, Step):  # the run could not start
@@ -416,7 +419,6 @@ def gates_text(config):
 
 def finish(found, log):
     """The table, the answer line, the JSON and CSV; returns the exit status."""
-    config = found.config
     if found.steps:
         log.info("\n" + steps_table(found.steps))
     for line in answer_lines(found):
