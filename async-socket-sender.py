@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, flow, instances, latency, links, logs, processes, push,
-                      schedule, security, summary, verdict, wire)
+from pushpull import (cli, confirm, findmax, flow, instances, latency, links, logs, processes,
+                      push, schedule, security, summary, verdict, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -64,6 +64,10 @@ INSTANCE_INDEX = 0  # this instance, 0 to NUM_INSTANCES - 1
 RUN_NAME = None  # the shared run's ID (--run-id), required when NUM_INSTANCES > 1
 START_AT = None  # when the run's schedule starts (--start-at): None, at once
 NUM_PROCESSES = 1  # instances of one run started as child processes of this one
+FIND_MAX = False  # True: search the highest rate within the gates (docs/find-max.md)
+FIND_MAX_START_RATE = 1000.0  # messages per second of the search's first step without --rate
+STEP_DURATION = 10.0  # seconds each search step sends, after WARMUP
+FIND_MAX_PRECISION = 5.0  # percent between the rates that held and failed where a search stops
 
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
@@ -111,6 +115,9 @@ class Config:
     format: str
     csv_path: "str | None"
     plan: instances.Plan = instances.Plan()  # this process's place in a shared run
+    find_max: bool = False
+    step_duration: float = STEP_DURATION
+    precision: float = FIND_MAX_PRECISION
 
     @property
     def planned(self):
@@ -154,6 +161,7 @@ def build_parser():
     p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
                    help="ZeroMQ send high-water mark per worker (SEND_HWM)")
     add_delivery_flags(p)
+    findmax.add_flags(p, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
     p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
                    help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
     p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
@@ -234,6 +242,7 @@ def parse_args(argv=None):
         p.error("CURVE needs both --curve-client-key and --curve-server-public")
     if a.format == "text" and a.confirm:
         p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
+    findmax.check_flags(p, a, FIND_MAX_START_RATE)
     delay = 0.0 if a.rate else a.delay
     plan = instances.plan_from_args(p, a)
     run_workers = plan.run_workers(a.workers)  # --rate and --duration are the whole run's
@@ -316,6 +325,7 @@ class PushWorker(ServiceThread):
         self.warmup_until = clock.monotonic + config.warmup
         self.lag = latency.Histogram()  # send lag (ns) of scheduled messages past the warmup
         self.done_sending = threading.Event()  # set once its last frame is handed to ZeroMQ
+        self.sent_until = None  # time.monotonic() after its last task: --find-max's rate
 
     def serve(self):
         """Connect, send every task, await confirmations (--confirm), say END; close the
@@ -383,6 +393,7 @@ class PushWorker(ServiceThread):
             if lines is not None:
                 lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
                                         encoder.text(task)))
+        self.sent_until = time.monotonic()
         if lines is not None:
             lines.flush()
 
@@ -458,8 +469,9 @@ class HeartbeatMonitor(ServiceThread):
 # ---------------------------------------------------------------------------
 # The run and its stop sequence
 # ---------------------------------------------------------------------------
-def send_run(config, signals, log):
-    """Start the helpers and the workers, wait for them, stop them, flush, report."""
+def send_run(config, signals, log, judge=None):
+    """Start the helpers and the workers, wait for them, stop them, flush, report (or, for
+    a --find-max step, return what `judge` makes of the run)."""
     plan = config.plan
     run_id = random.getrandbits(63) if plan.wire_id is None else plan.wire_id
     run = wire.RunInfo(run_id, plan.run_workers(config.workers), config.messages,
@@ -509,6 +521,8 @@ def send_run(config, signals, log):
         stop.set()  # after an unexpected error: threads let go of their sockets
         team.flush.start()
         flush_result = flush(ctx, config, team.flush, workers)
+    if judge is not None:
+        return judge(run, workers, channel, signals.first.is_set())
     return report(config, run, workers, health, confirmations, flush_result,
                   summary.receiver_verdict(config, channel), duration,
                   signals.first.is_set(), log)
@@ -626,7 +640,8 @@ def main(argv=None):
         print(f"async-socket-sender: {exc}", file=sys.stderr)
         return SenderExit.NOT_ALL_SENT
     config = dataclasses.replace(config, curve_keys=keys)
-    return cli.run_script("async-socket-sender", config, send_run, SenderExit.NOT_ALL_SENT,
+    body = functools.partial(findmax.search, send_run) if config.find_max else send_run
+    return cli.run_script("async-socket-sender", config, body, SenderExit.NOT_ALL_SENT,
                           exit_on_second=True)
 
 

@@ -15,6 +15,7 @@
 - threads:  a thread with a clear start and stop
 - spill:    the receiver's spill file: load, save, remove
 - summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason
+- findmax:  --find-max: the capacity search, one run per step, and its table and answer
 - cli:      flag types, shared flags, JSON and table output
 
 Standard library and pyzmq only, so both scripts run from a plain checkout

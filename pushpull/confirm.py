@@ -255,6 +255,7 @@ class ChannelSource:
     warnings: int = 0  # SERVER_TIMEOUTs of silence said so far, in this silence
     gave_up: bool = False
     reports: dict = field(default_factory=dict)  # receiver instance id -> runs[] entry
+    reported_at: float = 0.0  # monotonic time its latest report arrived (--find-max's drain)
 
     def why_silent(self):
         """A short guess at why nothing arrives from this channel."""
@@ -387,6 +388,7 @@ class ConfirmChannel:
                         " ignored")
         elif receiver_id in source.reports or len(source.reports) < REPORTS_PER_SOURCE:
             source.reports[receiver_id] = entry  # a later report (the run healed) supersedes
+            source.reported_at = time.monotonic()
 
     def on_link(self, source, connected):
         """The listener's socket monitor saw `source`'s channel connect, or fail to."""
