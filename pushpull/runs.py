@@ -5,10 +5,14 @@ import time
 
 from pushpull import logs, wire
 from pushpull.latency import Histogram
-from pushpull.wire import END, TASK, WORKER
+from pushpull.wire import END, KIND, RUN, TASK, WORKER
 
 MISSING_LISTED = 20  # a [RUN] line lists up to this many ranges of missing tasks
 OPEN_RUNS_MAX = 1000  # runs whose per-task state is kept (open, or reported incomplete)
+RUN_EVICT_IDLE = 2.0  # seconds: a run silent this long may give its state up to a new run;
+# with every run kept heard from more recently, the new run is processed untracked
+UNTRACKED_RUNS_REMEMBERED = 65536  # ids of runs processed untracked (refused a state, or
+# dropped from the table), so a later message of one never starts its run anew from zero
 RUNS_LISTED = 1000  # runs kept for the JSON summary; older finished ones are left out
 LIST_WORKERS_MAX = 1024  # runs of at most this many workers keep next_task in a list (8 KB)
 SENT_TIME_WINDOW = 3600  # seconds: a send time further than this from the receive time,
@@ -302,10 +306,15 @@ class RunTable:
     freed (summary only). An incomplete one keeps its per-task state ("unhealed"), so
     data that arrives later (after a network cut heals) is still checked, and a run that
     completes after all gets a second [RUN] line, then is freed. At most OPEN_RUNS_MAX
-    runs keep per-task state: past that, the oldest unhealed run is freed, or else the
-    oldest open run is closed early (its [RUN] line says so). At most RUNS_LISTED runs
-    are kept for the JSON; past that the oldest freed run is dropped and counted in
-    left_out.
+    runs keep per-task state. A new run past that takes the place of the run heard from
+    least recently (an unhealed one first), if that one has been silent RUN_EVICT_IDLE
+    seconds: an unhealed run is freed, an open one closed early (its [RUN] line says
+    so). Otherwise the new run is refused: its messages are processed and counted
+    `untracked`, and a run that is receiving is never reset or freed. At most
+    RUNS_LISTED runs are kept for the JSON; past that the oldest freed run is dropped
+    and counted in left_out (its later messages are untracked too). Every step is
+    constant time: `open` and `unhealed` are kept in the order their runs were last
+    heard from (touch()).
     """
 
     def __init__(self, counters, log, warnings):
@@ -317,6 +326,10 @@ class RunTable:
         self.unhealed = collections.OrderedDict()  # reported incomplete, per-task state kept
         self.freed = collections.OrderedDict()  # summary only, in the order freed
         self.left_out = 0  # runs dropped from `runs` (RUNS_LISTED)
+        # Run ids whose messages are processed untracked (no RunState), oldest first.
+        self.untracked_runs = collections.OrderedDict()
+        self.refused = 0  # runs refused a state (OPEN_RUNS_MAX, none idle)
+        self.untracked = 0  # messages processed in runs without a state
         # The latency of the runs dropped, kept for the lifetime figures (latency()).
         self.left_out_latency = Histogram()
         self.left_out_latency_raw = Histogram()
@@ -325,36 +338,73 @@ class RunTable:
         self.reports = None
 
     def new_run(self, info, now):
-        """Start a run's state, within OPEN_RUNS_MAX and RUNS_LISTED."""
+        """Start a run's state, within OPEN_RUNS_MAX and RUNS_LISTED; None when the run
+        is processed untracked (refused now or before, or dropped from the table)."""
         reused = self.runs.get(info.run_id)
         if reused is not None:  # decode() forgot the run (RUNS_REMEMBERED) and saw it anew
-            self._drop(reused, "its run id came back with other run fields")
-        if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX:
-            self._make_room()
+            self._drop(reused, "its run id came back with other run fields", remember=False)
+        elif info.run_id in self.untracked_runs:
+            return None
+        if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX and not self._make_room(now):
+            self._refuse(info)
+            return None
         run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now)
         while len(self.runs) > RUNS_LISTED and self.freed:
             self._drop(next(iter(self.freed.values())), None)
         return run
 
-    def _make_room(self):
-        """Free the oldest unhealed run, or else close the oldest open run early."""
-        if self.unhealed:
-            _, run = self.unhealed.popitem(last=False)
-            self._free(run)
-            self.warnings.warning("untracked", f"[RUN] run {wire.run_label(run.info.run_id)}:"
-                                  f" over {OPEN_RUNS_MAX} runs tracked, its task state is freed;"
-                                  " tasks arriving later are processed unchecked")
-            return
-        run = next(iter(self.open.values()))  # incomplete: a complete run is not open
-        self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
-        self.unhealed.pop(run.info.run_id)
-        self._free(run)
+    def touch(self, run):
+        """A run is heard from: last in the order of eviction (once per stretch)."""
+        if not run.closed:
+            self.open.move_to_end(run.info.run_id)
+        elif run.tasks.tracked:
+            self.unhealed.move_to_end(run.info.run_id)
 
-    def _drop(self, run, reason):
-        """Forget a run altogether (counted in left_out); report it first if it is open."""
+    def _make_room(self, now):
+        """Free the unhealed run, or else close early the open run, heard from least
+        recently, if it has been silent RUN_EVICT_IDLE seconds; False if neither has."""
+        for table in (self.unhealed, self.open):
+            if not table:
+                continue
+            run = next(iter(table.values()))
+            if now - run.last_seen < RUN_EVICT_IDLE:
+                continue
+            label = wire.run_label(run.info.run_id)
+            if table is self.unhealed:
+                self.unhealed.popitem(last=False)
+                self._free(run)
+                self.warnings.warning("untracked", f"[RUN] run {label}: over {OPEN_RUNS_MAX}"
+                                      " runs tracked, its task state is freed; tasks"
+                                      " arriving later are processed unchecked")
+            else:
+                self.close(run, f"closed early: over {OPEN_RUNS_MAX} runs open", early=True)
+                self.unhealed.pop(run.info.run_id)
+                self._free(run)
+            return True
+        return False
+
+    def _refuse(self, info):
+        """No room for a new run: its messages are processed untracked."""
+        self.refused += 1
+        self._remember_untracked(info.run_id)
+        self.warnings.warning("refused", f"[RUN] run {wire.run_label(info.run_id)}: over"
+                              f" {OPEN_RUNS_MAX} runs tracked, none silent for"
+                              f" {RUN_EVICT_IDLE:g} s: its messages are processed untracked"
+                              f" (runs refused so far: {self.refused})")
+
+    def _remember_untracked(self, run_id):
+        if len(self.untracked_runs) >= UNTRACKED_RUNS_REMEMBERED:
+            self.untracked_runs.popitem(last=False)
+        self.untracked_runs[run_id] = None
+
+    def _drop(self, run, reason, remember=True):
+        """Forget a run altogether (counted in left_out); report it first if it is open.
+        remember: its later messages are processed untracked."""
         if reason and not run.closed:
             self.close(run, reason)
         run_id = run.info.run_id
+        if remember:
+            self._remember_untracked(run_id)
         for table in (self.runs, self.open, self.unhealed, self.freed):
             table.pop(run_id, None)
         self.left_out += 1
@@ -397,9 +447,11 @@ class RunTable:
     def report_silent(self, timeout):
         """Report every open run whose sender has said nothing for `timeout` seconds."""
         now = time.monotonic()
-        for run in list(self.open.values()):
-            if now - run.last_seen >= timeout:
-                self.close(run, f"sender silent for {timeout:g} s")
+        while self.open:  # heard from least recently first (touch())
+            run = next(iter(self.open.values()))
+            if now - run.last_seen < timeout:
+                return
+            self.close(run, f"sender silent for {timeout:g} s")
 
     def report_open(self):
         """At shutdown: report every run not yet reported."""
@@ -412,7 +464,8 @@ class RunTable:
         now = time.monotonic()
         for info, count in spilled.items():
             run = self.runs.get(info.run_id) or self.new_run(info, now)
-            run.spilled += count
+            if run is not None:  # else untracked: only in counters.spilled
+                run.spilled += count
 
     def to_json(self):
         """The entries of the runs kept (at most RUNS_LISTED) for the JSON summary, each with
@@ -459,8 +512,8 @@ class RunLedger:
             if info is not last_info:
                 last_info, run = info, self._next_run(run, info, now, received_ns)
                 tasks = None if run is None else run.tasks
-            if run is None:  # plain text: in no run
-                if not self._process_plain(msg, work):
+            if run is None:  # plain text, or a run without state: in no run
+                if not self._process_untracked(msg, work, confirms):
                     return index
                 continue
             run.last_seen = now
@@ -500,12 +553,21 @@ class RunLedger:
             self.table.record_latencies(run)
         return None if info is None else self._run(info, now, received_ns)
 
-    def _process_plain(self, msg, work):
-        """A message in no run: worked and counted; False if a cold stop came first."""
+    def _process_untracked(self, msg, work, confirms):
+        """A message in no run (plain text, or a run without state: untracked): worked
+        and counted; False if a cold stop came first."""
+        info = msg[RUN]
+        if info is not None and msg[KIND] == END:
+            return True  # bookkeeping of a run without state
         if work is not None and not work(msg):
             return False
         self.counters.processed += 1
-        self.counters.plain += 1
+        if info is None:
+            self.counters.plain += 1
+            return True
+        self.table.untracked += 1
+        if info.confirm:  # processed: its sender need not send it again
+            confirms.add(info.run_id, msg[WORKER], msg[TASK])
         return True
 
     def _complete(self, run):
@@ -518,6 +580,10 @@ class RunLedger:
         run = self.table.runs.get(info.run_id)
         if run is None or (run.info is not info and run.info != info):
             run = self.table.new_run(info, now)
+            if run is None:  # untracked
+                return None
+        else:
+            self.table.touch(run)
         run.unrecorded_received_ns = received_ns
         return run
 

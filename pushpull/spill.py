@@ -132,7 +132,7 @@ def remove_stale_temporary(path):
 def load(path):
     """The messages saved to `path`, decoded, and how many frames did not decode;
     ([], 0) when there is no spill file or it is empty. Raises SpillError."""
-    messages, invalid, run_cache = [], 0, {}
+    messages, invalid, run_cache = [], 0, wire.new_run_cache()
     for frame in _read_frames(path):
         try:
             messages.append(wire.decode(frame, run_cache))
@@ -322,7 +322,7 @@ def recover(path, log):
 def known_runs(recovered):
     """wire.decode()'s run cache, knowing the recovered messages' runs: new frames of
     those runs must agree with them."""
-    run_cache = {}
+    run_cache = wire.new_run_cache()
     for msg in recovered:
         info = msg[wire.RUN]
         if info is not None and info.run_id not in run_cache:

@@ -92,6 +92,8 @@ def receiver_data(counters, run_table, queued, started, stop_kind, config):
         "latency_ms": run_table.latency().summary_ms(),
         "latency_raw_ms": run_table.latency(raw=True).summary_ms(),
         "runs_left_out": run_table.left_out,
+        "untracked_runs": run_table.refused,
+        "untracked": run_table.untracked,
     }
 
 
@@ -120,6 +122,11 @@ def receiver_table(data):
     if data["runs_left_out"]:
         rows.append(("runs left out", f"{data['runs_left_out']} older finished runs"
                                       f" (at most {runs.RUNS_LISTED} are kept)"))
+    if data["untracked"] or data["untracked_runs"]:
+        rows.append(("untracked", f"{data['untracked']} messages processed unchecked, in"
+                                  f" {data['untracked_runs']} runs refused a state (over"
+                                  f" {runs.OPEN_RUNS_MAX} runs, none silent"
+                                  f" {runs.RUN_EVICT_IDLE:g} s) or dropped from the table"))
     return cli.format_table("Receiver summary", rows)
 
 

@@ -261,6 +261,7 @@ def test_open_runs_are_capped_the_oldest_closed_early(log, monkeypatch):
     the oldest freed run is left out. A freed incomplete run's later tasks are untracked."""
     monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 3)
     monkeypatch.setattr(runs, "RUNS_LISTED", 4)
+    monkeypatch.setattr(runs, "RUN_EVICT_IDLE", 0)
     ledger, counters = ledger_for(log)
     table, cache, encoders = ledger.table, {}, [run_frames(1, 2) for _ in range(6)]
     for enc in encoders:
@@ -280,6 +281,7 @@ def test_open_runs_are_capped_the_oldest_closed_early(log, monkeypatch):
 def test_a_run_reported_incomplete_is_freed_before_an_open_one(log, monkeypatch):
     """The cap frees the oldest run already reported incomplete before closing an open run."""
     monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 2)
+    monkeypatch.setattr(runs, "RUN_EVICT_IDLE", 0)
     ledger, _ = ledger_for(log)
     cache, first, second, third = {}, run_frames(1, 2), run_frames(1, 2), run_frames(1, 2)
     feed(ledger, [first[1].data(0)], cache)
@@ -298,3 +300,63 @@ def test_shown_escapes_control_characters_and_cuts_long_text():
     assert logs.shown("a\nb\x1b[2J\t\u2028") == "a\\nb\\x1b[2J\\t\\u2028"
     long = logs.shown("x" * (logs.TEXT_SHOWN + 5))
     assert long == "x" * logs.TEXT_SHOWN + " ... (+5 characters)"
+
+
+def test_a_receiving_run_keeps_its_state_new_runs_past_the_bound_are_untracked(log,
+                                                                              monkeypatch):
+    """Issue 19, case 1: with every run kept heard from within RUN_EVICT_IDLE, a new run
+    is refused (its messages processed, counted untracked, its END ignored) and never
+    tracked later from zero; once a run is idle, it makes room."""
+    monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 2)
+    ledger, counters = ledger_for(log)
+    table, cache = ledger.table, wire.new_run_cache()
+    live, other, refused = run_frames(1, 3), run_frames(1, 2), run_frames(1, 2)
+    feed(ledger, [live[1].data(0), other[1].data(0)], cache)
+    feed(ledger, [refused[1].data(0), refused[1].end(1)], cache)
+    assert (table.refused, table.untracked) == (1, 1)
+    feed(ledger, [live[1].data(1)], cache)
+    monkeypatch.setattr(runs, "RUN_EVICT_IDLE", 0)  # every run idle now: room is made ...
+    feed(ledger, [refused[1].data(1)], cache)  # ... but a refused run stays untracked
+    assert (table.refused, table.untracked) == (1, 2)
+    assert refused[1].run.run_id not in table.runs
+    feed(ledger, [live[1].data(2)], cache)
+    assert table.runs[live[1].run.run_id].tasks.complete
+    assert counters.processed == 6 and counters.plain == 0
+
+
+def test_eviction_order_follows_the_last_message(log, monkeypatch):
+    """The run heard from least recently makes room first, not the run first seen."""
+    monkeypatch.setattr(runs, "OPEN_RUNS_MAX", 2)
+    monkeypatch.setattr(runs, "RUN_EVICT_IDLE", 0)
+    ledger, _ = ledger_for(log)
+    cache, first, second, third = wire.new_run_cache(), *(run_frames(1, 3) for _ in range(3))
+    feed(ledger, [first[1].data(0)], cache)
+    feed(ledger, [second[1].data(0)], cache)
+    feed(ledger, [first[1].data(1)], cache)  # first is the most recent now
+    feed(ledger, [third[1].data(0)], cache)
+    assert list(ledger.table.open) == [first[1].run.run_id, third[1].run.run_id]
+
+
+def test_a_new_runs_cost_does_not_grow_with_the_runs_seen():
+    """Issue 19, case 4: decode()'s run cache forgets its oldest run in constant time: the
+    10,000 new runs after 150,000 cost about what the first 10,000 did (was 20 times more)."""
+    def new_runs(cache, count):
+        frames = [one_task_run(random.getrandbits(63)) for _ in range(count)]
+        started = time.perf_counter()
+        for data in frames:
+            wire.decode(data, cache)
+        return time.perf_counter() - started
+
+    cache = wire.new_run_cache()
+    first = min(new_runs(wire.new_run_cache(), 10_000) for _ in range(3))
+    new_runs(cache, 150_000)
+    later = min(new_runs(cache, 10_000) for _ in range(3))
+    assert len(cache) == 2 * wire.RUNS_REMEMBERED
+    assert later < 4 * first, (first, later)
+
+
+def one_task_run(run_id):
+    """A one-task run's first frame."""
+    now = time.time_ns()
+    return wire.HEADER.pack(wire.WIRE_MAGIC, 0, 1, 1, 2, run_id, wire.DATA, 0, 1, 0, now, now,
+                            1) + b"x"
