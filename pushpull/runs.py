@@ -1,5 +1,6 @@
 """Per-run statistics: each run's ledger and latency histograms, the [RUN] line and its JSON."""
 
+import bisect
 import collections
 import time
 
@@ -14,6 +15,8 @@ RUN_EVICT_IDLE = 2.0  # seconds: a run silent this long may give its state up to
 UNTRACKED_RUNS_REMEMBERED = 65536  # ids of runs processed untracked (refused a state, or
 # dropped from the table), so a later message of one never starts its run anew from zero
 RUNS_LISTED = 1000  # runs kept for the JSON summary; older finished ones are left out
+RANGES_AHEAD_MAX = 10000  # ranges of tasks recorded beyond a missing one, per run
+RANGES_AHEAD_TOTAL = 100000  # ... over all runs: about 10 MB (100 bytes a range)
 LIST_WORKERS_MAX = 1024  # runs of at most this many workers keep next_task in a list (8 KB)
 SENT_TIME_WINDOW = 3600  # seconds: a send time further than this from the receive time,
 # either way, is clock skew (or a forged header): counted, and kept out of the latencies
@@ -35,16 +38,30 @@ class Arrivals:
         self.bytes = 0  # of the messages recorded
 
 
+class AheadBudget:
+    """The ranges of tasks held beyond a missing one (TaskCoverage.ahead) over all runs."""
+
+    __slots__ = ("used", "runs_over", "told")
+
+    def __init__(self, told=None):
+        self.used = 0  # ranges held
+        self.runs_over = 0  # runs that met a bound (RANGES_AHEAD_MAX or _TOTAL)
+        self.told = told  # told(info, ranges) once per run that meets a bound
+
+
 class TaskCoverage:
     """Which tasks of one run were recorded (processed once each), and the missing ones as
     ranges.
 
     Its cost is proportional to what was received, never to what the header claims
     (beyond LIST_WORKERS_MAX workers): per-task state is kept only for workers and
-    tasks seen. free() drops that state and keeps the counts and the missing ranges.
+    tasks seen. Tasks recorded beyond a missing one are kept as ranges of tasks, at most
+    RANGES_AHEAD_MAX per run and RANGES_AHEAD_TOTAL over all runs (`budget`): a task
+    that would need one more is processed and counted `untracked`. free() drops the
+    per-task state and keeps the counts and the missing ranges.
     """
 
-    def __init__(self, info):
+    def __init__(self, info, budget=None):
         self.info = info
         self.planned = info.planned
         # Per worker: every task below this one is recorded. A list indexed by worker is
@@ -52,9 +69,13 @@ class TaskCoverage:
         # figure (2)), and our senders have at most 1000 workers (cli.MAX_WORKERS); a
         # run that claims more gets a dict of the workers seen.
         self.next_task = [0] * (info.workers + 1) if info.workers <= LIST_WORKERS_MAX else {}
-        self.ahead = {}  # worker -> tasks recorded beyond a missing one
+        # worker -> ([starts], [ends]): the tasks recorded beyond a missing one, as sorted
+        # ranges start <= task < end, neither touching the next.
+        self.ahead = {}
+        self.ranges = 0  # how many ranges `ahead` holds
+        self.budget = budget or AheadBudget()  # ranges held over all runs
         self.received = 0  # tasks recorded: processed once each
-        self.untracked = 0  # tasks processed after free() with the run incomplete
+        self.untracked = 0  # tasks processed unchecked: after free(), or past the bounds
         self.tracked = True  # per-task state kept (see free)
         self.missing_listed = []  # missing_ranges() as free() found them
 
@@ -64,7 +85,14 @@ class TaskCoverage:
             expected = self.next_task[worker]
         except KeyError:
             expected = 0
-        return task >= expected and task not in self.ahead.get(worker, ())
+        if task < expected:
+            return False
+        ahead = self.ahead.get(worker)
+        if not ahead:
+            return True
+        starts, ends = ahead
+        i = bisect.bisect_right(starts, task) - 1
+        return i < 0 or task >= ends[i]
 
     def record(self, worker, task):
         """Mark one processed task recorded; False, and nothing changed, if it was before."""
@@ -72,23 +100,80 @@ class TaskCoverage:
         try:
             expected = next_task[worker]
         except KeyError:  # a dict's first task of the worker (a try costs nothing otherwise)
-            expected = 0
+            return self._record_new_worker(worker, task)
         if task == expected:
             expected += 1
             ahead = self.ahead.get(worker)
-            if ahead:
-                while expected in ahead:
-                    ahead.remove(expected)
-                    expected += 1
+            if ahead and ahead[0][0] == expected:  # the gap before a range is filled
+                expected = self._join_first(worker, ahead)
             next_task[worker] = expected
         elif task > expected:
-            ahead = self.ahead.setdefault(worker, set())
-            if task in ahead:
-                return False
-            ahead.add(task)
+            return self._record_ahead(worker, task)
         else:
             return False
         self.received += 1
+        return True
+
+    def _record_new_worker(self, worker, task):
+        """record() of a worker's first task in a run of over LIST_WORKERS_MAX workers: its
+        entry in next_task counts as one range (within the bounds)."""
+        if task:
+            return self._record_ahead(worker, task)
+        if self.ranges >= RANGES_AHEAD_MAX or self.budget.used >= RANGES_AHEAD_TOTAL:
+            return self._untracked_ahead()
+        self.next_task[worker] = 0
+        self.ranges += 1
+        self.budget.used += 1
+        return self.record(worker, task)
+
+    def _join_first(self, worker, ahead):
+        """The first range of `ahead` now follows the tasks recorded in order: merged into
+        them; returns the new next task."""
+        starts, ends = ahead
+        expected = ends[0]
+        del starts[0], ends[0]
+        if not starts:
+            del self.ahead[worker]
+        self.ranges -= 1
+        self.budget.used -= 1
+        return expected
+
+    def _record_ahead(self, worker, task):
+        """record() of a task beyond a missing one: joined to a range, or a new range
+        within the bounds, else counted untracked (processed, unchecked)."""
+        ahead = self.ahead.get(worker)
+        if ahead is None:
+            ahead = ([], [])
+        starts, ends = ahead
+        i = bisect.bisect_right(starts, task) - 1
+        if i >= 0 and task < ends[i]:
+            return False  # recorded before
+        if i >= 0 and ends[i] == task:  # extends range i
+            ends[i] += 1
+            if i + 1 < len(starts) and starts[i + 1] == ends[i]:  # and now touches the next
+                ends[i] = ends[i + 1]
+                del starts[i + 1], ends[i + 1]
+                self.ranges -= 1
+                self.budget.used -= 1
+        elif i + 1 < len(starts) and starts[i + 1] == task + 1:  # extends the next one down
+            starts[i + 1] = task
+        elif self.ranges >= RANGES_AHEAD_MAX or self.budget.used >= RANGES_AHEAD_TOTAL:
+            return self._untracked_ahead()
+        else:
+            starts.insert(i + 1, task)
+            ends.insert(i + 1, task + 1)
+            self.ahead[worker] = ahead
+            self.ranges += 1
+            self.budget.used += 1
+        self.received += 1
+        return True
+
+    def _untracked_ahead(self):
+        if not self.untracked:
+            self.budget.runs_over += 1
+            if self.budget.told is not None:
+                self.budget.told(self.info, self.ranges)
+        self.untracked += 1
         return True
 
     def record_untracked(self, worker, task):
@@ -101,6 +186,8 @@ class TaskCoverage:
         """Drop the per-task state, keep the counts. A complete run's later tasks are
         all duplicates; an incomplete run's are processed and counted `untracked`."""
         self.missing_listed = self.missing_ranges(MISSING_LISTED)
+        self.budget.used -= self.ranges
+        self.ranges = 0
         self.next_task = self.ahead = None
         self.tracked = False
         # Instance attributes in place of the methods: the hot loop calls them unchanged.
@@ -145,10 +232,11 @@ class TaskCoverage:
         except KeyError:
             start = 0
         gaps = []
-        for task in sorted(self.ahead.get(worker, ())):  # each above start, none twice
-            if task > start:
-                gaps.append((worker, worker, start, task - 1))
-            start = task + 1
+        starts, ends = self.ahead.get(worker, ((), ()))
+        for first, end in zip(starts, ends):  # each above start, in order
+            if first > start:
+                gaps.append((worker, worker, start, first - 1))
+            start = end
         if start < per_worker:
             gaps.append((worker, worker, start, per_worker - 1))
         return gaps
@@ -179,9 +267,9 @@ class RunState:
     befell them (duplicates, resends, the spill file, END frames), when they arrived and
     their latencies; its entry in the JSON summary."""
 
-    def __init__(self, info, now):
+    def __init__(self, info, now, budget=None):
         self.info = info
-        self.tasks = TaskCoverage(info)  # which tasks were recorded, and the missing ones
+        self.tasks = TaskCoverage(info, budget)  # which tasks were recorded, and the missing ones
         self.duplicates = 0
         self.resent = 0  # tasks marked as resends by a --confirm sender
         self.spilled = 0  # tasks saved to the spill file by a cold stop
@@ -330,6 +418,7 @@ class RunTable:
         self.untracked_runs = collections.OrderedDict()
         self.refused = 0  # runs refused a state (OPEN_RUNS_MAX, none idle)
         self.untracked = 0  # messages processed in runs without a state
+        self.ahead_budget = AheadBudget(self._over_ranges)  # tasks held out of order
         # The latency of the runs dropped, kept for the lifetime figures (latency()).
         self.left_out_latency = Histogram()
         self.left_out_latency_raw = Histogram()
@@ -348,7 +437,7 @@ class RunTable:
         if len(self.open) + len(self.unhealed) >= OPEN_RUNS_MAX and not self._make_room(now):
             self._refuse(info)
             return None
-        run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now)
+        run = self.runs[info.run_id] = self.open[info.run_id] = RunState(info, now, self.ahead_budget)
         while len(self.runs) > RUNS_LISTED and self.freed:
             self._drop(next(iter(self.freed.values())), None)
         return run
@@ -391,6 +480,14 @@ class RunTable:
                               f" {OPEN_RUNS_MAX} runs tracked, none silent for"
                               f" {RUN_EVICT_IDLE:g} s: its messages are processed untracked"
                               f" (runs refused so far: {self.refused})")
+
+    def _over_ranges(self, info, ranges):
+        """A run's task beyond a missing one found no room: it and the like are untracked."""
+        bound = (f"{RANGES_AHEAD_MAX} ranges of tasks out of order" if ranges
+                 >= RANGES_AHEAD_MAX else f"{RANGES_AHEAD_TOTAL} such ranges over all runs")
+        self.warnings.warning("ahead", f"[RUN] run {wire.run_label(info.run_id)}: over {bound};"
+                              " its tasks beyond a missing one are processed untracked"
+                              " (not checked for duplicates)")
 
     def _remember_untracked(self, run_id):
         if len(self.untracked_runs) >= UNTRACKED_RUNS_REMEMBERED:
@@ -623,6 +720,9 @@ def run_line(run, reason):
         not_shown = missing - sum(range_size(r) for r in listed)
         more = f" ... +{not_shown}" if not_shown > 0 else ""
         missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
+        if tasks.untracked and missing:  # processed unchecked: some may be among them
+            missing_text = f"missing at most {missing}" + missing_text[len("missing ") +
+                                                                      len(str(missing)):]
         if run.spilled:
             missing_text += f", {run.spilled} of them in the spill file"
         received = f"received {tasks.received}/{tasks.planned}"

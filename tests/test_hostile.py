@@ -289,3 +289,31 @@ def test_run_churn_cannot_reset_a_live_run(procs, per_second):
     if per_second > 500:  # faster than runs go idle: some refused
         assert got["untracked_runs"] > 0 and got["untracked"] == got["untracked_runs"], got
         assert "runs refused a state" in receiver.output()
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS_MAX], ids=["gaps", "new-workers"])
+def test_gaps_cannot_grow_a_runs_task_state(pusher, workers):
+    """Issue 19, case 2: one run sending tasks 0, 2, 4, ... (or one task for each of
+    millions of workers of a 2**32-1-worker run): its task state stops at
+    RANGES_AHEAD_MAX ranges, later tasks are processed and counted untracked with a line
+    saying so; memory stays flat, the stop is prompt, the counts add up."""
+    receiver, client = pusher
+    run_id, count = rid(), 3 * runs.RANGES_AHEAD_MAX
+    if workers == 1:
+        frames = (frame(run_id, per_worker=WORKERS_MAX, task=2 * i) for i in range(count))
+    else:
+        frames = (frame(run_id, workers=workers, per_worker=4, worker=1 + 2 * i)
+                  for i in range(count))
+    client.send(*frames)
+    line = receiver.wait_for_output(r"\[RUN\] run .*: over 10000 ranges of tasks out of order;"
+                                    r" its tasks beyond a missing one are processed untracked")
+    assert "\\n" not in line
+    receiver.wait_for_output(r"\[RUN\] run .*untracked", timeout=20)  # silent: reported
+    if sys.platform.startswith("linux"):
+        assert peak_rss_mb(receiver.pid) < RSS_BASE_MB, peak_rss_mb(receiver.pid)
+    started = time.monotonic()
+    assert receiver.stop() == 0
+    assert time.monotonic() - started < 5
+    (entry,) = receiver.summary()["runs"]
+    assert entry["received"] + entry["untracked"] == count, entry
+    assert entry["untracked"] >= count - runs.RANGES_AHEAD_MAX - 1, entry
