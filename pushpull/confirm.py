@@ -44,7 +44,12 @@ TOPIC_SIZE = 8  # bytes of the derived topic
 MAC_SIZE = 16  # bytes of the truncated HMAC-SHA256
 RECEIVER_ID_SIZE = 8  # bytes of a receiver's random instance id, in a REPORT
 TOPIC_LABEL = b"pushpull confirmation topic"
-CHANNEL_MAX_BYTES = 4 * 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
+# What a sender's confirmation SUB holds, at most CHANNEL_RECEIVE_HWM x CHANNEL_MAX_BYTES
+# (16 MiB) per channel, whatever a peer on that port sends: a REPORT is at most
+# verdict.REPORT_MAX_BYTES, a CONFIRM 12 bytes a range of tasks processed in one
+# CONFIRM_INTERVAL (87,000 ranges: more than a receiver processes in 50 ms).
+CHANNEL_MAX_BYTES = 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
+CHANNEL_RECEIVE_HWM = 16  # messages the SUB may hold unread per channel (ZMQ_RCVHWM)
 SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
 REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel may bring
 # Link events of a confirmation channel: connected, or lost / refused.
@@ -464,6 +469,7 @@ class ConfirmListener(ServiceThread):
                 subs.append(sub)
                 set_sub_options(sub, self.config)
                 sub.setsockopt(zmq.MAXMSGSIZE, CHANNEL_MAX_BYTES)
+                sub.setsockopt(zmq.RCVHWM, CHANNEL_RECEIVE_HWM)
                 sub.subscribe(self.channel.seal.topic)
                 monitors.append(sub.get_monitor_socket(LINK_EVENTS))
                 sub.connect(source.endpoint)

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from pushpull import runs, wire
+from conftest import free_port
 
 WORKERS_MAX = 2 ** 32 - 1  # the widest value of a 4-byte header field
 RSS_BASE_MB = 60  # docs/hostile-input.md: the receiver's own size, before any message
@@ -317,3 +318,42 @@ def test_gaps_cannot_grow_a_runs_task_state(pusher, workers):
     (entry,) = receiver.summary()["runs"]
     assert entry["received"] + entry["untracked"] == count, entry
     assert entry["untracked"] >= count - runs.RANGES_AHEAD_MAX - 1, entry
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS read from /proc")
+def test_a_flood_on_the_confirmation_port_cannot_grow_the_sender(procs):
+    """Issue 19, case 3: a peer bound on the sender's confirmation port learns the run's
+    topic from the subscription (an XPUB) and floods it with messages just under the
+    size limit: the sender's SUB holds at most CHANNEL_RECEIVE_HWM of them."""
+    from pushpull import confirm
+    receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
+    hostile_port = free_port()
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.sndhwm = 4
+    xpub.xpub_nodrop = 1  # a full pipe blocks the flood, paced by what the sender takes
+    xpub.sndtimeo = 10000
+    xpub.bind(f"tcp://127.0.0.1:{hostile_port}")
+    # A busy sender (workers sending, unconfirmed, within a wide window): its listener
+    # thread shares the interpreter with them, and falls behind a flood.
+    sender = procs.sender("--confirm", "--confirm-port", str(hostile_port), "--workers", "4",
+                          "--messages", "500000", "--window", "500000", "--delay", "0",
+                          "--quiet", endpoints=[receiver.endpoint])
+    try:
+        xpub.rcvtimeo = 20000
+        subscription = xpub.recv()
+        assert subscription[0] == 1 and len(subscription) == 1 + confirm.TOPIC_SIZE
+        topic = subscription[1:]
+        for size in (4 * 2 ** 20 - 200, confirm.CHANNEL_MAX_BYTES - 200):  # was the limit; is
+            body = b"\x01" + b"\x00" * size
+            for _ in range(2 ** 30 // size):  # 1 GB: more than the listener verifies
+                try:
+                    xpub.send_multipart([topic, body, b"m" * confirm.MAC_SIZE], copy=False)
+                except zmq.Again:  # the sender takes no more: dropped the connection
+                    break
+        peak = peak_rss_mb(sender.pid)
+        assert sender.popen.poll() is None, sender.output()[-2000:]
+        assert peak < 150, peak
+    finally:
+        xpub.close(linger=0)
+        ctx.term()
