@@ -597,8 +597,9 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     data = summary.sender_data(config, run, workers, health, confirmations, flush_result,
                                receiver_report, duration)
     text = summary.sender_table(data)
-    if config.scheduled and not config.quiet:
-        text += "\n" + "\n".join(summary.merged_lag(workers).text_lines("Send lag"))
+    lag = summary.merged_lag(workers)
+    if config.scheduled and not config.quiet and lag.count:  # no histogram of nothing sent
+        text += "\n" + "\n".join(lag.text_lines("Send lag"))
     log.info("\n" + text)
     for record in data["gates"]:
         (log.info if record["passed"] else log.error)(

@@ -106,9 +106,10 @@ class Histogram:
         return histogram
 
     def percentile(self, fraction):
-        """The value (ns) at or below which `fraction` of the samples lie, within 1 %."""
+        """The value (ns) at or below which `fraction` of the samples lie, within 1 %;
+        None without samples (no figure, never 0)."""
         if not self.count:
-            return 0
+            return None
         rank = max(1, int(fraction * self.count + 0.999999))
         seen = 0
         for bucket in sorted(self.counts):
@@ -118,7 +119,10 @@ class Histogram:
         return self.max_ns
 
     def summary_ms(self):
-        """p50, p90, p99, p99_9 and max in milliseconds (the JSON form)."""
+        """p50, p90, p99, p99_9 and max in milliseconds (the JSON form); each None (null)
+        without samples."""
+        if not self.count:
+            return {name: None for name, _ in (*PERCENTILES, ("max", 1))}
         result = {name: round(self.percentile(f) / 1e6, 3) for name, f in PERCENTILES}
         result["max"] = round(self.max_ns / 1e6, 3)
         return result
@@ -144,6 +148,11 @@ class Histogram:
             bar = "#" * round(TEXT_WIDTH * n / peak)
             lines.append(f"  {edge / 1e6:10.3f} [{n:>{digits}}] |{bar}")
         return lines
+
+
+def ms_text(value, digits=2):
+    """A summary_ms() figure as text: '0.41 ms', or 'n/a' when there were no samples."""
+    return "n/a" if value is None else f"{value:.{digits}f} ms"
 
 
 def upper_bound(bucket):

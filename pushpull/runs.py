@@ -5,7 +5,7 @@ import collections
 import time
 
 from pushpull import logs, wire
-from pushpull.latency import Histogram
+from pushpull.latency import Histogram, ms_text
 from pushpull.wire import END, KIND, RUN, TASK, WORKER
 
 MISSING_LISTED = 20  # a [RUN] line lists up to this many ranges of missing tasks
@@ -737,12 +737,12 @@ def run_line(run, reason):
     msg_s, mb_s = run.rates()
     rate = f"{msg_s:.1f} msg/s {mb_s:.3f} MB/s" if msg_s is not None else "n/a (one batch)"
     raw = run.latency_raw.summary_ms()
-    raw_text = (f" (raw p99 {raw['p99']:.2f} ms max {raw['max']:.2f} ms)"
+    raw_text = (f" (raw p99 {ms_text(raw['p99'])} max {ms_text(raw['max'])})"
                 if info.scheduled else "")
     return (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
             f" | duplicates {run.duplicates}{resent} | rate {rate}"
-            f" | latency p50 {lat['p50']:.2f} ms"
-            f" p99 {lat['p99']:.2f} ms p99.9 {lat['p99_9']:.2f} ms max {lat['max']:.2f} ms"
+            f" | latency p50 {ms_text(lat['p50'])} p99 {ms_text(lat['p99'])}"
+            f" p99.9 {ms_text(lat['p99_9'])} max {ms_text(lat['max'])}"
             f"{raw_text} | {reason}")
 
 
@@ -753,5 +753,5 @@ def run_row(entry):
     return (f"run {entry['run_id']}",
             f"{entry['received']}/{entry['planned']} received, missing {missing},"
             f" duplicates {entry['duplicates']}, {entry['rate_msg_s'] or 0:.1f} msg/s,"
-            f" p50 {lat['p50']:.2f} ms,"
-            f" p99 {lat['p99']:.2f} ms, p99.9 {lat['p99_9']:.2f} ms, max {lat['max']:.2f} ms")
+            f" p50 {ms_text(lat['p50'])}, p99 {ms_text(lat['p99'])},"
+            f" p99.9 {ms_text(lat['p99_9'])}, max {ms_text(lat['max'])}")

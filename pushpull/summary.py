@@ -61,7 +61,8 @@ class ReceiverStats:
         lat = self.run_table.latency().summary_ms()
         self.series.row((round(time.monotonic() - self.started, 3),
                          counters.received + counters.recovered, counters.processed,
-                         round(rate, 1), queue, lat["p50"], lat["p99"], lat["max"],
+                         round(rate, 1), queue, *("" if lat[key] is None else lat[key]
+                                                  for key in ("p50", "p99", "max")),
                          counters.invalid))
 
     def close(self):
@@ -405,7 +406,7 @@ def sender_table(data):
     target = data["target_rate_msg_s"]
     rows.append(("rate", f"{data['sent_per_s']:.1f} msg/s"
                  + (f" (--rate {target:g} msg/s)" if target else "")))
-    if data.get("send_lag_ms"):
+    if data.get("send_lag_ms") and data["send_lag_ms"]["max"] is not None:  # None: 0 sent
         lag = data["send_lag_ms"]
         rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms"
                                  " (actual - intended send time)"))
