@@ -41,6 +41,7 @@ TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^\[\]/:\s]+):(?P<port>[0
 IPC_ENDPOINT = re.compile(r"^ipc://\S+$")
 
 
+LOG_FILE_FAILED = 1  # exit status of a run whose log file could not be written to the end
 SCHEMA_VERSION = 2  # of both JSON summaries; 2 added config, versions and the latency keys
 
 
@@ -172,9 +173,12 @@ def run_script(name, config, body, startup_failed, exit_on_second=False):
         print(f"{name}: {exc}", file=sys.stderr)
         return startup_failed
     try:
-        return body(config, signals, log)
+        status = body(config, signals, log)
     finally:
         listener.stop()
+    # A log file that could not be written (its [ERROR] line is on the console): the log
+    # is incomplete, which the exit status says too.
+    return status or (LOG_FILE_FAILED if listener.failures else 0)
 
 
 def add_report_flags(parser, quiet, stats_interval, json_path, csv_path=None):

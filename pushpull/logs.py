@@ -114,6 +114,10 @@ class BatchingListener(logging.handlers.QueueListener):
     at once.
     """
 
+    def __init__(self, records, *handlers):
+        super().__init__(records, *handlers)
+        self.failures = []  # the [ERROR] line of each log file dropped (drop())
+
     def dequeue(self, block):
         """Next record; flush every handler first when none is waiting."""
         try:
@@ -122,6 +126,16 @@ class BatchingListener(logging.handlers.QueueListener):
             for handler in self.handlers:
                 handler.flush()
             return self.queue.get(block)
+
+    def drop(self, handler, line):
+        """A handler failed (a log file on a full disk): stop writing to it, and log the
+        [ERROR] `line` once to the handlers left (the console goes on)."""
+        self.handlers = tuple(h for h in self.handlers if h is not handler)
+        self.failures.append(line)
+        record = logging.LogRecord("logs", logging.ERROR, "", 0, line, None, None)
+        for other in self.handlers:
+            other.handle(record)
+            other.flush()
 
 
 class UnflushedHandler(logging.StreamHandler):
@@ -136,7 +150,42 @@ class UnflushedHandler(logging.StreamHandler):
 
 
 class UnflushedFileHandler(UnflushedHandler, logging.FileHandler):
-    """FileHandler with UnflushedHandler's emit."""
+    """FileHandler with UnflushedHandler's emit. A write that fails (a full disk) is
+    reported once through `failed(line)` (BatchingListener.drop), and the file is no
+    longer written: never a traceback, never the logging thread's end."""
+
+    failed = None  # failed(line): set by start_logging
+
+    def emit(self, record):
+        """Write one formatted record; on an OSError, give the file up."""
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except OSError as exc:
+            self.give_up(exc)
+        except ValueError:  # an unencodable character
+            self.handleError(record)
+
+    def flush(self):
+        """Flush the buffered records; on an OSError, give the file up."""
+        try:
+            super().flush()
+        except OSError as exc:
+            self.give_up(exc)
+
+    def give_up(self, exc):
+        """Close the file (what it could not take is lost) and say so once."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        try:
+            stream.close()
+        except OSError:
+            pass  # the same error again, as close() flushes: already reported
+        reason = (exc.strerror or str(exc)).lower()
+        line = (f"[ERROR] log file {self.baseFilename}: {reason}; it is no longer written"
+                " (the console goes on)")
+        if self.failed is not None:
+            self.failed(self, line)
 
 
 class LogSetupError(OSError):
@@ -169,6 +218,8 @@ def start_logging(name, log_file, console=sys.stdout):
         handlers.append(file_handler)
     records = queue.SimpleQueue()
     listener = BatchingListener(records, *handlers)
+    if log_file:
+        file_handler.failed = listener.drop
     logger = logging.getLogger(name)
     logger.handlers[:] = [EnqueueOnlyHandler(records)]
     logger.setLevel(logging.INFO)

@@ -147,3 +147,18 @@ def procs(tmp_path):
     yield Factory()
     for proc in started:
         proc.cleanup()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A directory on a 64 KiB tmpfs, mounted for the test (root only)."""
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("mounting a tiny tmpfs needs root on Linux")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)

@@ -289,21 +289,6 @@ def test_unwritable_output_path_exits_2_at_once(tmp_path, script, flag, where):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A directory on a 64 KiB tmpfs, mounted for the test (root only)."""
-    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
-        pytest.skip("mounting a tiny tmpfs needs root on Linux")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True, text=True, timeout=10)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
-
-
 def test_failed_spill_write_is_counted_once_everywhere(procs, tiny_disk):
     """Item 6: a cold stop whose spill file does not fit the disk: [RUN], runs[] and the
     top level all say 0 spilled, the loss is counted (exit 1), no .tmp is left."""

@@ -32,3 +32,26 @@ def test_a_gate_with_no_samples_fails_and_no_percentile_reads_zero(procs):
         assert set(figures.values()) == {None}, figures
     assert receiver.lines(r"  run [0-9a-f]{8} +20/20 .*p50 n/a, p99 n/a")
     assert "0.00 ms" not in receiver.output()
+
+
+@pytest.mark.parametrize("whose", ["receiver", "sender"])
+def test_a_full_disk_under_the_log_file_never_silences_the_console(procs, tiny_disk, whose):
+    """Case 6: the log file's disk fills mid-run: one [ERROR] line says so, the file is
+    dropped, the console goes on to the summary, the exit status is 1; no traceback."""
+    log_file = str(tiny_disk / "log.txt")
+    receiver_log = ("--log-file", log_file) if whose == "receiver" else ()
+    sender_log = ("--log-file", log_file) if whose == "sender" else ()
+    receiver = procs.receiver("--processing-time", "0", *receiver_log)
+    sender = procs.sender("--workers", "2", "--messages", "500", "--delay", "0", *sender_log,
+                          endpoints=[receiver.endpoint])
+    sender_status = sender.wait(60)
+    receiver.wait_for_output(r"\[RUN\] run .*received 1000/1000", timeout=20)
+    receiver_status = receiver.stop()
+    full, other = (receiver, sender) if whose == "receiver" else (sender, receiver)
+    status = receiver_status if whose == "receiver" else sender_status
+    assert status == 1 and (sender_status if whose == "receiver" else receiver_status) == 0
+    errors = full.lines(r"\[ERROR\] log file .*log\.txt: no space left on device")
+    assert len(errors) == 1, full.output()[-3000:]
+    assert "Logging error" not in full.output() and "Traceback" not in full.output()
+    assert full.lines(r"={10,}|Receiver summary|Sender summary"), full.output()[-2000:]
+    assert full.summary()["processed" if whose == "receiver" else "sent"] == 1000
