@@ -221,6 +221,7 @@ class Counters:
         self.rejected = 0  # PeerWatch: peers refused by CURVE or the IP allow list
         self.rejected_connections = 0  # PeerWatch: handshakes of non-ZeroMQ peers
         self.peers = 0  # PeerWatch: connected peers (sender sockets and health probes)
+        self.unsettled = 0  # receive thread, at its end: PeerWatch's drop guesses not settled
         self.processed = 0  # processor thread (its RunLedger)
         self.duplicates = 0  # processor thread: tasks processed before, dropped
         self.plain = 0  # processor thread: messages in no sender run
@@ -263,6 +264,8 @@ class ReceiveThread(threads.ServiceThread):
                 try:
                     self.started()
                     self.receive_until_stop(sock, monitor)
+                    self.peers.report_guesses()
+                    self.counters.unsettled = len(self.peers.guesses)  # in no count
                 finally:
                     sock.disable_monitor()
                     monitor.close(linger=0)

@@ -164,8 +164,10 @@ class PeerWatch:
     matched in aggregate: a DISCONNECTED while some accepted connection has no
     handshake result yet is taken as a drop before the handshake (junk bytes: libzmq
     drops them without a handshake event). If a result then arrives that the drop
-    made impossible, the guess is undone; so its [INVALID] line waits `settle` s, the
-    longest a handshake may take, for a result that would undo it.
+    made impossible, the guess is undone; so it is counted, and its [INVALID] line
+    logged, only once it has stood `settle` s, the longest a handshake may take, with
+    no result that would undo it. A stop counts no guess that had not settled: the
+    counts are never a guess.
     A peer that left or fell silent in mid-handshake (HANDSHAKE_FAILED_NO_DETAIL: a
     sender that closed at once, a port scan) is no invalid input: it is not counted.
     Refused CURVE handshakes count peers, not handshakes: a refused client retries,
@@ -181,6 +183,7 @@ class PeerWatch:
         self.handshakes = 0  # succeeded or failed
         self.dropped = 0  # closed before any handshake result
         self.guesses = collections.deque()  # when each standing drop guess was made
+        self.settled = 0  # drop guesses counted (settled)
         self.last_refusal = None  # when the last refused handshake was seen
 
     @property
@@ -195,10 +198,14 @@ class PeerWatch:
         self.report_guesses()
 
     def report_guesses(self):
-        """Log the drop guesses that stood for `settle` s: no handshake result undid them."""
+        """Count and log the drop guesses that stood for `settle` s: no handshake result
+        undid them. A guess not settled yet is in no count (settled())."""
         now = time.monotonic()
         while self.guesses and now - self.guesses[0] >= self.settle:
             self.guesses.popleft()
+            self.settled += 1
+            self.counters.rejected_connections += 1
+            self.counters.invalid += 1
             self.warnings.warning("handshake", "[INVALID] connection dropped: not a ZeroMQ"
                                                " peer: connection closed before a ZeroMQ"
                                                " handshake")
@@ -212,10 +219,8 @@ class PeerWatch:
             self._resolved()
             counters.peers += 1
         elif event == zmq.EVENT_DISCONNECTED:
-            if self.unresolved > 0:
+            if self.unresolved > 0:  # a guess, counted once it settles
                 self.dropped += 1
-                counters.rejected_connections += 1
-                counters.invalid += 1
                 self.guesses.append(time.monotonic())
             else:
                 counters.peers = max(0, counters.peers - 1)
@@ -248,11 +253,14 @@ class PeerWatch:
     def _resolved(self, failed=False):
         """A handshake ended; correct an earlier drop that was really this connection's."""
         self.handshakes += 1
-        if self.unresolved < 0:
+        if self.unresolved < 0:  # a DISCONNECTED taken for a drop was a peer's leaving
             self.dropped -= 1
-            self.counters.rejected_connections -= 1
-            self.counters.invalid -= 1
+            self.counters.peers = max(0, self.counters.peers - 1)
             if self.guesses:
-                self.guesses.pop()  # its line is not logged
+                self.guesses.pop()  # not counted yet, its line not logged
+            else:  # settled before: counted, now undone
+                self.settled -= 1
+                self.counters.rejected_connections -= 1
+                self.counters.invalid -= 1
         if failed:
             self.counters.peers += 1  # its DISCONNECTED follows and takes it off again

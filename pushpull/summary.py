@@ -86,6 +86,7 @@ def receiver_data(counters, run_table, queued, started, stop_kind, config):
         "clock_skew": counters.clock_skew,
         "rejected": counters.rejected,
         "rejected_connections": counters.rejected_connections,
+        "unsettled_connections": counters.unsettled,
         "duration_s": round(duration, 3),
         "processed_per_s": round(cli.rate(counters.processed, duration), 1),
         "stop": stop_kind.value,
@@ -113,6 +114,10 @@ def receiver_table(data):
                  " idle time included (each run's own rate: its run row)"),
         ("stop", data["stop"]),
     ]
+    if data["unsettled_connections"]:
+        rows.append(("unsettled", f"{data['unsettled_connections']} connections closed before"
+                                  " a handshake shortly before the stop: junk, or peers"
+                                  " leaving (not counted invalid)"))
     if data["unprocessed"]:
         rows.append(("LOST", f"{data['unprocessed']} received but neither processed nor spilled"))
     if data["clock_skew"]:

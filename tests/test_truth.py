@@ -3,10 +3,12 @@ figures without samples, logs on a full disk, stops at any moment, smaller lies.
 
 import json
 import signal
+import socket
 import sys
 import time
 
 import pytest
+import zmq
 
 from conftest import wait_until
 
@@ -55,3 +57,31 @@ def test_a_full_disk_under_the_log_file_never_silences_the_console(procs, tiny_d
     assert "Logging error" not in full.output() and "Traceback" not in full.output()
     assert full.lines(r"={10,}|Receiver summary|Sender summary"), full.output()[-2000:]
     assert full.summary()["processed" if whose == "receiver" else "sent"] == 1000
+
+
+def test_peer_counts_are_settled_before_they_are_written(procs):
+    """Case 7: ten senders that connect, send one message and leave, beside ten idle TCP
+    connections, then a stop a moment later: no connection is counted invalid or
+    rejected on a guess that had not settled."""
+    from test_hostile import frame, rid
+    receiver = procs.receiver("--processing-time", "0", "--no-file-log")
+    idle = [socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+            for _ in range(10)]
+    ctx = zmq.Context()
+    try:
+        run_id = rid()
+        for task in range(10):
+            push = ctx.socket(zmq.PUSH)
+            push.connect(receiver.endpoint)
+            push.send(frame(run_id, per_worker=10, task=task))
+            push.close(linger=5000)
+        receiver.wait_for_output(r"\[RUN\] run .*received 10/10")
+        time.sleep(0.5)  # the senders' disconnects reach the monitor (no outcome depends on it)
+        assert receiver.stop() == 0
+    finally:
+        ctx.term()
+        for conn in idle:
+            conn.close()
+    got = receiver.summary()
+    assert (got["invalid"], got["rejected_connections"]) == (0, 0), got
+    assert not receiver.lines(r"\[INVALID\]")
