@@ -270,7 +270,7 @@ class ReceiveThread(threads.ServiceThread):
                     sock.disable_monitor()
                     monitor.close(linger=0)
         finally:
-            self.stops.receive_done.set()
+            self.overflow.flush()  # for main, which reads back what the drain saved
 
     def receive_until_stop(self, sock, monitor):
         """Move messages from the socket to the queue; on a warm stop, drain, then return."""
@@ -533,25 +533,81 @@ def wait_for_stop(signals, watched, stats):
 
 
 def finish_backlog(signals, receiver, processor, log):
-    """Warm stop: stop receiving, then let the processor work the backlog for real.
+    """Warm stop: stop receiving, then let the processor work the backlog for real, what
+    the drain saved beyond the queue's bound included (read back in bounded batches).
+    Returns the DrainFeed of that overflow when a cold stop left part of it unread.
 
     Every wait here can be cut short: a second signal turns the stop cold.
     """
-    stops, batches = processor.stops, processor.batches
+    stops, counters = processor.stops, processor.counters
     stops.warm.set()
     stops.join(receiver, signals, log)
-    saved = receiver.overflow.data  # final: the receive thread is done
+    overflow = receiver.overflow.data  # final: the receive thread is done
     if processor.is_alive():
-        beyond = (f"; {saved} more, beyond the queue's bound, go to the spill file"
-                  if saved else "")
-        log.info(f"[STOP] stopping: no new messages; processing the {batches.qsize()} waiting"
-                 f"{beyond} (Ctrl+C again to stop at once and save them to the spill file)")
-    next_progress = time.monotonic() + 1.0
+        beyond = (f" ({overflow} of them beyond the queue's bound, in {receiver.overflow.path}"
+                  f"{spill.DRAIN_SUFFIX} meanwhile)" if overflow else "")
+        log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog}"
+                 f" received{beyond} (Ctrl+C again to stop at once and save them to the"
+                 " spill file)")
+    progress = BacklogProgress(counters, log)
+    feed = None
+    if overflow and processor.is_alive() and not stops.cold.is_set():
+        feed = read_back_overflow(signals, receiver, processor, progress, log)
+    stops.receive_done.set()  # nothing more comes: the processor ends with the queue
     while processor.is_alive():
         stops.join(processor, signals, log, POLL_S)
-        if time.monotonic() >= next_progress and processor.is_alive():
-            log.info(f"[STOP] backlog: {batches.qsize()} messages left to process")
-            next_progress += 1.0
+        progress.tick(processor.is_alive())
+    return feed
+
+
+class BacklogProgress:
+    """The stop's [STOP] backlog line, once a second, while the count goes down."""
+
+    def __init__(self, counters, log):
+        self.counters = counters
+        self.log = log
+        self.next = time.monotonic() + 1.0
+        self.last = None
+
+    def tick(self, busy):
+        """Log the backlog if a second has passed (and it changed since the last line)."""
+        if not busy or time.monotonic() < self.next:
+            return
+        self.next += 1.0
+        left = self.counters.backlog
+        if left != self.last:
+            self.log.info(f"[STOP] backlog: {left} messages left to process")
+            self.last = left
+
+
+def read_back_overflow(signals, receiver, processor, progress, log):
+    """Queue what the warm-stop drain saved beyond the queue's bound, in batches within
+    the bound, for the processor; returns the DrainFeed if a cold stop (or the
+    processor's end) left some unread (None when all were queued)."""
+    stops, batches = processor.stops, processor.batches
+    path = receiver.overflow.detach()
+    if path is None:
+        return None  # the file failed: save_at_stop counts its messages lost
+    feed = spill.DrainFeed(path, BATCH_MAX, batches.maxbytes, receiver.run_cache)
+    messages = feed.next()
+    while messages is not None:
+        batch = flow.Batch(None, messages)  # no receive time kept: no latency
+        while not stops.cold.is_set() and processor.is_alive():
+            try:
+                batches.put(batch, timeout=POLL_S)
+                break
+            except queue.Full:
+                stops.check_second(signals, log)
+                progress.tick(True)
+        else:
+            feed.hold(messages)
+            return feed
+        messages = feed.next()
+    if feed.error:
+        log.error(f"[SPILL] reading back {path}: {feed.error}; the messages after it are"
+                  " LOST")
+    feed.close()
+    return None
 
 
 def shut_down(dead, signals, receiver, processor, saved, log):
@@ -562,10 +618,10 @@ def shut_down(dead, signals, receiver, processor, saved, log):
     elif dead is processor:
         log.error("[ERROR] the processor thread stopped; what was received goes to the"
                   " spill file")
-    finish_backlog(signals, receiver, processor, log)
+    feed = finish_backlog(signals, receiver, processor, log)
     leftovers = processor.batches.take_all()  # a cold stop put its unfinished batch back
-    if leftovers or saved.started:
-        spill.save_at_stop(saved, leftovers, processor.counters, processor.runs, log)
+    if leftovers or saved.started or feed is not None:
+        spill.save_at_stop(saved, leftovers, processor.counters, processor.runs, log, feed)
     processor.runs.report_open()
     if dead is not None:
         return StopKind.FAILED

@@ -243,6 +243,9 @@ def parse_args(argv=None):
     if a.format == "text" and a.confirm:
         p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
     findmax.check_flags(p, a, FIND_MAX_START_RATE)
+    if a.size > a.max_size:
+        p.error(f"--size {a.size} is over --max-size {a.max_size}: every message would be"
+                " refused as too large")
     delay = 0.0 if a.rate else a.delay
     plan = instances.plan_from_args(p, a)
     run_workers = plan.run_workers(a.workers)  # --rate and --duration are the whole run's
@@ -324,6 +327,7 @@ class PushWorker(ServiceThread):
         # A flood has no schedule; with --warmup its messages are flagged until then.
         self.warmup_until = clock.monotonic + config.warmup
         self.lag = latency.Histogram()  # send lag (ns) of scheduled messages past the warmup
+        self.due_lag = None  # the lag of the message due now (due_frame), until it is sent
         self.done_sending = threading.Event()  # set once its last frame is handed to ZeroMQ
         self.sent_until = None  # time.monotonic() after its last task: --find-max's rate
 
@@ -390,6 +394,8 @@ class PushWorker(ServiceThread):
                 tally.not_sending(range(task, config.messages), failure)
                 break
             tally.sent += 1
+            if timed and self.due_lag is not None:  # a lag counts once its message is sent
+                self.lag.add(self.due_lag)
             if lines is not None:
                 lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
                                         encoder.text(task)))
@@ -398,13 +404,15 @@ class PushWorker(ServiceThread):
             lines.flush()
 
     def due_frame(self, sender, encoder, task):
-        """Wait (off turn) until the task's intended time, then its frame; record the lag.
-        The loop's stop check comes after the wait."""
+        """Wait (off turn) until the task's intended time, then its frame; its lag (ns) in
+        due_lag (None: none to record), recorded once it is sent. The loop's stop check
+        comes after the wait."""
+        self.due_lag = None
         if self.schedule is None:  # a flood with --warmup: intended = actual
             return encoder.data_at(task, time.time_ns(), time.monotonic() < self.warmup_until)
         intended_ns, warmup, late = self.schedule.wait_until_due(task, sender.pause)
         if not warmup:
-            self.lag.add(int(late * 1e9))
+            self.due_lag = int(late * 1e9)
         return encoder.data_at(task, intended_ns, warmup)
 
 

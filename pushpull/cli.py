@@ -279,6 +279,9 @@ def endpoint(text):
             if text.startswith("tcp://") and text.count(":") > 2 else ""
         raise argparse.ArgumentTypeError(f"{text} is not tcp://HOST:PORT or ipc://PATH{hint}")
     host = match["host"]
+    if host == "*":  # libzmq: Invalid argument, in every thread that connects
+        raise argparse.ArgumentTypeError(f"{text}: * is for binding to every interface;"
+                                         " connect to a host name or address")
     if host.startswith("["):
         try:
             ipaddress.IPv6Address(host[1:-1])

@@ -311,9 +311,13 @@ class StopEvents:
         deadline = None if timeout is None else time.monotonic() + timeout
         while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
             thread.join(POLL_S)
-            if signals.second.is_set() and not self.cold.is_set():
-                self.cold.set()
-                log.warning("[STOP] second signal: stopping at once")
+            self.check_second(signals, log)
+
+    def check_second(self, signals, log):
+        """A second Ctrl+C or SIGTERM (`signals`, a StopSignals) makes the stop cold."""
+        if signals.second.is_set() and not self.cold.is_set():
+            self.cold.set()
+            log.warning("[STOP] second signal: stopping at once")
 
 
 # The warm stop's drain: the receive thread takes what is already on its way.

@@ -746,12 +746,20 @@ def run_line(run, reason):
             f"{raw_text} | {reason}")
 
 
-def run_row(entry):
-    """The summary table's row (label, text) for a run's JSON entry (RunState.to_json)."""
+SPILLED_BECAUSE = {"cold": "cold stop", "failed": "a thread failed", "warm": "its write"
+                   " failed"}  # the receiver's stop -> why a run's row counts spilled tasks
+
+
+def run_row(entry, stop=None):
+    """The summary table's row (label, text) for a run's JSON entry (RunState.to_json);
+    `stop`: the receiver's stop ("warm", "cold", "failed"), said with spilled tasks."""
     lat = entry["latency_ms"]
     missing = "n/a (several receivers)" if entry["missing"] is None else entry["missing"]
+    rate = "rate n/a" if entry["rate_msg_s"] is None else f"{entry['rate_msg_s']:.1f} msg/s"
+    spilled = (f", {entry['spilled']} in the spill file ({SPILLED_BECAUSE.get(stop, stop)})"
+               if entry["spilled"] else "")
     return (f"run {entry['run_id']}",
-            f"{entry['received']}/{entry['planned']} received, missing {missing},"
-            f" duplicates {entry['duplicates']}, {entry['rate_msg_s'] or 0:.1f} msg/s,"
+            f"{entry['received']}/{entry['planned']} received, missing {missing}{spilled},"
+            f" duplicates {entry['duplicates']}, {rate},"
             f" p50 {ms_text(lat['p50'])}, p99 {ms_text(lat['p99'])},"
             f" p99.9 {ms_text(lat['p99_9'])}, max {ms_text(lat['max'])}")

@@ -27,6 +27,7 @@ RECORD = struct.Struct("!II")  # frame length (bytes), CRC-32 of the frame
 END_MARK = struct.pack("!I", 0xFFFFFFFF)  # where a record's length would be: the trailer
 TRAILER = struct.Struct("!QI")  # frames in the file, CRC-32 of those 8 bytes
 TEMPORARY_SUFFIX = ".tmp"  # PATH.tmp: a save in progress
+DRAIN_SUFFIX = ".drain"  # PATH.drain: a warm stop's overflow, being read back to process
 LOCK_SUFFIX = ".lock"  # PATH.lock: held by the receiver that owns PATH
 
 
@@ -113,17 +114,21 @@ def _same_file(handle, path):
 
 
 def remove_stale_temporary(path):
-    """Remove PATH.tmp, left when a receiver was killed while saving; True if there was one.
+    """Remove PATH.tmp and PATH.drain, left when a receiver was killed while saving (or
+    reading back a warm stop's overflow); True if there was one.
 
     Call it with the lock held: only then is no live receiver writing it.
     """
-    try:
-        os.remove(path + TEMPORARY_SUFFIX)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise SpillError(f"cannot remove {path}{TEMPORARY_SUFFIX}: {exc.strerror}") from None
-    return True
+    found = False
+    for suffix in (TEMPORARY_SUFFIX, DRAIN_SUFFIX):
+        try:
+            os.remove(path + suffix)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SpillError(f"cannot remove {path}{suffix}: {exc.strerror}") from None
+        found = True
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +263,32 @@ class SpillWriter:
             raise
         self._file = None
 
+    def flush(self):
+        """Push what was written to the file (for a reader in another thread)."""
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self._fail(exc, 0)
+
+    def detach(self):
+        """Hand what was written over for reading back (a warm stop processes it): PATH.tmp
+        becomes PATH.drain, whose path is returned, and the writer starts empty; None,
+        and the file given up, if it cannot be flushed or renamed."""
+        drain = self.path + DRAIN_SUFFIX
+        try:
+            self._file.close()
+            os.replace(self.temporary, drain)
+        except OSError as exc:
+            self._file = None  # closed, or as good as
+            self._fail(exc, 0)
+            return None
+        self._file = None
+        self.frames = self.data = 0
+        self.runs.clear()
+        return drain
+
     def _fail(self, exc, more_lost):
         """Give up the file: close and remove PATH.tmp; everything it held is lost."""
         self.error = exc.strerror or str(exc)
@@ -274,6 +305,65 @@ class SpillWriter:
             os.remove(self.temporary)
         except OSError:
             pass  # never created, or already gone
+
+
+class DrainFeed:
+    """Reads a detached overflow file (SpillWriter.detach) back in batches of at most
+    `batch_max` frames and `max_bytes` bytes (one frame past it at most), decoded with
+    the receive thread's `run_cache`: the warm stop processes them, or a cold stop
+    saves the rest. A frame that fails its CRC ends the reading (`error`, and those
+    frames are counted in `lost`)."""
+
+    def __init__(self, path, batch_max, max_bytes, run_cache):
+        self.path = path
+        self.batch_max = batch_max
+        self.max_bytes = max_bytes
+        self.run_cache = run_cache
+        self.error = None
+        self._file = open(path, "rb")
+        if self._file.read(len(SPILL_MAGIC)) != SPILL_MAGIC:
+            self.error = "its first bytes are not a spill file's"
+        self._held = None  # a batch taken but not processed: next() gives it again
+
+    def next(self):
+        """The next batch of decoded messages, or None at the end."""
+        if self._held is not None:
+            batch, self._held = self._held, None
+            return batch
+        messages, size = [], 0
+        while self.error is None and len(messages) < self.batch_max and size < self.max_bytes:
+            frame = self._frame()
+            if frame is None:
+                break
+            size += len(frame)
+            try:
+                messages.append(wire.decode(frame, self.run_cache))
+            except wire.InvalidMessage as exc:  # decoded once already: the file was changed
+                self.error = f"a frame no longer decodes ({exc})"
+        return messages or None
+
+    def hold(self, messages):
+        """Give back a batch from next() that could not be processed (a cold stop)."""
+        self._held = messages
+
+    def _frame(self):
+        head = self._file.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return None
+        size, crc = RECORD.unpack(head)
+        frame = self._file.read(size)
+        if len(frame) != size or zlib.crc32(frame) != crc:
+            self.error = "a frame fails its CRC"
+            return None
+        return frame
+
+    def close(self):
+        """Close and remove the file: everything in it was processed or saved."""
+        self._file.close()
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass  # gone already; a stale one is removed at the next start
 
 
 def count_data(messages):
@@ -339,17 +429,34 @@ def remove_processed(path, log):
         log.warning(f"[SPILL] could not remove {path}: {exc.strerror}")
 
 
-def save_at_stop(writer, leftovers, counters, run_table, log):
+def save_at_stop(writer, leftovers, counters, run_table, log, feed=None):
     """Complete the spill file: what the warm-stop drain put there, then what a cold
-    stop left unprocessed. Counted once, for the [RUN] lines, runs[] and the summary:
-    counters.spilled, and each run's share (run_table, a runs.RunTable)."""
+    stop left unprocessed, then what of the drain's overflow was not read back yet
+    (`feed`, a DrainFeed, closed here). Counted once, for the [RUN] lines, runs[] and
+    the summary: counters.spilled, and each run's share (run_table, a runs.RunTable)."""
     try:
         writer.write(leftovers)
+        while feed is not None:
+            messages = feed.next()
+            if messages is None:
+                break
+            writer.write(messages)
         writer.commit()
     except OSError:
+        while feed is not None:  # what the file did not get is lost too
+            messages = feed.next()
+            if messages is None:
+                break
+            writer.lost += count_data(messages)
         log.error(f"[SPILL] could not write {writer.path}: {writer.error}; {writer.lost}"
                   " received but unprocessed messages LOST")
         return
+    finally:
+        if feed is not None:
+            if feed.error:
+                log.error(f"[SPILL] reading back {feed.path}: {feed.error}; the messages"
+                          " after it are LOST")
+            feed.close()
     counters.spilled = writer.data
     run_table.count_spilled(writer.runs)
     log.warning(f"[SPILL] {writer.data} received but unprocessed messages saved to"

@@ -24,7 +24,8 @@ def receiver_stats_line(counters, last, elapsed):
     """One [STATS] line of the receiver; `last` holds the counts of the previous line."""
     received_rate = cli.rate(counters.received - last[0], elapsed)
     processed_rate = cli.rate(counters.processed - last[1], elapsed)
-    return (f"[STATS] received {counters.received} ({received_rate:.1f}/s) | processed"
+    recovered = f" (+{counters.recovered} recovered)" if counters.recovered else ""
+    return (f"[STATS] received {counters.received}{recovered} ({received_rate:.1f}/s) | processed"
             f" {counters.processed} ({processed_rate:.1f}/s) | queue {counters.backlog}"
             f" | invalid {counters.invalid} | connections {counters.peers}")
 
@@ -124,7 +125,7 @@ def receiver_table(data):
         rows.append(("clock skew", f"{data['clock_skew']} send times out of"
                                    f" {runs.SENT_TIME_WINDOW} s of their receipt"
                                    " (not in the latencies)"))
-    rows += [runs.run_row(entry) for entry in data["runs"]]
+    rows += [runs.run_row(entry, data["stop"]) for entry in data["runs"]]
     if data["runs_left_out"]:
         rows.append(("runs left out", f"{data['runs_left_out']} older finished runs"
                                       f" (at most {runs.RUNS_LISTED} are kept)"))
@@ -314,6 +315,7 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
         "unflushed_at_most": flush.unflushed_at_most,
         "flush_s": round(flush.seconds, 3),
         "receiver_down_events": health.down_transitions,
+        "receivers_never_up": [ep for ep in config.endpoints if ep not in health.seen_up],
         "endpoints": list(config.endpoints),
         "workers": config.workers,
         "duration_s": round(duration, 3),
@@ -415,7 +417,9 @@ def sender_table(data):
         lag = data["send_lag_ms"]
         rows.append(("send lag", f"p99 {lag['p99']:.3f} ms, max {lag['max']:.3f} ms"
                                  " (actual - intended send time)"))
-    rows.append(("receiver down", f"{data['receiver_down_events']} time(s) during the run"))
+    never_up = data["receivers_never_up"]
+    rows.append(("receiver down", f"{data['receiver_down_events']} time(s) after it was up"
+                 + (f"; never up: {', '.join(never_up)}" if never_up else "")))
     report_data = data["receiver_report"]
     if report_data["receivers"]:
         rows.append(("receiver", verdict.report_line(report_data)))

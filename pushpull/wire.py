@@ -233,8 +233,11 @@ def decode(frame, run_cache):
         frame, RUN_KEY_SIZE)
     if kind > END or HEADER_SIZE + text_len > len(frame):
         raise InvalidMessage("bad header")
-    if not 1 <= worker <= run.workers or (kind == DATA and task >= run.messages_per_worker):
-        raise InvalidMessage(f"worker {worker} or task {task} outside its run")
+    # DATA: a task below messages per worker; END (kind 1): at most that many tasks sent.
+    if not 1 <= worker <= run.workers or task >= run.messages_per_worker + kind:
+        raise InvalidMessage(f"worker {worker} or task {task} outside its run" if kind == DATA
+                             else f"worker {worker} claims {task} tasks sent of a run of"
+                                  f" {run.messages_per_worker} per worker")
     try:
         text = frame[HEADER_SIZE:HEADER_SIZE + text_len].decode()
     except UnicodeDecodeError as exc:
@@ -257,7 +260,7 @@ def new_run(frame, run_cache):
     if len(frame) < HEADER_SIZE:
         raise InvalidMessage(f"truncated header ({len(frame)} bytes)")
     magic, flags, endpoints, workers, per_worker, run_id = RUN_FIELDS.unpack_from(frame)
-    if magic != WIRE_MAGIC or not workers:
+    if magic != WIRE_MAGIC or not workers or not endpoints:
         raise InvalidMessage("bad header")
     run = RunInfo(run_id, workers, per_worker, endpoints, bool(flags & FLAG_CONFIRM),
                   bool(flags & FLAG_SCHEDULED))
@@ -326,7 +329,7 @@ def decode_text_format(frame, text, run_cache):
         raise InvalidMessage("bad text-format trailer")
     workers, per_worker = int(match["workers"]), int(match["messages"])
     worker, task, endpoints = int(match["worker"]), int(match["task"]), int(match["endpoints"])
-    if not (1 <= worker <= workers and task < per_worker and endpoints <= 0xFF):
+    if not (1 <= worker <= workers and task < per_worker and 1 <= endpoints <= 0xFF):
         raise InvalidMessage(f"worker {worker} or task {task} outside its run")
     key = ("text", match["run"], workers, per_worker, endpoints)
     run = run_cache.get(key)

@@ -69,28 +69,56 @@ def test_done_when_flood_then_ctrl_c_at_once_receives_everything(procs):
     assert not receiver.lines(r"still sending|still receiving"), receiver.output()[-2000:]
 
 
-def test_warm_stop_drains_far_past_the_queue_into_the_spill_file(procs, tmp_path):
+def test_warm_stop_drains_far_past_the_queue_and_processes_it_all(procs, tmp_path):
     """A slow receiver with a small queue, a flood already in its pipes and buffers: the
-    warm stop takes all of it, the queue's bound goes to work and the rest to the spill
-    file; exit 0; the next start processes the rest: together, each task once."""
-    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.001",
+    warm stop takes all of it, what is beyond the queue's bound goes to a file for
+    memory's sake and is read back in bounded batches: every message processed, exit 0,
+    no spill file left (issue 19, case 8: it was left with 13,108 'missing')."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.0001",
                               "--queue-size", "500")
     status, sent, _ = flood(procs, receiver, 50, 1000)
     assert status == 0 and sent["sent"] == 50000, sent
     assert receiver.stop(60) == 0, receiver.output()[-2000:]
     got = receiver.summary()
-    assert got["received"] == 50000, got
-    assert_nothing_lost(got)
+    assert got["received"] == got["processed"] == 50000, got
+    assert got["spilled"] == 0 and got["unprocessed"] == 0, got
+    (entry,) = got["runs"]
+    assert entry["received"] == 50000 and entry["missing"] == 0 and entry["spilled"] == 0
     # The point: far more arrived than the queue holds (500), and it was not dropped.
-    assert got["spilled"] > 10 * 500, got
-    assert got["runs"][0]["spilled"] == got["spilled"], got
-    assert receiver.lines(rf"\[SPILL\] {got['spilled']} received but unprocessed"
-                          r" messages saved")
-    assert receiver.lines(rf"\[RUN\] .*{got['spilled']} of them in the spill file")
+    line = receiver.wait_for_output(r"\[STOP\] stopping: no new messages")[0]
+    beyond = int(re.search(r"\((\d+) of them beyond the queue's bound", line)[1])
+    assert beyond > 10 * 500, line
+    assert not receiver.lines(r"\[SPILL\]"), receiver.output()[-2000:]
     assert not receiver.lines(r"still sending|still receiving"), receiver.output()[-2000:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("receiver_spill")]
+
+
+def test_a_cold_stop_while_the_overflow_is_read_back_saves_the_rest(procs, tmp_path):
+    """The same, with a second Ctrl+C while the drain's overflow is being processed: the
+    spill file holds exactly what was not processed, the row says so (cold stop), and
+    the next start processes it: together, each task once."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.0005",
+                              "--queue-size", "500")
+    status, sent, _ = flood(procs, receiver, 50, 1000)
+    assert status == 0 and sent["sent"] == 50000, sent
+    receiver.signal(signal.SIGINT)
+    receiver.wait_for_output(r"\[STOP\] stopping: no new messages; .* beyond the queue's")
+    receiver.signal(signal.SIGINT)
+    assert receiver.wait(60) == 0, receiver.output()[-2000:]
+    got = receiver.summary()
+    assert got["stop"] == "cold", got
+    assert_nothing_lost(got)
+    assert got["spilled"] > 0 and got["runs"][0]["spilled"] == got["spilled"], got
+    assert receiver.lines(rf"run [0-9a-f]{{8}} .*{got['spilled']} in the spill file"
+                          r" \(cold stop\)")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".drain", ".tmp"))]
+    left = [int(re.search(r"backlog: (\d+) messages", line)[1])
+            for line in receiver.lines(r"\[STOP\] backlog: ")]
+    assert left == sorted(set(left), reverse=True), left  # never the same count twice
     again = recover(procs, receiver.port, tmp_path)
     assert again["recovered"] == got["spilled"], again
-    assert got["processed"] + again["processed"] == 50000, (got, again)
+    assert got["processed"] + again["processed"] == got["received"], (got, again)
+    assert again["duplicates"] == 0, again
 
 
 def test_drain_ends_on_time_while_senders_keep_sending_and_says_how_many(network):

@@ -85,3 +85,82 @@ def test_peer_counts_are_settled_before_they_are_written(procs):
     got = receiver.summary()
     assert (got["invalid"], got["rejected_connections"]) == (0, 0), got
     assert not receiver.lines(r"\[INVALID\]")
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--connect", "tcp://*:5560"), "* is for binding"),
+    (("--size", "2000", "--max-size", "1000"), "--size 2000 is over --max-size 1000")])
+def test_contradictory_sender_flags_are_usage_errors(args, said):
+    """Case 8: a wildcard to connect to, a padding over the size limit: exit 2, one line."""
+    from helpers import run_cli
+    done = run_cli("async-socket-sender.py", *args, "--messages", "1")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and said in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_frames_that_claim_the_impossible_are_invalid(procs):
+    """Case 8: an END frame claiming 2**32-1 tasks of a 3-task worker, a frame naming 0
+    endpoints: invalid, so sent_reported stays true and no row reads 'share of 0'."""
+    from test_hostile import Pusher, frame, rid
+    from pushpull import wire
+    receiver = procs.receiver("--processing-time", "0", "--run-timeout", "1")
+    client = Pusher(receiver.endpoint)
+    try:
+        run_id, zero = rid(), rid()
+        client.send(*(frame(run_id, per_worker=3, task=t) for t in range(3)),
+                    frame(run_id, per_worker=3, kind=wire.END, task=2 ** 32 - 1, text=b""),
+                    frame(run_id, per_worker=3, kind=wire.END, task=3, text=b""),
+                    frame(zero, endpoints=0), frame(rid(), per_worker=1))
+        receiver.wait_for_output(r"\[RUN\] run .*received 1/1")
+    finally:
+        client.close()
+    assert receiver.stop() == 0
+    got = receiver.summary()
+    assert got["invalid"] == 2, got
+    (entry,) = [e for e in got["runs"] if e["run_id"] == wire.run_label(run_id)]
+    assert entry["sent_reported"] == 3 and entry["complete"], entry
+    assert wire.run_label(zero) not in [e["run_id"] for e in got["runs"]]
+    assert "share of 0" not in receiver.output()
+    assert receiver.lines(r"\[INVALID\] .*claims 4294967295 tasks sent")
+
+
+def test_no_receiver_the_summary_agrees_with_itself(procs):
+    """Case 8: no receiver at all: the 'receiver down' row names it never up beside the
+    receiver_down count, and there is no send-lag figure or histogram for 0 sent."""
+    from conftest import free_port
+    sender = procs.sender("--workers", "2", "--messages", "10", "--rate", "100", "--timeout",
+                          "0.5", "--retries", "0", endpoints=[f"tcp://127.0.0.1:{free_port()}"])
+    assert sender.wait(30) == 1, sender.output()[-2000:]
+    got = sender.summary()
+    assert got["sent"] == 0 and got["failed_by_reason"]["receiver_down"] == 20, got
+    assert got["receivers_never_up"] == [got["endpoints"][0]], got
+    row = sender.lines(r"^  receiver down ")[0]
+    assert "never up: tcp://127.0.0.1:" in row, row
+    assert set(got["send_lag_ms"].values()) == {None}, got
+    assert not sender.lines(r"Send lag|send lag"), sender.output()[-2000:]
+
+
+def test_a_recovered_runs_figures_say_what_is_known(procs, tmp_path):
+    """Case 8: after a spill recovery, [STATS] counts the recovered messages beside the
+    received ones, and the recovered run's row has no rate or latency of 0 (no receive
+    time was kept): n/a."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.05")
+    sender = procs.sender("--workers", "2", "--messages", "200", "--delay", "0", "--quiet",
+                          endpoints=[receiver.endpoint])
+    assert sender.wait(30) == 0, sender.output()[-2000:]
+    receiver.signal(signal.SIGINT)
+    receiver.wait_for_output(r"\[STOP\] stopping")
+    receiver.signal(signal.SIGINT)
+    assert receiver.wait(30) == 0
+    spilled = receiver.summary()["spilled"]
+    assert spilled > 0
+    again = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.001",
+                           "--stats-interval", "0.1", port=receiver.port, name="again")
+    line = again.wait_for_output(r"\[STATS\] received 0 \(\+\d+ recovered\)", timeout=20)[0]
+    assert f"(+{spilled} recovered)" in line, line
+    again.wait_for_output(r"\[SPILL\] recovered messages processed", timeout=30)
+    assert again.stop() == 0
+    row = again.lines(r"^  run [0-9a-f]{8} ")[0]
+    assert "rate n/a" in row and "p50 n/a" in row and "0.0 msg/s" not in row, row
