@@ -438,15 +438,23 @@ def serve(config, signals, log):
     except spill.SpillError as exc:
         log.error(f"[ERROR] {exc}")
         return EXIT_STARTUP_FAILED
+    counters = Counters()
+    signals.last_words = lambda: last_words(counters, lock)  # a third Ctrl+C
     try:
-        return serve_with_spill_file(config, signals, log)
+        return serve_with_spill_file(config, signals, log, counters)
     finally:
         lock.release()
 
 
-def serve_with_spill_file(config, signals, log):
+def last_words(counters, lock):
+    """What a third Ctrl+C, exiting at once, drops (said on its line); the lock removed."""
+    lock.release()
+    dropped = counters.backlog - counters.spilled
+    return f"; {dropped} received but unprocessed messages dropped, not in the spill file"
+
+
+def serve_with_spill_file(config, signals, log, counters):
     """Read back the spill file, load the keys, open the --csv file; then run_threads()."""
-    counters = Counters()
     try:
         recovered, counters.invalid = spill.recover(config.spill_file, log)
         server_keys = security.load_server_keys(config.curve_server_key, config.curve_allow)
@@ -541,6 +549,9 @@ def finish_backlog(signals, receiver, processor, log):
     """
     stops, counters = processor.stops, processor.counters
     stops.warm.set()
+    if signals.first.is_set():  # at once: the drain below may take STOP_DRAIN_LIMIT
+        log.info("[STOP] signal: taking in what is already on its way, then processing"
+                 " the backlog")
     stops.join(receiver, signals, log)
     overflow = receiver.overflow.data  # final: the receive thread is done
     if processor.is_alive():

@@ -176,6 +176,7 @@ def run_script(name, config, body, startup_failed, exit_on_second=False):
         status = body(config, signals, log)
     finally:
         listener.stop()
+        signals.ignore()  # the status is decided: no signal may turn it into death by one
     # A log file that could not be written (its [ERROR] line is on the console): the log
     # is incomplete, which the exit status says too.
     return status or (LOG_FILE_FAILED if listener.failures else 0)

@@ -192,7 +192,7 @@ class LogSetupError(OSError):
     """The log file cannot be opened."""
 
 
-def start_logging(name, log_file, console=sys.stdout):
+def start_logging(name, log_file, console=None):
     """Log to the console and optionally a file, formatting and writing on a listener thread.
 
     The calling threads only enqueue records (QueueHandler), so per-message logging
@@ -206,7 +206,7 @@ def start_logging(name, log_file, console=sys.stdout):
     logging._srcfile = None
     formatter = CentisecondFormatter()
     handlers = []
-    console_handler = UnflushedHandler(console)
+    console_handler = UnflushedHandler(sys.stdout if console is None else console)
     console_handler.setFormatter(formatter)
     handlers.append(console_handler)
     if log_file:

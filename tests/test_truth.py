@@ -1,16 +1,15 @@
 """Issue 19: no peer, full disk or stop can fake the verdict: gates without a value,
 figures without samples, logs on a full disk, stops at any moment, smaller lies."""
 
-import json
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pytest
 import zmq
-
-from conftest import wait_until
 
 
 def test_a_gate_with_no_samples_fails_and_no_percentile_reads_zero(procs):
@@ -164,3 +163,128 @@ def test_a_recovered_runs_figures_say_what_is_known(procs, tmp_path):
     assert again.stop() == 0
     row = again.lines(r"^  run [0-9a-f]{8} ")[0]
     assert "rate n/a" in row and "p50 n/a" in row and "0.0 msg/s" not in row, row
+
+
+# ---------------------------------------------------------------------------
+# Stops (cases 9-11)
+# ---------------------------------------------------------------------------
+def test_a_third_ctrl_c_says_what_it_drops_and_removes_the_lock(procs, tmp_path):
+    """Case 9: three Ctrl+C on a receiver with a backlog: exit 130 at once, its line
+    counts the messages dropped, the lock file is gone; what the file holds (if the
+    cold stop saved it first) is recovered by the next start."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0.05")
+    sender = procs.sender("--workers", "2", "--messages", "200", "--delay", "0", "--quiet",
+                          endpoints=[receiver.endpoint])
+    assert sender.wait(30) == 0, sender.output()[-2000:]
+    spill_file = tmp_path / f"receiver_spill_{receiver.port}.bin"
+    lock = tmp_path / f"receiver_spill_{receiver.port}.bin.lock"
+    assert lock.exists()
+    receiver.signal(signal.SIGINT)
+    receiver.wait_for_output(r"\[STOP\] stopping: no new messages")
+    receiver.signal(signal.SIGINT)
+    receiver.wait_for_output(r"\[STOP\] second signal")
+    receiver.signal(signal.SIGINT)
+    assert receiver.wait(30) == 130
+    (line,) = receiver.lines(r"interrupted again: exiting at once")
+    dropped = int(line.split("; ")[1].split()[0])
+    assert "received but unprocessed messages dropped, not in the spill file" in line, line
+    assert not lock.exists()
+    if dropped == 0:  # the cold stop had saved them all
+        assert spill_file.exists()
+    again = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0",
+                           port=receiver.port, name="again")
+    assert again.stop() == 0
+    recovered = again.summary()["recovered"]
+    assert dropped + recovered > 0 and (dropped == 0 or recovered == 0), (dropped, recovered)
+
+
+def test_a_sigint_after_the_senders_summary_never_kills_it(procs):
+    """Case 10: one Ctrl+C at moments after the sender's summary, into its exit: the
+    status is 0 or 130, never death by the signal."""
+    receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0")
+    statuses = []
+    for attempt in range(10):
+        sender = procs.sender("--workers", "1", "--messages", "5", "--delay", "0", "--quiet",
+                              endpoints=[receiver.endpoint], name=f"sender{attempt}")
+        sender.wait_for_output(r"Sender summary", timeout=30)
+        time.sleep(attempt * 0.004)  # a spread of moments in the exit
+        sender.signal(signal.SIGINT)
+        statuses.append(sender.wait(30))
+    assert set(statuses) <= {0, 130}, statuses
+
+
+ATTEMPTS = 100  # SIGINT-to-[STOP] checks, one receiver each
+ANSWER_WITHIN = 1.0  # seconds; about 0.1 s is expected
+
+
+def run_receiver_child(module, port, out, spill_path):
+    """In a forked child: the receiver's main(), its console to `out`; never returns."""
+    status = 1
+    try:
+        sys.stdout = sys.stderr = open(out, "w", buffering=1, encoding="utf-8")
+        status = module.main(["--port", str(port), "--bind", "127.0.0.1", "--processing-time",
+                              "0", "--quiet", "--no-file-log", "--spill-file",
+                              str(spill_path)])
+    finally:
+        os._exit(status)  # noqa: B012 (a forked child never returns to pytest)
+
+
+def sigint_to_stop_line(pid, port, out):
+    """Flood the receiver, Ctrl+C it, and time its [STOP] line (seconds)."""
+    from helpers import Tail
+    from test_hostile import frame, rid
+    tail = Tail(out)
+    tail.wait_for(r"Server is running", 30)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.sndtimeo = 5000
+    push.connect(f"tcp://127.0.0.1:{port}")
+    run_id, flooding = rid(), threading.Event()
+
+    def flood():
+        task = 0
+        while not flooding.is_set():
+            try:
+                push.send(frame(run_id, per_worker=2 ** 32 - 1, task=task), zmq.NOBLOCK)
+                task += 1
+            except zmq.Again:
+                flooding.wait(0.001)
+
+    thread = threading.Thread(target=flood, name="flood")
+    try:
+        for task in range(1000):  # under load before the signal
+            push.send(frame(rid(), per_worker=2, task=0))
+        thread.start()
+        os.kill(pid, signal.SIGINT)
+        started = time.monotonic()
+        while not any("[STOP]" in line for line in tail.new_lines()):
+            assert time.monotonic() - started < 20, "no [STOP] line"
+            time.sleep(0.005)
+        return time.monotonic() - started
+    finally:
+        flooding.set()
+        if thread.is_alive():
+            thread.join(10)
+        push.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a forked receiver per attempt")
+def test_a_receiver_under_load_answers_sigint_within_a_second(tmp_path):
+    """Case 11: a receiver taking a flood answers Ctrl+C with its [STOP] line within
+    ANSWER_WITHIN s, in each of ATTEMPTS tries (forked from one import: a fresh receiver
+    each time, for the cost of its threads and sockets only)."""
+    from conftest import free_port, load_script
+    module = load_script("async-socket-receiver")
+    answers = []
+    for attempt in range(ATTEMPTS):
+        port, out = free_port(), tmp_path / f"receiver{attempt}.out"
+        pid = os.fork()
+        if pid == 0:
+            run_receiver_child(module, port, out, tmp_path / f"spill{attempt}.bin")
+        try:
+            answers.append(sigint_to_stop_line(pid, port, out))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert max(answers) < ANSWER_WITHIN, sorted(answers)[-5:]
