@@ -558,7 +558,7 @@ def finish_backlog(signals, receiver, processor, log):
         beyond = (f" ({overflow} of them beyond the queue's bound, in {receiver.overflow.path}"
                   f"{spill.DRAIN_SUFFIX} meanwhile)" if overflow else "")
         log.info(f"[STOP] stopping: no new messages; processing the {counters.backlog}"
-                 f" received{beyond} (Ctrl+C again to stop at once and save them to the"
+                 f" waiting{beyond} (Ctrl+C again to stop at once and save them to the"
                  " spill file)")
     progress = BacklogProgress(counters, log)
     feed = None
