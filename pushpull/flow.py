@@ -15,7 +15,7 @@ from pushpull.threads import POLL_S
 from pushpull.wire import CLIENT, RAW, RUN, WORKER
 
 
-SIGNAL_WAKE_S = 0.02  # seconds: how soon a waiting main thread sees a signal's flag
+SIGNAL_WAKE_S = 0.05  # seconds: how soon a waiting main thread sees a signal's flag
 
 
 class SignalFlag:

@@ -233,8 +233,10 @@ def decode(frame, run_cache):
         frame, RUN_KEY_SIZE)
     if kind > END or HEADER_SIZE + text_len > len(frame):
         raise InvalidMessage("bad header")
-    # DATA: a task below messages per worker; END (kind 1): at most that many tasks sent.
-    if not 1 <= worker <= run.workers or task >= run.messages_per_worker + kind:
+    # DATA: a task below messages per worker; END: at most that many tasks sent. A DATA
+    # frame in range passes on one comparison of its task.
+    if not 1 <= worker <= run.workers or (task >= run.messages_per_worker and (
+            kind == DATA or task > run.messages_per_worker)):
         raise InvalidMessage(f"worker {worker} or task {task} outside its run" if kind == DATA
                              else f"worker {worker} claims {task} tasks sent of a run of"
                                   f" {run.messages_per_worker} per worker")
