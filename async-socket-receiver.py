@@ -9,6 +9,7 @@ run (serve: start, stop sequence), the summary. Machinery lives in pushpull/.
 
 import argparse
 import enum
+import functools
 import queue
 import sys
 import time
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import cli, confirm, flow, links, logs, runs, security, spill, summary, threads, wire
+from pushpull import (cli, confirm, flow, hlog, links, logs, metrics, runs, security, spill,
+                      summary, threads, wire)
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import TASK, TEXT
 
@@ -42,6 +44,10 @@ CURVE_SERVER_KEY = None  # path of the receiver's secret certificate; None: no e
 CURVE_ALLOW_DIR = None  # directory of allowed clients' public certificates; None: any key
 ALLOWED_IPS = []  # client addresses allowed in (ZAP); empty: every address
 CSV_FILE = None  # path of a CSV file with one row per stats interval, or None
+METRICS_PORT = None  # TCP port of the Prometheus endpoint (/metrics), or None: no endpoint
+METRICS_BIND = "127.0.0.1"  # address the metrics endpoint listens on; "*": every interface
+METRICS_HOLD = 5.0  # seconds at exit the final figures wait for a scrape (with METRICS_PORT)
+HLOG_FILE = None  # path of an HdrHistogram log: latency per stats interval and run, or None
 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
@@ -81,6 +87,10 @@ class Config:
     allow_ips: tuple
     generate_keys: "str | None"
     csv_path: "str | None"
+    metrics_port: "int | None"
+    metrics_bind: str
+    metrics_hold: float
+    hlog: "str | None"
 
     @property
     def endpoint(self):
@@ -121,6 +131,7 @@ def build_parser():
     p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
                    help="log to the console only (ENABLE_FILE_LOGGING = False)")
     cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(p, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
     p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
                    help="where unprocessed messages are saved at a stop, for the next start;"
                         " {port} becomes the --port (SPILL_FILE)")
@@ -153,6 +164,7 @@ def parse_args(argv=None):
     cli.check_output_path(p, "--spill-file", spill_file)
     cli.check_output_path(p, "--json", a.json)
     cli.check_output_path(p, "--csv", a.csv)
+    cli.check_live_flags(p, a)
     return Config(port=a.port, confirm_port=confirm_port,
                   bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
                   queue_bytes=a.queue_bytes,
@@ -162,7 +174,9 @@ def parse_args(argv=None):
                   spill_file=spill_file, run_timeout=a.run_timeout,
                   curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
                   allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)),
-                  generate_keys=a.generate_keys, csv_path=a.csv)
+                  generate_keys=a.generate_keys, csv_path=a.csv,
+                  metrics_port=a.metrics_port, metrics_bind=a.metrics_bind,
+                  metrics_hold=a.metrics_hold, hlog=a.hlog)
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +444,7 @@ class StopKind(enum.Enum):
     FAILED = "failed"  # a thread died
 
 
-def serve(config, signals, log):
+def serve(config, signals, log, exporter):
     """Own the spill file (its lock) for the whole run; serve_with_spill_file() does the rest."""
     lock = spill.SpillLock(config.spill_file)
     try:
@@ -441,7 +455,7 @@ def serve(config, signals, log):
     counters = Counters()
     signals.last_words = lambda: last_words(counters, lock)  # a third Ctrl+C
     try:
-        return serve_with_spill_file(config, signals, log, counters)
+        return serve_with_spill_file(config, signals, log, counters, exporter)
     finally:
         lock.release()
 
@@ -453,7 +467,7 @@ def last_words(counters, lock):
     return f"; {dropped} received but unprocessed messages dropped, not in the spill file"
 
 
-def serve_with_spill_file(config, signals, log, counters):
+def serve_with_spill_file(config, signals, log, counters, exporter):
     """Read back the spill file, load the keys, open the --csv file; then run_threads()."""
     try:
         recovered, counters.invalid = spill.recover(config.spill_file, log)
@@ -470,11 +484,12 @@ def serve_with_spill_file(config, signals, log, counters):
     counters.recovered = spill.count_data(recovered)
     curve = server_keys is not None
     security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
-    return run_threads(config, signals, log, counters, recovered, server_keys, series)
+    return run_threads(config, signals, log, counters, recovered, server_keys, series, exporter)
 
 
-def run_threads(config, signals, log, counters, recovered, server_keys, series):
-    """Start both threads, wait for a stop, shut down in order, report."""
+def run_threads(config, signals, log, counters, recovered, server_keys, series, exporter):
+    """Start both threads, wait for a stop, shut down in order, report; then hold the final
+    figures for a last scrape (--metrics-port)."""
     started = time.monotonic()
     stops = flow.StopEvents()
     batches = flow.BatchQueue(config.queue_size, config.queue_bytes)
@@ -482,6 +497,7 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series):
     saved = spill.SpillWriter(config.spill_file)  # the receive thread's drain, then main
     ctx = zmq.Context()
     gatekeeper = None
+    latencies = hlog.NoLog()  # --hlog: each run's latency per stats interval
     try:
         gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips,
                                                server_keys is not None, config.curve_allow,
@@ -489,8 +505,16 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series):
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
                                  run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)
+        try:
+            latencies = hlog.open_log(config.hlog, "pushpull receiver: latency of each run",
+                                      hlog.run_latencies(processor.runs),
+                                      config.stats_interval, started)
+        except OSError as exc:
+            log.error(f"[ERROR] cannot write --hlog {config.hlog}: {exc.strerror}")
+            return EXIT_STARTUP_FAILED
         if not start_threads(receiver, processor, recovered, config, log):
             return EXIT_STARTUP_FAILED
+        exporter.watch(metrics.ReceiverSource(counters, processor.runs, batches), log)
         log.info(f"[START] PULL socket bound to {config.endpoint} | confirmations and run"
                  f" reports on {config.confirm_endpoint} | processing time"
                  f" {config.processing_time:g} s | queue {config.queue_size} messages"
@@ -498,14 +522,17 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series):
         log.info("Server is running. Press Ctrl+C to stop.")
         stats = summary.ReceiverStats(counters, processor.runs, series, config.stats_interval,
                                       log, started)
-        dead = wait_for_stop(signals, (receiver, processor), stats)
+        dead = wait_for_stop(signals, (receiver, processor), hlog.Ticks(stats, latencies))
         stop_kind = shut_down(dead, signals, receiver, processor, saved, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
         if gatekeeper is not None:
             gatekeeper.stop()
         ctx.term()
-    return report(counters, processor.runs, started, stop_kind, config, log, stats)
+        latencies.close(time.monotonic())  # its last interval: every run is reported
+    status = report(counters, processor.runs, started, stop_kind, config, log, stats)
+    exporter.hold(config.metrics_hold, signals)
+    return status
 
 
 def start_threads(receiver, processor, recovered, config, log):
@@ -659,8 +686,11 @@ def report(counters, run_table, started, stop_kind, config, log, stats):
 
 def main(argv=None):
     """Run the receiver until Ctrl+C or SIGTERM; returns the exit status."""
-    return cli.run_script("async-socket-receiver", parse_args(argv), serve,
-                          EXIT_STARTUP_FAILED)
+    config = parse_args(argv)
+    with metrics.start("async-socket-receiver", "receiver", config.metrics_port,
+                       config.metrics_bind) as exporter:  # exit 2 if its port is taken
+        return cli.run_script("async-socket-receiver", config,
+                              functools.partial(serve, exporter=exporter), EXIT_STARTUP_FAILED)
 
 
 if __name__ == "__main__":

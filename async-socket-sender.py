@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, findmax, flow, instances, latency, links, logs, processes,
-                      push, schedule, security, summary, verdict, wire)
+from pushpull import (cli, confirm, findmax, flow, hlog, instances, latency, links, logs,
+                      metrics, processes, push, schedule, security, summary, verdict, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -68,6 +68,10 @@ FIND_MAX = False  # True: search the highest rate within the gates (docs/find-ma
 FIND_MAX_START_RATE = 1000.0  # messages per second of the search's first step without --rate
 STEP_DURATION = 10.0  # seconds each search step sends, after WARMUP
 FIND_MAX_PRECISION = 5.0  # percent between the rates that held and failed where a search stops
+METRICS_PORT = None  # TCP port of the Prometheus endpoint (/metrics), or None: no endpoint
+METRICS_BIND = "127.0.0.1"  # address the metrics endpoint listens on; "*": every interface
+METRICS_HOLD = 5.0  # seconds at exit the final figures wait for a scrape (with METRICS_PORT)
+HLOG_FILE = None  # path of an HdrHistogram log: send lag per [STATS] interval, or None
 
 LOG_BLOCK = 100  # [MSG] lines a worker logs together when it sends without a delay
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
@@ -114,6 +118,10 @@ class Config:
     warmup: float
     format: str
     csv_path: "str | None"
+    metrics_port: "int | None"
+    metrics_bind: str
+    metrics_hold: float
+    hlog: "str | None"
     plan: instances.Plan = instances.Plan()  # this process's place in a shared run
     find_max: bool = False
     step_duration: float = STEP_DURATION
@@ -154,6 +162,7 @@ def build_parser():
     p.add_argument("--log-file", metavar="PATH", default=LOG_FILE if ENABLE_FILE_LOGGING else None,
                    help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
     cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(p, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
     p.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
                    default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
     p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
@@ -264,6 +273,7 @@ def parse_args(argv=None):
                 f" {cli.MAX_RUN_MESSAGES} messages a run can count")
     cli.check_output_path(p, "--json", a.json)
     cli.check_output_path(p, "--csv", a.csv)
+    cli.check_live_flags(p, a)
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):
@@ -477,9 +487,11 @@ class HeartbeatMonitor(ServiceThread):
 # ---------------------------------------------------------------------------
 # The run and its stop sequence
 # ---------------------------------------------------------------------------
-def send_run(config, signals, log, judge=None):
+def send_run(config, signals, log, judge=None, exporter=None):
     """Start the helpers and the workers, wait for them, stop them, flush, report (or, for
-    a --find-max step, return what `judge` makes of the run)."""
+    a --find-max step, return what `judge` makes of the run); then hold the final figures
+    for a last scrape (`exporter`, --metrics-port)."""
+    exporter = exporter or metrics.NoExporter()
     plan = config.plan
     run_id = random.getrandbits(63) if plan.wire_id is None else plan.wire_id
     run = wire.RunInfo(run_id, plan.run_workers(config.workers), config.messages,
@@ -489,6 +501,15 @@ def send_run(config, signals, log, judge=None):
     except OSError as exc:
         log.error(f"[EXIT] cannot write --csv {config.csv_path}: {exc.strerror}")
         return SenderExit.NOT_ALL_SENT  # cannot start, as for a log file
+    workers = []
+    try:  # --hlog: the send lag per stats interval (`workers`: the list as started below)
+        lags = hlog.open_log(config.hlog, "pushpull sender: send lag",
+                             lambda: {wire.run_label(run.run_id): [w.lag for w in workers]},
+                             config.stats_interval, time.monotonic())
+    except OSError as exc:
+        series.close()
+        log.error(f"[EXIT] cannot write --hlog {config.hlog}: {exc.strerror}")
+        return SenderExit.NOT_ALL_SENT
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
@@ -499,17 +520,19 @@ def send_run(config, signals, log, judge=None):
     channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
                                      confirmations, config.timeout, config.retries)
     started = time.monotonic()
-    workers = []
     ctx = zmq.Context()
     # libzmq's default of 1023 sockets is too few for MAX_WORKERS. Each receiver's
     # heartbeat probe and channel SUB need as many as a worker: a socket, a monitor pair.
     ctx.set(zmq.MAX_SOCKETS, SOCKETS_PER_WORKER * (config.workers + 2 * len(config.endpoints)))
     try:
         helpers = start_helpers(ctx, config, health, channel, stop, log)
-        workers = start_workers(ctx, config, run, team, confirmations, channel)
+        workers[:] = start_workers(ctx, config, run, team, confirmations, channel)
         started = max(started, workers[0].clock.monotonic)  # not the wait for --start-at
+        exporter.watch(metrics.SenderSource(config, wire.run_label(run.run_id), workers, health,
+                                            confirmations, started), log)
         with series:
-            wait_for_workers(config, workers, health, signals, stop, log, series)
+            wait_for_workers(config, workers, health, signals, stop, log, series, lags)
+        lags.close(time.monotonic())  # its last interval: every worker is done sending
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
@@ -531,9 +554,11 @@ def send_run(config, signals, log, judge=None):
         flush_result = flush(ctx, config, team.flush, workers)
     if judge is not None:
         return judge(run, workers, channel, signals.first.is_set())
-    return report(config, run, workers, health, confirmations, flush_result,
-                  summary.receiver_verdict(config, channel), duration,
-                  signals.first.is_set(), log)
+    status = report(config, run, workers, health, confirmations, flush_result,
+                    summary.receiver_verdict(config, channel), duration,
+                    signals.first.is_set(), log, exporter)
+    exporter.hold(config.metrics_hold, signals)
+    return status
 
 
 def start_helpers(ctx, config, health, channel, stop, log):
@@ -566,9 +591,9 @@ def start_workers(ctx, config, run, team, confirmations, channel):
     return workers
 
 
-def wait_for_workers(config, workers, health, signals, stop, log, series):
-    """Wait until every worker is done sending, printing [STATS] (and --csv rows); the
-    first Ctrl+C stops them."""
+def wait_for_workers(config, workers, health, signals, stop, log, series, lags):
+    """Wait until every worker is done sending, printing [STATS] (and --csv rows, --hlog
+    intervals: `lags`); the first Ctrl+C stops them."""
     stats = summary.SenderStats(config, workers, health, series, log)
     for worker in workers:
         while worker.is_alive() and not worker.done_sending.is_set():
@@ -578,6 +603,7 @@ def wait_for_workers(config, workers, health, signals, stop, log, series):
                 log.warning("[STOP] interrupted: stopping workers, flushing what was sent"
                             " (Ctrl+C again to exit at once)")
             stats.tick(time.monotonic())
+            lags.tick(time.monotonic())
     stats.last_row()
 
 
@@ -600,10 +626,12 @@ def flush(ctx, config, deadline, workers):
 # Summary
 # ---------------------------------------------------------------------------
 def report(config, run, workers, health, confirmations, flush_result, receiver_report,
-           duration, interrupted, log):
-    """Log the summary table and the gates (and write the JSON); returns the exit status."""
+           duration, interrupted, log, exporter):
+    """Log the summary table and the gates (and write the JSON); returns the exit status.
+    The exporter (--metrics-port) shows the summary's figures from then on."""
     data = summary.sender_data(config, run, workers, health, confirmations, flush_result,
                                receiver_report, duration)
+    exporter.final(data)
     text = summary.sender_table(data)
     lag = summary.merged_lag(workers)
     if config.scheduled and not config.quiet and lag.count:  # no histogram of nothing sent
@@ -649,9 +677,12 @@ def main(argv=None):
         print(f"async-socket-sender: {exc}", file=sys.stderr)
         return SenderExit.NOT_ALL_SENT
     config = dataclasses.replace(config, curve_keys=keys)
-    body = functools.partial(findmax.search, send_run) if config.find_max else send_run
-    return cli.run_script("async-socket-sender", config, body, SenderExit.NOT_ALL_SENT,
-                          exit_on_second=True)
+    with metrics.start("async-socket-sender", "sender", config.metrics_port,
+                       config.metrics_bind) as exporter:  # exit 2 if its port is taken
+        run = functools.partial(send_run, exporter=exporter)
+        body = functools.partial(findmax.search, run) if config.find_max else run
+        return cli.run_script("async-socket-sender", config, body, SenderExit.NOT_ALL_SENT,
+                              exit_on_second=True)
 
 
 if __name__ == "__main__":

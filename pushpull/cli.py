@@ -4,6 +4,7 @@ import argparse
 import csv
 import dataclasses
 import errno
+import importlib
 import ipaddress
 import json
 import math
@@ -39,6 +40,8 @@ MIN_RATE, MAX_RATE = 0.001, 10_000_000.0  # msg/s: --rate's range (far beyond wh
 MAX_REPORT_TIMEOUT = 3600.0  # seconds: the longest --report-timeout (and --max-p99 in ms / 1000)
 TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^\[\]/:\s]+):(?P<port>[0-9]+)$")
 IPC_ENDPOINT = re.compile(r"^ipc://\S+$")
+# The optional packages of live metrics (--metrics-port, --hlog), and how to get them.
+OPTIONAL_INSTALL = "pip install -r requirements-metrics.txt"
 
 
 LOG_FILE_FAILED = 1  # exit status of a run whose log file could not be written to the end
@@ -201,6 +204,45 @@ def add_report_flags(parser, quiet, stats_interval, json_path, csv_path=None):
                         help="write server and client certificates into DIR, then exit")
 
 
+def add_live_flags(parser, metrics_port, metrics_bind, metrics_hold, hlog_path):
+    """The flags of live metrics (docs/metrics.md): the Prometheus endpoint, the .hlog file.
+    The defaults are the calling script's own constants, named in each help text."""
+    parser.add_argument("--metrics-port", metavar="PORT", type=port, default=metrics_port,
+                        help="serve Prometheus metrics at http://ADDRESS:PORT/metrics; needs"
+                             " prometheus-client (METRICS_PORT)")
+    parser.add_argument("--metrics-bind", metavar="ADDRESS", type=listen_address,
+                        default=metrics_bind,
+                        help="address of the metrics endpoint, * for every interface"
+                             " (METRICS_BIND)")
+    parser.add_argument("--metrics-hold", metavar="SECONDS", type=seconds(0, MAX_SECONDS),
+                        default=metrics_hold,
+                        help="at exit, serve the final figures until a scrape has read them,"
+                             " at most SECONDS (METRICS_HOLD)")
+    parser.add_argument("--hlog", metavar="FILE", default=hlog_path,
+                        help="write an HdrHistogram interval log of latency per stats interval"
+                             " to FILE; needs hdrhistogram (HLOG_FILE)")
+
+
+def check_live_flags(parser, args):
+    """At start: the optional packages the live-metrics flags need are installed, and the
+    --hlog file can be written; else exit 2 with one line."""
+    if args.metrics_port is not None:
+        require_package(parser, "--metrics-port", "prometheus_client", "prometheus-client")
+    if args.hlog is not None:
+        require_package(parser, "--hlog", "hdrh.histogram", "hdrhistogram")
+        check_output_path(parser, "--hlog", args.hlog)
+
+
+def require_package(parser, flag, module, package):
+    """Import an optional package's `module`, or exit 2 with one line naming `package` and
+    how to install it."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: error: {flag} needs the {package} package, which is"
+                       f" not installed: pip install {package} (or {OPTIONAL_INSTALL})\n")
+
+
 def free_port():
     """A free TCP port on 127.0.0.1 whose successor (the confirmation port) is free too.
 
@@ -318,6 +360,17 @@ def bind_address(text):
     if not address or any(ch.isspace() or ch in "/[]" for ch in address):
         raise argparse.ArgumentTypeError(f"{text!r} is not an address or interface name")
     return address
+
+
+def listen_address(text):
+    """An argparse type: an IP address to listen on (IPv6 with or without brackets), or *
+    for every interface."""
+    if text == "*":
+        return text
+    try:
+        return str(ipaddress.ip_address(text[1:-1] if text.startswith("[") else text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not an IP address or *") from None
 
 
 def tcp_endpoint(host, port_number):

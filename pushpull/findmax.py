@@ -216,7 +216,7 @@ def step_config(config, rate):
     messages = max(1, schedule.messages_for_duration(span, config.workers, rate, 0.0))
     return dataclasses.replace(config, rate=rate, delay=0.0, messages=messages, duration=span,
                                warmup=warmup,
-                               quiet=True, json_path=None, csv_path=None,
+                               quiet=True, json_path=None, csv_path=None, hlog=None,
                                report_timeout=config.report_timeout + span)
 
 

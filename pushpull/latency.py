@@ -174,3 +174,17 @@ def lower_bound(bucket):
 def _count(value):
     """True for a non-negative int (never a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def snapshot(histograms):
+    """{bucket: count} merged from copies of `histograms`, and their largest value (ns).
+
+    Safe while their owners add to them: each dict.copy() runs in C under the GIL, so
+    it is one histogram as it was at one moment (a count may be a batch behind)."""
+    merged, top = {}, 0
+    get = merged.get
+    for histogram in histograms:
+        for bucket, n in histogram.counts.copy().items():
+            merged[bucket] = get(bucket, 0) + n
+        top = max(top, histogram.max_ns)
+    return merged, top

@@ -1,0 +1,385 @@
+"""--metrics-port: the counters and histograms the scripts already keep, served in
+Prometheus text format at /metrics, read at scrape time.
+
+Nothing here runs on the per-message path. A scrape runs on a thread of the small
+HTTP server below and reads what the script's threads write: plain ints (each has one
+writer; a read sees the last value, or the one before) and histograms copied whole
+(dict.copy() runs in C under the GIL, so the copy is one histogram as it was at one
+moment). A scrape's figures may be a moment old; they are never wrongly shaped: the
+cumulative buckets are built from one copy, so they are monotone and _count is the
++Inf bucket.
+
+prometheus-client is imported only when --metrics-port is given (cli.check_live_flags()).
+"""
+
+import bisect
+import errno
+import http.server
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+
+from pushpull import cli, latency, summary, wire
+from pushpull.health import LinkState
+from pushpull.threads import POLL_S
+
+PREFIX = "pushpull"
+# The histograms' `le` bounds: 1, 2.5, 5 per decade from 10 us to 50 s, then 100 s (+Inf
+# beyond). A bounded set: 23 series per histogram, whatever the values.
+LE_BOUNDS_NS = tuple(int(m * 10 ** e) for e in range(4, 11) for m in (1, 2.5, 5)) + (10 ** 11,)
+SCRAPERS_MAX = 8  # scrapes served at once; more connections are closed at once
+SCRAPE_TIMEOUT = 5.0  # seconds a scraper's connection may stay silent before it is closed
+EVERY_INTERFACE = ("*", "0.0.0.0", "::")
+
+
+def url(bind, port):
+    """The /metrics address as a scraper reaches it (bind * : this host's every address)."""
+    host = "0.0.0.0" if bind == "*" else bind
+    return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+
+
+# ---------------------------------------------------------------------------
+# Histograms: our latency.Histogram as Prometheus cumulative buckets
+# ---------------------------------------------------------------------------
+def cumulative(counts):
+    """(buckets, sum in seconds) for a HistogramMetricFamily from {bucket: count}: each
+    value counted under the first bound at or above its bucket's upper bound (within
+    1 / Histogram.SUB_BUCKETS of the value); the sum from the buckets' midpoints (within
+    1 %)."""
+    from prometheus_client.utils import floatToGoString
+    per_bound = [0] * (len(LE_BOUNDS_NS) + 1)
+    total_ns = 0
+    for bucket, n in counts.items():
+        high = latency.upper_bound(bucket)
+        per_bound[bisect.bisect_left(LE_BOUNDS_NS, high)] += n
+        total_ns += n * (latency.lower_bound(bucket) + high) / 2
+    sums = list(itertools.accumulate(per_bound))
+    buckets = [(floatToGoString(bound / 1e9), n) for bound, n in zip(LE_BOUNDS_NS, sums)]
+    buckets.append(("+Inf", sums[-1]))
+    return buckets, total_ns / 1e9
+
+
+class Families:
+    """Builds one scrape's metric families, every name under PREFIX."""
+
+    def __init__(self, side):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+        self.kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+        self.histogram_kind = HistogramMetricFamily
+        self.side = side
+        self.found = []
+
+    def add(self, kind, name, doc, value, labels=None):
+        """One counter (name without _total) or gauge; labels: {label: [(values, value)]}."""
+        full = f"{PREFIX}_{self.side}_{name}"
+        if labels is None:
+            self.found.append(self.kinds[kind](full, doc, value=value))
+            return
+        (label, rows), = labels.items()
+        family = self.kinds[kind](full, doc, labels=[label])
+        for label_value, row_value in rows:
+            family.add_metric([label_value], row_value)
+        self.found.append(family)
+
+    def histogram(self, name, doc, counts):
+        """One histogram from {bucket: count} (latency.snapshot())."""
+        buckets, total = cumulative(counts)
+        self.found.append(self.histogram_kind(f"{PREFIX}_{self.side}_{name}", doc,
+                                              buckets=buckets, sum_value=total))
+
+
+# ---------------------------------------------------------------------------
+# What each script exposes
+# ---------------------------------------------------------------------------
+class ReceiverSource:
+    """The receiver's metrics: its Counters, its RunTable's runs and latencies, its queue."""
+
+    def __init__(self, counters, run_table, batches):
+        self.counters = counters
+        self.run_table = run_table
+        self.batches = batches  # flow.BatchQueue: depth and bytes
+
+    def collect(self, out):
+        """Add the receiver's families to `out` (a Families)."""
+        c, table = self.counters, self.run_table
+        kept = table.runs.copy()  # run id -> RunState; the processor adds and drops runs
+        open_runs = {**table.open.copy(), **table.unhealed.copy()}  # <= OPEN_RUNS_MAX
+        for name, doc, value in (
+                ("received", "messages received (a spill file's recovered included)",
+                 c.received + c.recovered),
+                ("processed", "messages processed", c.processed),
+                ("invalid", "messages dropped as invalid", c.invalid),
+                ("duplicates", "tasks received again, dropped", c.duplicates),
+                ("spilled", "messages saved to the spill file at a stop", c.spilled),
+                ("rejected", "peers refused by CURVE or the IP allow list", c.rejected),
+                ("rejected_connections", "connections of non-ZeroMQ peers dropped",
+                 c.rejected_connections)):
+            out.add("counter", name, doc, value)
+        out.add("gauge", "missing", "tasks missing from the single-receiver runs reported",
+                sum(run.tasks.missing for run in kept.values()
+                    if run.closed and run.info.endpoints == 1))
+        out.add("gauge", "queue_depth", "messages received, not yet processed", c.backlog)
+        out.add("gauge", "queue_bytes", "bytes of the messages in the queue",
+                self.batches.nbytes)
+        out.add("gauge", "connections", "connected peers (senders and their probes)", c.peers)
+        out.add("gauge", "runs_open", "sender runs open or reported incomplete",
+                len(open_runs))
+        rows = [(wire.run_label(run_id), run.tasks.received) for run_id, run in
+                open_runs.items()]
+        out.add("gauge", "run_received", "tasks received of each open run", None,
+                {"run": rows})
+        left_out = (table.left_out_latency, table.left_out_latency_raw)
+        for name, raw in (("latency_seconds", False), ("raw_latency_seconds", True)):
+            counts, _ = latency.snapshot(
+                [left_out[raw]] + [run.latency_raw if raw else run.latency
+                                   for run in kept.values()])
+            out.histogram(name, "receive time - intended send time (raw: actual send"
+                                " time), every run" if not raw else
+                          "receive time - actual send time, every run", counts)
+
+
+class SenderSource:
+    """The sender's metrics: its workers' tallies and send lag, its receivers' health,
+    confirmations; once the run is reported (final()), the summary's own figures."""
+
+    def __init__(self, config, run_label, workers, health, confirmations, started):
+        self.config = config
+        self.run_label = run_label
+        self.workers = workers
+        self.health = health
+        self.confirmations = confirmations
+        self.started = started
+        self.data = None  # the summary (summary.sender_data()) once the run is reported
+
+    def final(self, data):
+        """From now on expose the summary's figures, as the JSON has them."""
+        self.data = data
+
+    def live(self):
+        """sent, failed, resent, confirmed, at_risk, achieved rate: now, or as reported."""
+        if self.data is not None:
+            d = self.data
+            return (d["sent"], d["failed"], d.get("resent", 0), d.get("confirmed", 0),
+                    d["at_risk"], d["sent_per_s"])
+        workers = self.workers
+        counts = summary.outcome_counts(self.config, workers)
+        sent = counts[summary.Outcome.SENT]
+        confirmations = self.confirmations
+        return (sent, sum(counts.values()) - sent,
+                confirmations.resent() if confirmations else 0,
+                confirmations.confirmed() if confirmations else 0,
+                0 if confirmations else summary.at_risk(workers),
+                cli.rate(sent, time.monotonic() - self.started))
+
+    def collect(self, out):
+        """Add the sender's families to `out` (a Families)."""
+        sent, failed, resent, confirmed, risk, rate = self.live()
+        config = self.config
+        out.add("gauge", "planned", "messages the run plans to send", config.planned)
+        out.add("counter", "sent", "messages handed to ZeroMQ", sent)
+        out.add("counter", "failed", "planned messages not sent (every reason)", failed)
+        out.add("counter", "resent", "frames resent (--confirm)", resent)
+        out.add("counter", "confirmed", "tasks confirmed processed (--confirm)", confirmed)
+        out.add("gauge", "at_risk", "sent messages that may not have arrived", risk)
+        out.add("gauge", "target_rate", "messages per second the schedule asks for (0: a"
+                                        " flood)", target_rate(config))
+        out.add("gauge", "achieved_rate", "messages per second sent since the start",
+                rate)
+        states = self.health.states.copy()
+        out.add("gauge", "receiver_up", "1 while the heartbeat sees the receiver up", None,
+                {"endpoint": [(ep, 1 if state is LinkState.UP else 0)
+                              for ep, state in states.items()]})
+        out.add("gauge", "run_info", "the run this sender sends (value 1)", None,
+                {"run": [(self.run_label, 1)]})
+        counts, _ = latency.snapshot([w.lag for w in self.workers])
+        out.histogram("send_lag_seconds", "actual - intended send time", counts)
+
+
+def target_rate(config):
+    """Messages per second the schedule asks for: --rate, or workers / --delay; 0 for a
+    flood."""
+    if config.rate:
+        return config.rate
+    return config.workers / config.delay if config.delay else 0.0
+
+
+# ---------------------------------------------------------------------------
+# The HTTP server
+# ---------------------------------------------------------------------------
+class Exporter:
+    """Serves /metrics from a background thread; watch() names what it reads."""
+
+    def __init__(self, side, bind, port):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.registry import CollectorRegistry
+        self.side = side
+        self.bind = bind
+        self.port = port
+        self.content_type = CONTENT_TYPE_LATEST
+        self._generate = generate_latest
+        self.registry = CollectorRegistry(auto_describe=False)  # ours only: no process_*
+        self.registry.register(self)
+        self.source = None  # ReceiverSource or SenderSource, once its threads run
+        self.log = None
+        self.is_final = False  # the source's figures will not change any more
+        self.final_served = threading.Event()  # a scrape read them
+        self.server = ScrapeServer(bind, port, self)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(POLL_S,),
+                                       name="metrics-server", daemon=True)
+        self.thread.start()
+
+    def collect(self):
+        """The registry's collector: the source's families, read now."""
+        if self.source is None:
+            return []
+        out = Families(self.side)
+        self.source.collect(out)
+        return out.found
+
+    def render(self):
+        """One scrape's body (bytes)."""
+        final = self.is_final
+        body = self._generate(self.registry)
+        if final:
+            self.final_served.set()
+        return body
+
+    def watch(self, source, log):
+        """Start exposing `source`; log where, with a warning if it is every interface."""
+        self.log = log
+        self.source = source
+        log.info(f"[METRICS] serving {url(self.bind, self.port)}")
+        if self.bind in EVERY_INTERFACE:
+            log.warning(f"[METRICS] bound to every interface: anyone who can reach port"
+                        f" {self.port} can read this run's metrics (--metrics-bind)")
+
+    def final(self, data):
+        """The run's summary (the JSON's dict): the source exposes its figures from now on."""
+        if self.source is not None and hasattr(self.source, "final"):
+            self.source.final(data)
+
+    def hold(self, hold_s, signals):
+        """The figures are final: keep serving them until a scrape has read them, at
+        most `hold_s` seconds, or until another Ctrl+C."""
+        self.is_final = True
+        deadline = time.monotonic() + hold_s
+        count = signals.count
+        while (time.monotonic() < deadline and signals.count == count
+               and not self.final_served.wait(POLL_S)):
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Stop serving: the listening socket closes; scrapes in progress are cut off."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(POLL_S * 10)
+
+
+class NoExporter:
+    """No --metrics-port: every call does nothing."""
+
+    def watch(self, source, log):
+        """Nothing to expose."""
+
+    def final(self, data):
+        """Nothing to expose."""
+
+    def hold(self, hold_s, signals):
+        """Nothing to hold."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def close(self):
+        """Nothing to close."""
+
+
+class ScrapeHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics; anything else 404. Silent: a scrape is no log line."""
+
+    timeout = SCRAPE_TIMEOUT  # a client that sends nothing is closed after this
+    server_version = "pushpull-metrics"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        """Serve the metrics, or 404."""
+        if self.path.split("?", 1)[0] not in ("/metrics", "/metrics/"):
+            self.send_error(404, "only /metrics here")
+            return
+        exporter = self.server.exporter
+        try:
+            body = exporter.render()
+        except Exception:  # a scrape's edge: the run goes on, the scraper gets a 500
+            if exporter.log is not None:
+                exporter.log.exception("[METRICS] a scrape failed")
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", exporter.content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
+        """No access log."""
+
+
+class ScrapeServer(http.server.HTTPServer):
+    """An HTTP server with one daemon thread per scrape, at most SCRAPERS_MAX at once."""
+
+    # SO_REUSEADDR lets a restart bind past TIME_WAIT on POSIX; on Windows it would let
+    # a second process take the port.
+    allow_reuse_address = os.name != "nt"
+
+    def __init__(self, bind, port, exporter):
+        host = "0.0.0.0" if bind == "*" else bind
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.exporter = exporter
+        self.slots = threading.BoundedSemaphore(SCRAPERS_MAX)
+        super().__init__((host, port), ScrapeHandler)
+
+    def process_request(self, request, client_address):
+        """Serve the connection on a thread of its own, or close it when SCRAPERS_MAX are
+        being served: many or slow clients never hold up the run, nor this loop."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        threading.Thread(target=self.serve_one, args=(request, client_address),
+                         name="metrics-scrape", daemon=True).start()
+
+    def serve_one(self, request, client_address):
+        """One connection, start to end (a thread's body)."""
+        try:
+            self.finish_request(request, client_address)
+        except OSError:
+            pass  # the client went away or stayed silent: nothing to tell
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+
+def start(prog, side, port, bind):
+    """The exporter for --metrics-port (NoExporter without one); exit 2 with one line if
+    the port cannot be bound."""
+    if port is None:
+        return NoExporter()
+    try:
+        return Exporter(side, bind, port)
+    except OSError as exc:
+        reason = (f"port {port} is in use by another program"
+                  if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        print(f"{prog}: error: cannot serve --metrics-port on {url(bind, port)}: {reason}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
