@@ -17,7 +17,10 @@
 - summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason
 - findmax:  --find-max: the capacity search, one run per step, and its table and answer
 - cli:      flag types, shared flags, JSON and table output
+- metrics:  --metrics-port: the Prometheus endpoint, read at scrape time (docs/metrics.md)
+- hlog:     --hlog: the HdrHistogram interval log of latency per stats interval
 
 Standard library and pyzmq only, so both scripts run from a plain checkout
-with requirements.txt installed.
+with requirements.txt installed; metrics and hlog import their optional packages
+(requirements-metrics.txt) only when their flag is given.
 """
