@@ -508,7 +508,7 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
         try:
             latencies = hlog.open_log(config.hlog, "pushpull receiver: latency of each run",
                                       hlog.run_latencies(processor.runs),
-                                      config.stats_interval, started)
+                                      config.stats_interval, started, log)
         except OSError as exc:
             log.error(f"[ERROR] cannot write --hlog {config.hlog}: {exc.strerror}")
             return EXIT_STARTUP_FAILED

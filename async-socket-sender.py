@@ -505,7 +505,7 @@ def send_run(config, signals, log, judge=None, exporter=None):
     try:  # --hlog: the send lag per stats interval (`workers`: the list as started below)
         lags = hlog.open_log(config.hlog, "pushpull sender: send lag",
                              lambda: {wire.run_label(run.run_id): [w.lag for w in workers]},
-                             config.stats_interval, time.monotonic())
+                             config.stats_interval, time.monotonic(), log)
     except OSError as exc:
         series.close()
         log.error(f"[EXIT] cannot write --hlog {config.hlog}: {exc.strerror}")

@@ -28,10 +28,15 @@ class IntervalLog:
 
     `histograms()` returns {tag: [latency.Histogram, ...]} of every tag now; it runs on
     the caller's thread (the one that calls tick()), while other threads may add to them.
+    A write that fails (a full disk) is logged once, and the log stops there: the run
+    goes on.
     """
 
-    def __init__(self, path, what, histograms, interval, now):
+    def __init__(self, path, what, histograms, interval, now, log):
         from hdrh.histogram import HdrHistogram
+        self.path = path
+        self.log = log
+        self.failed = False
         self.histograms = histograms
         self.interval = interval
         self.out = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
@@ -50,8 +55,17 @@ class IntervalLog:
 
     def tick(self, now):
         """Write the interval that ended at `now` (time.monotonic()) when one is due."""
-        if now - self.last >= self.interval:
-            self.write_interval(now)
+        if now - self.last >= self.interval and not self.failed:
+            try:
+                self.write_interval(now)
+            except OSError as exc:
+                self.fail(exc)
+
+    def fail(self, exc):
+        """A write failed: say so once; no more intervals are written."""
+        self.failed = True
+        self.log.error(f"[ERROR] cannot write --hlog {self.path}: {exc.strerror or exc};"
+                       " it stops here, the run goes on")
 
     def write_interval(self, now):
         """One line per tag whose histograms gained values since the last interval."""
@@ -82,9 +96,11 @@ class IntervalLog:
     def close(self, now):
         """Write the last (partial) interval and close the file."""
         try:
-            self.write_interval(now)
-        finally:
+            if not self.failed:
+                self.write_interval(now)
             self.out.close()
+        except OSError as exc:
+            self.fail(exc)
 
 
 class NoLog:
@@ -118,9 +134,9 @@ def run_latencies(run_table):
     return histograms
 
 
-def open_log(path, what, histograms, interval, now):
+def open_log(path, what, histograms, interval, now, log):
     """The IntervalLog for --hlog PATH, or NoLog without one; OSError if it cannot be
     written."""
     if path is None:
         return NoLog()
-    return IntervalLog(path, what, histograms, interval, now)
+    return IntervalLog(path, what, histograms, interval, now, log)

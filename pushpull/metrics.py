@@ -261,6 +261,7 @@ class Exporter:
         """The run's summary (the JSON's dict): the source exposes its figures from now on."""
         if self.source is not None and hasattr(self.source, "final"):
             self.source.final(data)
+        self.is_final = True  # a scrape from now on ends hold()
 
     def hold(self, hold_s, signals):
         """The figures are final: keep serving them until a scrape has read them, at

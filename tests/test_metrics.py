@@ -298,3 +298,35 @@ def test_metrics_bind_is_an_address():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "not an IP address" in done.stderr
+
+
+def test_a_histogram_read_while_it_is_written_is_always_well_formed():
+    """The collector's copy of a histogram another thread keeps adding to: every read has
+    monotone cumulative buckets, a count that never goes back, _count = +Inf."""
+    from pushpull import latency, metrics
+    histogram = latency.Histogram()
+    stop = threading.Event()
+
+    def write():
+        value = 1
+        while not stop.is_set():
+            histogram.add_batch(10 ** 10, [10 ** 10 - (value * 7919 % 10 ** 9) - i
+                                           for i in range(100)])
+            value += 1
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    last = 0
+    try:
+        for _ in range(300):
+            counts, _ = latency.snapshot([histogram])
+            buckets, total = metrics.cumulative(counts)
+            sums = [n for _, n in buckets]
+            assert sums == sorted(sums) and buckets[-1][0] == "+Inf"
+            assert sums[-1] == sum(counts.values()) >= last
+            last = sums[-1]
+            assert total >= 0
+    finally:
+        stop.set()
+        writer.join(5)
+    assert last > 0
