@@ -32,6 +32,7 @@ PREFIX = "pushpull"
 LE_BOUNDS_NS = tuple(int(m * 10 ** e) for e in range(4, 11) for m in (1, 2.5, 5)) + (10 ** 11,)
 SCRAPERS_MAX = 8  # scrapes served at once; more connections are closed at once
 SCRAPE_TIMEOUT = 5.0  # seconds a scraper's connection may stay silent before it is closed
+SCRAPE_DEADLINE = 10.0  # seconds a whole scrape may take, request in and reply out
 EVERY_INTERFACE = ("*", "0.0.0.0", "::")
 
 
@@ -338,17 +339,20 @@ class ScrapeHandler(http.server.BaseHTTPRequestHandler):
 
 
 class ScrapeServer(http.server.HTTPServer):
-    """An HTTP server with one daemon thread per scrape, at most SCRAPERS_MAX at once."""
+    """An HTTP server with one daemon thread per scrape, at most SCRAPERS_MAX at once,
+    each cut off SCRAPE_DEADLINE after it connected (a client that trickles its request)."""
 
     # SO_REUSEADDR lets a restart bind past TIME_WAIT on POSIX; on Windows it would let
     # a second process take the port.
     allow_reuse_address = os.name != "nt"
+    request_queue_size = 64  # connections waiting for accept(): a burst is taken, then closed
 
     def __init__(self, bind, port, exporter):
         host = "0.0.0.0" if bind == "*" else bind
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.exporter = exporter
         self.slots = threading.BoundedSemaphore(SCRAPERS_MAX)
+        self.deadlines = {}  # socket of a scrape being served -> when it is cut off
         super().__init__((host, port), ScrapeHandler)
 
     def process_request(self, request, client_address):
@@ -357,6 +361,7 @@ class ScrapeServer(http.server.HTTPServer):
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
+        self.deadlines[request] = time.monotonic() + SCRAPE_DEADLINE
         threading.Thread(target=self.serve_one, args=(request, client_address),
                          name="metrics-scrape", daemon=True).start()
 
@@ -367,8 +372,20 @@ class ScrapeServer(http.server.HTTPServer):
         except OSError:
             pass  # the client went away or stayed silent: nothing to tell
         finally:
+            self.deadlines.pop(request, None)
             self.shutdown_request(request)
             self.slots.release()
+
+    def service_actions(self):
+        """Between two polls of serve_forever(): cut off the scrapes past their deadline
+        (their thread's blocked read or write then fails, and it ends)."""
+        now = time.monotonic()
+        for request, deadline in self.deadlines.copy().items():
+            if now >= deadline:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by its thread
 
 
 def start(prog, side, port, bind):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -223,8 +222,8 @@ def test_a_second_receiver_on_the_same_metrics_port_exits_2(procs):
 
 def test_hostile_scrapers_neither_slow_nor_stop_the_run(procs, tmp_path):
     """Many connections at once, clients that connect and say nothing, one that trickles a
-    byte at a time forever: the run delivers everything, and Ctrl+C still stops the
-    receiver promptly."""
+    byte at a time forever: the run delivers everything, scrapes are answered again once
+    they are dropped, and Ctrl+C stops the receiver promptly."""
     port = free_port()
     receiver = procs.receiver("--quiet", "--processing-time", "0", "--no-file-log",
                               "--metrics-port", str(port), "--metrics-hold", "0")
@@ -240,8 +239,12 @@ def test_hostile_scrapers_neither_slow_nor_stop_the_run(procs, tmp_path):
         assert sender.wait(30) == 0
         assert sender.summary()["sent"] == 1000
         receiver.wait_for_output(r"\[RUN\] run .* received 1000/1000", timeout=30)
+        # The silent ones are dropped in time, the trickling one cut off: scrapes answer.
+        scrape_when(port, lambda s: value(s, "pushpull_receiver_processed_total") == 1000,
+                    30, "a scrape answered after the hostile clients")
+        trickler2 = threading.Thread(target=trickle, args=(port, stop_trickle), daemon=True)
+        trickler2.start()  # one more, in mid-request as the receiver stops
         receiver.signal(signal.SIGINT)
-        # The trickling client still holds its connection: the exit does not wait for it.
         assert receiver.wait(15) == 0
         assert receiver.summary()["processed"] == 1000
     finally:
@@ -252,12 +255,12 @@ def test_hostile_scrapers_neither_slow_nor_stop_the_run(procs, tmp_path):
 
 def trickle(port, stop):
     """A scraper that sends its request one byte every 0.2 s, and never finishes it."""
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        while not stop.wait(0.2):
-            try:
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while not stop.wait(0.2):
                 sock.send(b"G")
-            except OSError:
-                return
+    except OSError:
+        return  # cut off, or the receiver is gone
 
 
 @pytest.mark.parametrize("script,flag,module,package", [
