@@ -532,8 +532,8 @@ def send_run(config, signals, log, judge=None, exporter=None):
                                             confirmations, started), log)
         with series:
             wait_for_workers(config, workers, health, signals, stop, log, series, lags)
-        lags.close(time.monotonic())  # its last interval: every worker is done sending
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it
+        lags.close(time.monotonic())  # its last interval: every worker is done sending
         # The receivers' reports of the run; no wait after Ctrl+C, or with no receiver up.
         within = 0 if signals.first.is_set() or not health.is_up() else config.report_timeout
         # A shared run's reports are awaited until they count the whole run (the other

@@ -228,6 +228,7 @@ class Exporter:
         self.log = None
         self.is_final = False  # the source's figures will not change any more
         self.final_served = threading.Event()  # a scrape read them
+        self.scraped = False  # a scraper has come: it will want the final figures
         self.server = ScrapeServer(bind, port, self)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(POLL_S,),
                                        name="metrics-server", daemon=True)
@@ -245,6 +246,7 @@ class Exporter:
         """One scrape's body (bytes)."""
         final = self.is_final
         body = self._generate(self.registry)
+        self.scraped = True
         if final:
             self.final_served.set()
         return body
@@ -266,8 +268,14 @@ class Exporter:
 
     def hold(self, hold_s, signals):
         """The figures are final: keep serving them until a scrape has read them, at
-        most `hold_s` seconds, or until another Ctrl+C."""
+        most `hold_s` seconds, or until another Ctrl+C. No wait when nothing ever
+        scraped this process."""
         self.is_final = True
+        if not self.scraped or self.final_served.is_set() or not hold_s:
+            return
+        if self.log is not None:
+            self.log.info(f"[METRICS] waiting up to {hold_s:g} s for a scrape of the final"
+                          " figures (Ctrl+C: exit now)")
         deadline = time.monotonic() + hold_s
         count = signals.count
         while (time.monotonic() < deadline and signals.count == count
