@@ -186,8 +186,8 @@ class SenderSource:
         out.add("counter", "resent", "frames resent (--confirm)", resent)
         out.add("counter", "confirmed", "tasks confirmed processed (--confirm)", confirmed)
         out.add("gauge", "at_risk", "sent messages that may not have arrived", risk)
-        out.add("gauge", "target_rate", "messages per second the schedule asks for (0: a"
-                                        " flood)", target_rate(config))
+        out.add("gauge", "target_rate", "messages per second the schedule asks of this"
+                                        " process (0: a flood)", target_rate(config))
         out.add("gauge", "achieved_rate", "messages per second sent since the start",
                 rate)
         states = self.health.states.copy()
@@ -201,10 +201,11 @@ class SenderSource:
 
 
 def target_rate(config):
-    """Messages per second the schedule asks for: --rate, or workers / --delay; 0 for a
-    flood."""
+    """Messages per second the schedule asks of this process: its workers' share of
+    --rate (of a run shared by several instances, sum them), or workers / --delay; 0 for
+    a flood."""
     if config.rate:
-        return config.rate
+        return config.rate * config.workers / config.plan.run_workers(config.workers)
     return config.workers / config.delay if config.delay else 0.0
 
 

@@ -58,6 +58,10 @@ def child_argv(argv, config, index, run_name, start_ns, json_path):
         extra += ["--csv", numbered(config.csv_path, index)]
     if config.log_file:
         extra += ["--log-file", numbered(config.log_file, index)]
+    if config.metrics_port is not None:  # one endpoint per instance (docs/metrics.md)
+        extra += ["--metrics-port", str(config.metrics_port + index)]
+    if config.hlog:
+        extra += ["--hlog", numbered(config.hlog, index)]
     return [*argv, *extra]
 
 

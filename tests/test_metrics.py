@@ -333,3 +333,33 @@ def test_a_histogram_read_while_it_is_written_is_always_well_formed():
         stop.set()
         writer.join(5)
     assert last > 0
+
+
+def test_each_instance_of_processes_serves_its_own_port(procs):
+    """--processes 2: instance K serves --metrics-port + K; their sums are the run's."""
+    port = free_port()  # and port + 1, free too
+    receiver = procs.receiver("--quiet", "--processing-time", "0", "--no-file-log")
+    sender = procs.sender("--processes", "2", "--workers", "2", "--messages", "100",
+                          "--rate", "400", "--quiet", "--metrics-port", str(port),
+                          endpoints=[receiver.endpoint])
+    final = {}
+
+    def both_final():
+        for instance in (0, 1):
+            try:
+                samples, _ = scrape(port + instance)
+            except OSError:
+                continue  # not started yet, or gone after its final scrape
+            if "pushpull_sender_sent_total" not in samples:
+                continue  # its workers are not started yet: nothing to expose
+            if value(samples, "pushpull_sender_sent_total") == 200:
+                final[instance] = samples
+        return len(final) == 2
+    wait_until(both_final, 40, "both instances' final figures")
+    assert sender.wait(30) == 0
+    assert sum(value(s, "pushpull_sender_sent_total") for s in final.values()) == \
+        sender.summary()["sent"] == 400
+    assert sum(value(s, "pushpull_sender_target_rate") for s in final.values()) == 400
+    runs = {labels["run"] for s in final.values()
+            for labels, _ in s["pushpull_sender_run_info"]}
+    assert len(runs) == 1  # one run, the same id on both
