@@ -253,9 +253,11 @@ class Exporter:
         return body
 
     def watch(self, source, log):
-        """Start exposing `source`; log where, with a warning if it is every interface."""
-        self.log = log
-        self.source = source
+        """Expose `source` from now on; the first time, log where (a warning if it is every
+        interface)."""
+        first, self.log, self.source = self.source is None, log, source
+        if not first:  # a --find-max step after the first: a new run, the same endpoint
+            return
         log.info(f"[METRICS] serving {url(self.bind, self.port)}")
         if self.bind in EVERY_INTERFACE:
             log.warning(f"[METRICS] bound to every interface: anyone who can reach port"
