@@ -450,7 +450,9 @@ def serve(config, signals, log, exporter):
     try:
         lock.acquire()
     except spill.SpillError as exc:
-        log.error(f"[ERROR] {exc}")
+        # Another receiver on the same port shares the default spill file: its port is
+        # the real conflict (a new --port gives a new spill file too), so it is said first.
+        log.error(f"[ERROR] {port_conflict(config) or exc}")
         return EXIT_STARTUP_FAILED
     counters = Counters()
     signals.last_words = lambda: last_words(counters, lock)  # a third Ctrl+C
@@ -465,6 +467,20 @@ def last_words(counters, lock):
     lock.release()
     dropped = counters.backlog - counters.spilled
     return f"; {dropped} received but unprocessed messages dropped, not in the spill file"
+
+
+def port_conflict(config):
+    """Why the PULL socket could not bind its port, tried on a socket closed at once; None
+    if it could."""
+    with zmq.Context() as ctx, ctx.socket(zmq.PULL) as sock:
+        sock.linger = 0
+        sock.ipv6 = cli.wants_ipv6([config.endpoint])
+        try:
+            sock.bind(config.endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EADDRINUSE:
+                return cli.bind_error(config.endpoint, f"port {config.port}", config.bind, exc)
+    return None
 
 
 def serve_with_spill_file(config, signals, log, counters, exporter):

@@ -187,6 +187,21 @@ def test_receiver_exits_quickly_when_its_port_is_in_use(procs):
     assert first.popen.poll() is None  # the first one is unharmed
 
 
+def test_a_second_receiver_in_the_same_directory_is_told_the_port_first(procs):
+    """Same port, same directory, so the same default spill file: the second receiver is
+    told the port is in use (the real conflict), not that the spill file is."""
+    first = procs.receiver(*FAST_RECEIVER)
+    second = procs.receiver(*FAST_RECEIVER, port=first.port, wait_ready=False)
+    assert second.wait(30) == 1
+    errors = second.lines(r"\[ERROR\]")
+    assert len(errors) == 1, second.output()
+    assert f"cannot bind tcp://127.0.0.1:{first.port}: port {first.port} is in use" \
+        in errors[0], errors
+    assert "spill file" not in second.output()
+    assert first.popen.poll() is None  # the first one is unharmed, its lock kept
+    assert (procs.workdir / f"receiver_spill_{first.port}.bin.lock").exists()
+
+
 def test_receiver_exits_when_a_non_zmq_program_holds_the_port(procs):
     """A plain TCP listener on the port: the receiver refuses to start, exit non-zero, 'in use'."""
     port = free_port()
