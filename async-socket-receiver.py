@@ -694,7 +694,7 @@ def report(counters, run_table, started, stop_kind, config, log, stats):
     if not config.quiet and data["latency_ms"]["max"]:
         text += "\n" + "\n".join(run_table.latency().text_lines("Latency, every run"))
     log.info("\n" + text)
-    stats.row(lost, data["processed_per_s"])
+    stats.last_row(lost)
     stats.close()
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
     return EXIT_OK if stop_kind is not StopKind.FAILED and not lost and saved else EXIT_FAILED

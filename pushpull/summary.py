@@ -16,7 +16,7 @@ from pushpull.push import Outcome
 # ---------------------------------------------------------------------------
 # The receiver's
 # ---------------------------------------------------------------------------
-RECEIVER_CSV_COLUMNS = ("time_s", "received", "processed", "rate_msg_s", "queue",
+RECEIVER_CSV_COLUMNS = ("time_s", "unix_time", "received", "processed", "rate_msg_s", "queue",
                         "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "invalid")
 
 
@@ -31,8 +31,9 @@ def receiver_stats_line(counters, last, elapsed):
 
 
 class ReceiverStats:
-    """The receiver's [STATS] line while there is work, and its --csv row in any case
-    (RECEIVER_CSV_COLUMNS, counts cumulative since `started`), every --stats-interval."""
+    """The receiver's [STATS] line and its --csv row while there is work, every
+    --stats-interval (RECEIVER_CSV_COLUMNS: counts cumulative since `started`, the rate
+    over the interval)."""
 
     def __init__(self, counters, run_table, series, interval, log, started):
         self.counters = counters
@@ -53,18 +54,27 @@ class ReceiverStats:
         current = (counters.received, counters.processed)
         if current != last or counters.backlog:
             self.log.info(receiver_stats_line(counters, last, elapsed))
-        self.row(counters.backlog, cli.rate(current[1] - last[1], elapsed))
+        # Idle, the row repeats the last one (rate 0) and is left out.
+        self.row(counters.backlog, cli.rate(current[1] - last[1], elapsed), now)
         self.last, self.last_time = current, now
 
-    def row(self, queue, rate):
-        """One --csv row: the counts now, `queue` messages waiting, `rate` msg/s processed."""
+    def last_row(self, queue):
+        """The final --csv row, `queue` messages left unprocessed: it agrees with the
+        summary; its rate is over its own interval, like every row's."""
+        now = time.monotonic()
+        rate = cli.rate(self.counters.processed - self.last[1], now - self.last_time)
+        self.row(queue, rate, now, always=True)
+
+    def row(self, queue, rate, now, always=False):
+        """One --csv row: the counts at `now`, `queue` messages waiting, `rate` msg/s
+        processed."""
         counters = self.counters
         lat = self.run_table.latency().summary_ms()
-        self.series.row((round(time.monotonic() - self.started, 3),
-                         counters.received + counters.recovered, counters.processed,
+        self.series.row(now - self.started,
+                        (counters.received + counters.recovered, counters.processed,
                          round(rate, 1), queue, *("" if lat[key] is None else lat[key]
                                                   for key in ("p50", "p99", "max")),
-                         counters.invalid))
+                         counters.invalid), always)
 
     def close(self):
         """Close the --csv file (the last row is written)."""
@@ -143,8 +153,8 @@ def receiver_table(data):
 UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
-SENDER_CSV_COLUMNS = ("time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting",
-                      "receivers_up")
+SENDER_CSV_COLUMNS = ("time_s", "unix_time", "sent", "rate_msg_s", "send_lag_p99_ms",
+                      "waiting", "receivers_up")
 SECRET_SETTINGS = ("curve_keys",)  # the sender's Config fields never written to the JSON
 # Written apart: a shared run's `run` (a run of one keeps its JSON as it was).
 UNLISTED_SETTINGS = (*SECRET_SETTINGS, "plan")
@@ -175,8 +185,8 @@ class SenderStats:
     def tick(self, now):
         """A [STATS] line and a --csv row, when one is due at `now` (time.monotonic())."""
         if now - self.last_time >= self.config.stats_interval:
-            self.series.row(sender_csv_row(self.workers, self.health, self.last_sent,
-                                           now - self.last_time, now - self.started))
+            self.series.row(now - self.started, sender_csv_row(
+                self.workers, self.health, self.last_sent, now - self.last_time))
             line, self.last_sent = sender_stats_line(self.config, self.workers, self.health,
                                                      self.last_sent, now - self.last_time,
                                                      now - self.started)
@@ -186,8 +196,8 @@ class SenderStats:
     def last_row(self):
         """The last --csv row, written once every worker is done: it agrees with the summary."""
         now = time.monotonic()
-        self.series.row(sender_csv_row(self.workers, self.health, self.last_sent,
-                                       now - self.last_time, now - self.started))
+        self.series.row(now - self.started, sender_csv_row(
+            self.workers, self.health, self.last_sent, now - self.last_time), always=True)
 
 
 def sender_stats_line(config, workers, health, last_sent, elapsed, total_elapsed):
@@ -209,11 +219,12 @@ def sender_stats_line(config, workers, health, last_sent, elapsed, total_elapsed
     return line, sent
 
 
-def sender_csv_row(workers, health, last_sent, elapsed, total_elapsed):
-    """One --csv row (SENDER_CSV_COLUMNS), counts cumulative since the start."""
+def sender_csv_row(workers, health, last_sent, elapsed):
+    """One --csv row (SENDER_CSV_COLUMNS) after its clocks: counts cumulative since the
+    start, the rate over the interval."""
     sent = sum(w.tally.sent for w in workers)
     lag = merged_lag(workers)
-    return (round(total_elapsed, 3), sent, round(cli.rate(sent - last_sent, elapsed), 1),
+    return (sent, round(cli.rate(sent - last_sent, elapsed), 1),
             round(lag.percentile(0.99) / 1e6, 3) if lag.count else "",
             sum(1 for w in workers if w.tally.waiting),
             sum(1 for state in health.states.values() if state is LinkState.UP))

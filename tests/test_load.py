@@ -104,25 +104,30 @@ def test_duration_mode_plans_what_the_schedule_holds(procs, consumer):
 
 
 def test_sender_csv_rows_agree_with_the_summary(procs, consumer, tmp_path):
-    """--csv: the issue's columns, one row per stats interval, the last row = the summary."""
+    """--csv: the issue's columns, one row per stats interval, the last row = the summary;
+    unix_time is the wall clock (to join files of several processes on)."""
     path = tmp_path / "sender.csv"
+    wall_before = time.time()
     sender = procs.sender("--workers", "2", "--rate", "1000", "--duration", "1", "--quiet",
                           "--format", "text", "--stats-interval", "0.2", "--csv", str(path),
                           endpoints=[consumer.endpoint])
     assert sender.wait() == 0, sender.output()[-2000:]
+    wall_after = time.time()
     with open(path, newline="", encoding="utf-8") as src:
         rows = list(csv.reader(src))
-    assert rows[0] == ["time_s", "sent", "rate_msg_s", "send_lag_p99_ms", "waiting",
-                       "receivers_up"]
+    assert rows[0] == ["time_s", "unix_time", "sent", "rate_msg_s", "send_lag_p99_ms",
+                       "waiting", "receivers_up"]
     body = rows[1:]
     assert len(body) >= 2
     times = [float(row[0]) for row in body]
-    sent = [int(row[1]) for row in body]
+    wall = [float(row[1]) for row in body]
+    sent = [int(row[2]) for row in body]
     assert times == sorted(times) and sent == sorted(sent)
+    assert wall == sorted(wall) and wall_before <= wall[0] and wall[-1] <= wall_after
     summary = sender.summary()
     assert sent[-1] == summary["sent"] == 1000
-    assert float(body[-1][3]) == pytest.approx(summary["send_lag_ms"]["p99"], abs=0.002)
-    assert body[-1][5] == "1"
+    assert float(body[-1][4]) == pytest.approx(summary["send_lag_ms"]["p99"], abs=0.002)
+    assert body[-1][6] == "1"
 
 
 def test_json_carries_schema_config_and_versions(procs, consumer):
@@ -219,6 +224,7 @@ def test_receiver_csv_rows_agree_with_the_summary(procs, tmp_path):
     """Receiver --csv: the issue's columns; the last row = the summary. A flood has
     latency_ms = latency_raw_ms (intended = actual)."""
     path = tmp_path / "receiver.csv"
+    wall_before = time.time()
     receiver = procs.receiver(*FAST_RECEIVER, "--stats-interval", "0.2", "--csv", str(path))
     sender = procs.sender("--workers", "2", "--messages", "300", "--delay", "0", "--quiet",
                           endpoints=[receiver.endpoint])
@@ -228,17 +234,51 @@ def test_receiver_csv_rows_agree_with_the_summary(procs, tmp_path):
     assert receiver.stop() == 0
     with open(path, newline="", encoding="utf-8") as src:
         rows = list(csv.reader(src))
-    assert rows[0] == ["time_s", "received", "processed", "rate_msg_s", "queue",
+    assert rows[0] == ["time_s", "unix_time", "received", "processed", "rate_msg_s", "queue",
                        "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "invalid"]
     summary = receiver.summary()
     last = rows[-1]
-    assert (int(last[1]), int(last[2]), int(last[4]), int(last[8])) == \
+    assert (int(last[2]), int(last[3]), int(last[5]), int(last[9])) == \
         (summary["received"], summary["processed"], summary["unprocessed"], summary["invalid"])
-    assert [float(v) for v in last[5:8]] == [summary["latency_ms"][k]
+    assert [float(v) for v in last[6:9]] == [summary["latency_ms"][k]
                                              for k in ("p50", "p99", "max")]
     times = [float(row[0]) for row in rows[1:]]
     assert times == sorted(times)
+    wall = [float(row[1]) for row in rows[1:]]
+    assert wall == sorted(wall) and wall_before <= wall[0] and wall[-1] <= time.time()
     run = summary["runs"][0]
     assert run["latency_ms"] == run["latency_raw_ms"] and run["latency_samples"] == 600
     assert summary["schema_version"] == 2 and summary["config"]["csv_path"] == str(path)
     assert set(summary["versions"]) == {"python", "pyzmq", "libzmq"}
+
+
+def test_receiver_csv_writes_no_rows_while_idle_and_no_lifetime_rate(procs, tmp_path):
+    """Between two runs the receiver writes one row at rate 0, then none until the next
+    run; the last row's rate is over its own interval (0 when idle), not the lifetime's."""
+    path = tmp_path / "receiver.csv"
+    receiver = procs.receiver(*FAST_RECEIVER, "--stats-interval", "0.1", "--csv", str(path))
+
+    def rows():
+        with open(path, newline="", encoding="utf-8") as src:
+            return [[float(v or 0) for v in row] for row in list(csv.reader(src))[1:]]
+
+    def idle_after(processed):
+        return any(row[3] == processed and row[4] == 0 for row in rows())
+
+    for run in (1, 2):
+        sender = procs.sender("--workers", "1", "--messages", "50", "--delay", "0", "--quiet",
+                              endpoints=[receiver.endpoint])
+        assert sender.wait() == 0, sender.output()[-2000:]
+        wait_until(lambda: idle_after(50 * run), 20, f"an idle row after run {run}")
+        if run == 1:
+            idle_from = time.time()
+            time.sleep(1.0)  # ten stats intervals, idle: nothing may be written
+            idle_until = time.time()
+    assert receiver.stop() == 0
+    body = rows()
+    assert not [row for row in body[:-1] if idle_from <= row[1] <= idle_until], body
+    # The same counts twice in a row only for the last row (written at the stop).
+    values = [row[2:] for row in body]
+    assert all(a != b for a, b in zip(values[:-2], values[1:-1])), body
+    assert body[-1][4] == 0 and receiver.summary()["processed_per_s"] > 0, body
+    assert body[-1][3] == 100
