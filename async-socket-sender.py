@@ -513,7 +513,7 @@ def send_run(config, signals, log, judge=None, exporter=None):
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
     team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
-                     flow.FlushDeadline(config.timeout))
+                     flow.FlushDeadline(config.timeout), push.WorkerNotices(log))
     confirmations = (confirm.Confirmations(config.workers, config.window,
                                            plan.first_worker(config.workers))
                      if config.confirm else None)
@@ -546,6 +546,7 @@ def send_run(config, signals, log, judge=None, exporter=None):
                                       started + duration, signals.first, log)
         team.flush.start()  # the run has ended: every worker closes its socket now
         join_stopped(workers, log)
+        team.notices.log_counts()  # how many workers met each cause logged only once
         stop.set()
         join_stopped(helpers, log)
     finally:

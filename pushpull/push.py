@@ -20,6 +20,7 @@ from pushpull.health import ReceiverHealth
 from pushpull.threads import POLL_INTERVAL, POLL_S
 
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
+NOTICE_REPEAT = 10.0  # seconds before a cause the workers share is logged again
 
 
 class Outcome(enum.Enum):
@@ -59,6 +60,55 @@ class WorkerTally:
         return bool(self.failed[Outcome.RECEIVER_DOWN] or self.failed[Outcome.REJECTED])
 
 
+@dataclass
+class _Cause:
+    """How often the workers met one cause, and when it was last logged."""
+
+    level: int
+    workers: set = field(default_factory=set)
+    events: int = 0
+    logged: int = 0  # lines logged
+    logged_at: float = float("-inf")  # time.monotonic() of the last
+    epoch: int = -1  # the heartbeat's verdict count then (ReceiverHealth.changes)
+
+
+class WorkerNotices:
+    """The workers' [WAIT], [RETRY] and [FAIL] lines, one per cause: the first worker to
+    meet a cause logs its line, the others are counted (a new line after NOTICE_REPEAT s,
+    or once the heartbeat changed its verdict); log_counts() says, at the end, how many
+    workers met each cause whose lines were left out."""
+
+    def __init__(self, log):
+        self.log = log
+        self._lock = threading.Lock()
+        self._causes = {}  # (tag, verb, cause) -> _Cause, in the order first met
+
+    def say(self, level, line, name, cause, epoch):
+        """Log `line` of worker `name` unless another one met `cause` (a (tag, verb in the
+        past tense, reason) tuple) lately, in the same heartbeat `epoch`; count it."""
+        now = time.monotonic()
+        with self._lock:
+            met = self._causes.setdefault(cause, _Cause(level))
+            met.workers.add(name)
+            met.events += 1
+            if met.epoch == epoch and now - met.logged_at < NOTICE_REPEAT:
+                return
+            met.logged += 1
+            met.logged_at, met.epoch = now, epoch
+        self.log.log(level, line)
+
+    def log_counts(self):
+        """One line per cause whose lines were left out: how many workers met it, how often."""
+        with self._lock:
+            causes = [(key, met) for key, met in self._causes.items()
+                      if met.events > met.logged]
+        for (tag, verb, reason), met in causes:
+            workers = len(met.workers)
+            times = f" ({met.events} times)" if met.events != workers else ""
+            self.log.log(met.level, f"[{tag}] {workers} worker{'s' if workers != 1 else ''}"
+                                    f" {verb}{times}: {reason}")
+
+
 @dataclass(frozen=True)
 class Team:
     """What the workers of one run share: turns, the receivers' health, the stop, the log,
@@ -71,6 +121,7 @@ class Team:
     timeout: float  # seconds a receiver may stay down before a retry (SERVER_TIMEOUT)
     retries: int  # retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)
     flush: FlushDeadline  # one for all workers' sockets, from the end of the run
+    notices: WorkerNotices  # the workers' [WAIT], [RETRY] and [FAIL] lines, one per cause
 
 
 def connect_all(links, stop, within):
@@ -118,6 +169,7 @@ class PushSender:
         self.log = team.log
         self.timeout = team.timeout
         self.retries = team.retries
+        self.notices = team.notices
         self.turn = WorkerTurn(team.turns, team.stop)
         self._sends = 0  # since this worker last let a waiting worker have the turn
         self._sock = sock
@@ -204,24 +256,28 @@ class PushSender:
                 except zmq.Again:
                     continue
                 if self.tally.waiting:
-                    self.log.info(f"[WAIT] {self.name} resumed after"
-                                  f" {time.monotonic() - wait_started:.1f} s")
+                    self._say(logging.INFO, f"[WAIT] {self.name} resumed after"
+                              f" {time.monotonic() - wait_started:.1f} s",
+                              ("WAIT", "resumed", "after a wait"))
                 return None
             if self.health.all_rejected():
-                self.log.error(f"[FAIL] {self.name} gives up: every receiver refused"
-                               " this sender's handshake")
+                self._say(logging.ERROR, f"[FAIL] {self.name} gives up: every receiver"
+                          " refused this sender's handshake",
+                          ("FAIL", "gave up", "every receiver refused this sender's handshake"))
                 return Outcome.REJECTED
             now = time.monotonic()
             if self.health.is_up():
                 down_since = None  # backpressure: a slow receiver is not a dead one
                 if not self.tally.waiting and now - wait_started >= WAIT_LOG_AFTER:
                     self.tally.waiting = True
-                    self.log.info(f"[WAIT] {self.name} waiting: receiver is up but busy"
-                                  " (backpressure)")
+                    self._say(logging.INFO, f"[WAIT] {self.name} waiting: receiver is up but"
+                              " busy (backpressure)",
+                              ("WAIT", "waited", "receiver is up but busy (backpressure)"))
                 continue
             if not self.tally.waiting:
                 self.tally.waiting = True
-                self.log.warning(f"[WAIT] {self.name} paused: receiver is down")
+                self._say(logging.WARNING, f"[WAIT] {self.name} paused: receiver is down",
+                          ("WAIT", "paused", "receiver is down"))
             if down_since is None:
                 down_since = now
             elif now - down_since >= self.timeout:
@@ -229,12 +285,19 @@ class PushSender:
                     return self._give_up(task, retries_used)
                 retries_used += 1
                 down_since = now
-                self.log.warning(f"[RETRY] {self.name}: receiver still down after"
-                                 f" {self.timeout:g} s, retry {retries_used}/{self.retries}")
+                self._say(logging.WARNING, f"[RETRY] {self.name}: receiver still down after"
+                          f" {self.timeout:g} s, retry {retries_used}/{self.retries}",
+                          ("RETRY", "retried", f"receiver still down after {self.timeout:g} s,"
+                                               f" retry {retries_used}/{self.retries}"))
         return Outcome.INTERRUPTED
 
     def _give_up(self, task, retries_used):
         what = f"task {task}" if task is not None else "end-of-run marker"
-        self.log.error(f"[FAIL] {self.name} gives up at {what}: receiver down"
-                       f" for {self.timeout * (retries_used + 1):g} s")
+        down_for = f"receiver down for {self.timeout * (retries_used + 1):g} s"
+        self._say(logging.ERROR, f"[FAIL] {self.name} gives up at {what}: {down_for}",
+                  ("FAIL", "gave up", down_for))
         return Outcome.RECEIVER_DOWN
+
+    def _say(self, level, line, cause):
+        """Log `line` for `cause`, or only count it if another worker just logged it."""
+        self.notices.say(level, line, self.name, cause, self.health.changes)

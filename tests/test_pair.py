@@ -214,6 +214,29 @@ def test_receiver_exits_when_a_non_zmq_program_holds_the_port(procs):
     assert "in use" in receiver.output()
 
 
+def test_workers_waiting_for_one_cause_log_one_line_each_and_a_count(procs):
+    """No receiver, 20 workers: one [WAIT], one [RETRY] per retry and one [FAIL] line, not
+    one per worker; then a count per cause, exact, before the summary."""
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    sender = procs.sender("--workers", "20", "--messages", "2", "--delay", "0",
+                          "--timeout", "0.3", "--retries", "2", "--heartbeat-interval", "0.5",
+                          endpoints=[nobody])
+    assert sender.wait(30) == 1, sender.output()[-3000:]
+    output = sender.output()
+    assert len(sender.lines(r"\[WAIT\] Pusher-\d+ paused: receiver is down$")) == 1, output
+    for retry in (1, 2):
+        assert len(sender.lines(rf"\[RETRY\] Pusher-\d+: .* retry {retry}/2$")) == 1, output
+    assert len(sender.lines(r"\[FAIL\] Pusher-\d+ gives up at task 0:")) == 1, output
+    counts = sender.lines(r"\[(WAIT|RETRY|FAIL)\] 20 workers ")
+    assert [line.split(" - ", 2)[2] for line in counts] == [
+        "[WAIT] 20 workers paused: receiver is down",
+        "[RETRY] 20 workers retried: receiver still down after 0.3 s, retry 1/2",
+        "[RETRY] 20 workers retried: receiver still down after 0.3 s, retry 2/2",
+        "[FAIL] 20 workers gave up: receiver down for 0.9 s"], output
+    assert output.index(counts[-1]) < output.index("==== Sender summary")
+    assert sender.summary()["failed_by_reason"]["receiver_down"] == 40
+
+
 def test_sender_without_receiver_fails_with_one_exit_line(procs):
     """No receiver: non-zero exit, one one-line [EXIT] reason, JSON failed = planned, sent 0."""
     nobody = f"tcp://127.0.0.1:{free_port()}"

@@ -143,6 +143,10 @@ def test_unknown_client_key_is_refused_fast(procs, keys):
                           "--curve-server-public", str(keys["good"] / "server.key"))
     assert_refused_in_time(sender, 30)
     assert sender.lines(r"\[HEARTBEAT\].*rejected")
+    # One line per cause, not one per worker; the count of those left out at the end.
+    assert len(sender.lines(r"\[WAIT\] Pusher-\d+ paused")) <= 1, sender.output()
+    assert len(sender.lines(r"\[FAIL\] Pusher-\d+ gives up: every receiver refused")) == 1
+    assert sender.lines(r"\[FAIL\] 3 workers gave up: every receiver refused"), sender.output()
     summary = stopped_summary(receiver)
     assert summary["received"] == 0
     assert summary["rejected"] >= 1

@@ -127,9 +127,9 @@ def push_socket():
 def new_sender(sock, stop, timeout=0.2, retries=1):
     """A PushSender alone in its team, with receivers never seen up."""
     health = ReceiverHealth(["tcp://nobody:1"])
-    team = push.Team(flow.SendTurns(), health, stop,
-                     logging.getLogger("test_push_sender"), timeout, retries,
-                     flow.FlushDeadline(timeout))
+    log = logging.getLogger("test_push_sender")
+    team = push.Team(flow.SendTurns(), health, stop, log, timeout, retries,
+                     flow.FlushDeadline(timeout), push.WorkerNotices(log))
     receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False, bound=10)
     receivers.connected = set(receivers.endpoints)  # the fixture connected it
     return push.PushSender(sock, "Pusher-1", team, push.WorkerTally(), receivers)
