@@ -202,8 +202,9 @@ def test_no_receiver_exits_nonzero_listing_every_task(procs):
     assert result["unconfirmed"] == 15, result
     assert result["unconfirmed_tasks"] == {f"Pusher-{n}": [0, 1, 2, 3, 4] for n in (1, 2, 3)}
     assert result["failed_by_reason"]["receiver_down"] == 15, result
-    # It gives up after timeout x (1 + retries) = 1 s, plus start-up and flush.
-    assert elapsed < 8, elapsed
+    # It gives up after timeout x (1 + retries) = 1 s, plus start-up and flush: the bound
+    # only tells that from a hang, with a busy machine's margin.
+    assert elapsed < 20, elapsed
     assert sender.lines(r"\[EXIT\] only 0 of 15 messages confirmed")
 
 

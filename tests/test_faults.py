@@ -121,8 +121,9 @@ def test_receiver_killed_mid_run_is_seen_and_counted(procs):
 def test_receiver_back_within_retry_window_run_completes(procs):
     """kill -9, then a new receiver on the same port within timeout x (1 + retries): resumes."""
     first = procs.receiver(*QUIET_RECEIVER, name="receiver_first")
-    # Window: 2 s x (1 + 4) = 10 s, far more than a restart takes (about 1 s, loaded).
-    timeout, retries = 2.0, 4
+    # Window: 2 s x (1 + 9) = 20 s, far more than a restart takes (about 1 s; several
+    # on a busy machine): the restart's time is not bounded by the window under test.
+    timeout, retries = 2.0, 9
     sender = procs.sender(*sender_args(2, 100, 0.02, timeout, retries, "--stats-interval", "0.2"),
                           endpoints=[first.endpoint])
     wait_until(lambda: sent_so_far(sender) >= 20, 15, "20 messages sent")
@@ -304,10 +305,8 @@ def test_oversized_message_drops_its_peer_and_others_go_on(procs):
 def test_second_receiver_on_taken_port_exits_with_in_use(procs):
     """A second receiver on a port in use exits non-zero within seconds and says 'in use'."""
     first = procs.receiver(*QUIET_RECEIVER)
-    started = time.monotonic()
     second = procs.receiver(*QUIET_RECEIVER, port=first.port, wait_ready=False)
-    assert second.wait(10) != 0
-    assert time.monotonic() - started < 5
+    assert second.wait(20) != 0  # at once; the bound only tells it from a hang
     assert "in use" in second.output(), second.output()
     assert "Server is running" not in second.output()
     assert first.popen.poll() is None, "the first receiver must be untouched"
@@ -419,7 +418,7 @@ def test_flood_into_slow_receiver_keeps_memory_flat_and_backpressure(procs):
 # ---------------------------------------------------------------------------
 def test_sender_double_sigint_exits_at_once(procs):
     """Second Ctrl+C during a flush that would block for --timeout: exit 130 at once."""
-    flush_bound, at_once = 20, 5.0  # seconds: the blocked flush, and "at once" with margin
+    flush_bound, at_once = 20, 10.0  # seconds: the blocked flush, and "at once" with margin
     receiver = procs.receiver("--quiet", "--no-file-log", "--processing-time", "0",
                               "--queue-size", "1", "--hwm", "1")
     # Large messages fill the kernel buffers fast; with the receiver stopped, what the
@@ -478,7 +477,7 @@ def test_sender_single_sigint_prints_summary_and_counts_interrupted(procs, worke
 # ---------------------------------------------------------------------------
 # Receiver startup failures
 # ---------------------------------------------------------------------------
-def start_must_fail(procs, *args, within=5.0, port=None):
+def start_must_fail(procs, *args, within=10.0, port=None):
     """Start a receiver that must exit non-zero at once; returns its output."""
     started = time.monotonic()
     receiver = procs.receiver(*args, wait_ready=False, port=port)

@@ -326,7 +326,15 @@ def test_data_connections_carry_tcp_keepalive(network):
         return [line for line in out.splitlines() if "keepalive" in line], out
 
     channel = f"{host.addr}:{RECEIVER_PORT + 1}"  # the confirmation channel's end
-    ours, out = keepalive_timers(net.sender_host, host.addr)
-    assert len(ours) >= 4 and any(channel in line for line in ours), out  # + the channel's SUB
-    theirs, out = keepalive_timers(host, net.sender_host.addr)
-    assert len(theirs) >= 4 and any(channel in line for line in theirs), out
+
+    def all_kept_alive(on_host, peer):
+        # Two workers, the probe and the channel's SUB. A connection shows its keepalive
+        # timer only while nothing it sent waits for an ACK (else: its retransmit timer),
+        # and on a busy machine one may still be connecting: wait until all four show it.
+        timers, _ = keepalive_timers(on_host, peer)
+        return len(timers) >= 4 and any(channel in line for line in timers)
+
+    wait_until(lambda: all_kept_alive(net.sender_host, host.addr), 20,
+               "keepalive timers on the sender's 4 connections")
+    wait_until(lambda: all_kept_alive(host, net.sender_host.addr), 20,
+               "keepalive timers on the receiver's 4 connections")

@@ -21,11 +21,10 @@ QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-t
 # A refused sender gives up as soon as its heartbeat sees the refusal (under a second,
 # even on a busy machine), long before a receiver that is only down would be given up
 # on: timeout 5 s x (1 + 1 retry) = 10 s. Every task counted `rejected`, and no [RETRY]
-# line, say the refusal came first; the wall-clock bound keeps a margin on both sides.
+# line, say the refusal came first (not a wall-clock bound, which a busy machine breaks).
 TIMEOUT = 5.0
 FAST_FAIL = ("--timeout", f"{TIMEOUT:g}", "--retries", "1", "--heartbeat-interval", "1")
 GIVE_UP_WINDOW = TIMEOUT * (1 + 1)
-REFUSED_WITHIN = TIMEOUT  # seconds from start to exit; the refusal itself takes < 1 s
 
 
 def generate(directory):
@@ -62,14 +61,15 @@ def timed_exit(proc):
 
 def assert_refused_in_time(sender, planned):
     """The sender exits non-zero, every task `rejected`, before any retry; returns its JSON."""
-    status, elapsed = timed_exit(sender)
+    status, _ = timed_exit(sender)
     assert status != 0
     result = sender.summary()
     assert result["sent"] == 0
     # Had the refusal come after the give-up window, the tasks would be receiver_down.
     assert result["failed_by_reason"]["rejected"] == result["planned"] == planned, result
     assert not sender.lines(r"\[RETRY\]"), sender.output()[-2000:]
-    assert elapsed < REFUSED_WITHIN, f"took {elapsed:.1f} s"
+    # No bound on the time it took by TIMEOUT, the limit under test: the counts above say
+    # the refusal came first (timed_exit's wait only tells it from a hang).
     return result
 
 
