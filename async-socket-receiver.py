@@ -531,10 +531,11 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
         if not start_threads(receiver, processor, recovered, config, log):
             return EXIT_STARTUP_FAILED
         exporter.watch(metrics.ReceiverSource(counters, processor.runs, batches), log)
-        log.info(f"[START] PULL socket bound to {config.endpoint} | confirmations and run"
-                 f" reports on {config.confirm_endpoint} | processing time"
-                 f" {config.processing_time:g} s | queue {config.queue_size} messages"
-                 f"{' | log file ' + config.log_file if config.log_file else ''}")
+        log.info(logs.continued(
+            f"[START] PULL socket bound to {config.endpoint} | processing time"
+            f" {config.processing_time:g} s | queue {config.queue_size} messages",
+            [f"confirmations and run reports on {config.confirm_endpoint}",
+             *([f"log file {config.log_file}"] if config.log_file else [])]))
         log.info("Server is running. Press Ctrl+C to stop.")
         stats = summary.ReceiverStats(counters, processor.runs, series, config.stats_interval,
                                       log, started)

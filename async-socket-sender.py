@@ -581,12 +581,13 @@ def start_workers(ctx, config, run, team, confirmations, channel):
     workers = [PushWorker(n, ctx, config, run, team, counter, clock, confirmations)
                for n in range(first + 1, first + config.workers + 1)]
     shown_format = f", {config.format} format" if config.format != "binary" else ""
-    team.log.info(f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
-                  f" {config.messages} messages{shown_format}"
-                  f"{schedule.describe(config.rate, config.delay, config.warmup)}"
-                  f"{instances.describe(config.plan, config.workers)}"
-                  f" -> {', '.join(config.endpoints)}"
-                  f" | confirmations and reports from {channel.describe()}")
+    place = instances.describe(config.plan, config.workers).lstrip(", ")
+    team.log.info(logs.continued(
+        f"[START] run {wire.run_label(run.run_id)}: {config.workers} workers x"
+        f" {config.messages} messages{shown_format}"
+        f"{schedule.describe(config.rate, config.delay, config.warmup)}",
+        [*([place] if place else []), f"-> {', '.join(config.endpoints)}",
+         f"confirmations and reports from {channel.describe()}"]))
     for worker in workers:
         worker.start()
     return workers

@@ -17,6 +17,9 @@ CLIENT_WIDTH = 12  # "Pusher-99999"
 TASK_WIDTH = 6  # task numbers up to 999999
 LOG_FORMAT = "%(asctime)s - %(levelname)-7s - %(message)s"
 TEXT_SHOWN = 8192  # characters of a network text a log line shows at most
+LINE_WIDTH = 160  # columns a status line fits in, its time and level prefix included
+MESSAGE_WIDTH = LINE_WIDTH - len("2025-10-06 13:08:22.15 - WARNING - ")
+CONTINUED = "    "  # a continuation line's start: it belongs to the tagged line above
 
 
 def shown(text):
@@ -66,6 +69,25 @@ class LineBlock(list):
     The formatter gives every line the usual prefix, so the output is the same as
     one record per line, at a fraction of the logging module's per-record cost.
     """
+
+    def __str__(self):
+        return "\n".join(self)
+
+
+def continued(head, parts, lead="", sep=" | "):
+    """A LineBlock: `head`, then `parts` on continuation lines (CONTINUED, then `lead`
+    on the first), joined by `sep`, each line within MESSAGE_WIDTH where a part allows."""
+    block, line = LineBlock([head]), CONTINUED + lead
+    fresh = True  # nothing on `line` yet but its start
+    for part in parts:
+        if not fresh and len(line) + len(sep) + len(part) > MESSAGE_WIDTH:
+            block.append(line + sep.rstrip())
+            line, fresh = CONTINUED + " " * len(lead), True
+        line += part if fresh else sep + part
+        fresh = False
+    if not fresh:
+        block.append(line)
+    return block
 
 
 class CentisecondFormatter(logging.Formatter):

@@ -532,8 +532,8 @@ class RunTable:
         else:
             self.unhealed[run_id] = run
         line = run_line(run, reason)
-        if early:
-            self.warnings.warning("early", line)
+        if early:  # a flood of runs: their [RUN] lines alone, rate-limited
+            self.warnings.warning("early", line[0])
         elif run.tasks.complete or run.info.endpoints > 1:
             self.log.info(line)
         else:
@@ -711,18 +711,21 @@ class RunLedger:
 
 
 def run_line(run, reason):
-    """The one [RUN] line that reports a finished (or silent) sender run."""
+    """The [RUN] report of a finished (or silent) sender run: a logs.LineBlock, its counts
+    on the [RUN] line, its latency and its missing tasks on continuation lines."""
     info, tasks = run.info, run.tasks
     lat = run.latency.summary_ms()
+    listed = []  # the missing tasks' ranges shown
     if info.endpoints == 1:
-        listed, missing = tasks.missing_ranges(MISSING_LISTED), tasks.missing
-        shown = ", ".join(range_text(r) for r in listed)
-        not_shown = missing - sum(range_size(r) for r in listed)
-        more = f" ... +{not_shown}" if not_shown > 0 else ""
-        missing_text = f"missing {missing}" + (f" ({shown}{more})" if missing else "")
-        if tasks.untracked and missing:  # processed unchecked: some may be among them
-            missing_text = f"missing at most {missing}" + missing_text[len("missing ") +
-                                                                      len(str(missing)):]
+        missing = tasks.missing
+        ranges = tasks.missing_ranges(MISSING_LISTED) if missing else []
+        listed = [range_text(r) for r in ranges]
+        not_shown = missing - sum(range_size(r) for r in ranges)
+        if listed and not_shown > 0:
+            listed.append(f"... +{not_shown}")
+        # Processed unchecked (untracked): some of the missing may be among them.
+        at_most = "at most " if tasks.untracked and missing else ""
+        missing_text = f"missing {at_most}{missing}"
         if run.spilled:
             missing_text += f", {run.spilled} of them in the spill file"
         received = f"received {tasks.received}/{tasks.planned}"
@@ -739,11 +742,14 @@ def run_line(run, reason):
     raw = run.latency_raw.summary_ms()
     raw_text = (f" (raw p99 {ms_text(raw['p99'])} max {ms_text(raw['max'])})"
                 if info.scheduled else "")
-    return (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
-            f" | duplicates {run.duplicates}{resent} | rate {rate}"
-            f" | latency p50 {ms_text(lat['p50'])} p99 {ms_text(lat['p99'])}"
-            f" p99.9 {ms_text(lat['p99_9'])} max {ms_text(lat['max'])}"
-            f"{raw_text} | {reason}")
+    head = (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
+            f" | duplicates {run.duplicates}{resent} | rate {rate} | {reason}")
+    block = logs.continued(head, [f"latency p50 {ms_text(lat['p50'])} p99 {ms_text(lat['p99'])}"
+                                  f" p99.9 {ms_text(lat['p99_9'])} max {ms_text(lat['max'])}"
+                                  f"{raw_text}"])
+    if listed:
+        block.extend(logs.continued("", listed, "missing: ", ", ")[1:])
+    return block
 
 
 SPILLED_BECAUSE = {"cold": "cold stop", "failed": "a thread failed", "warm": "its write"

@@ -73,7 +73,7 @@ class Proc:
         rx = re.compile(pattern)
         return [line for line in self.output().splitlines() if rx.search(line)]
 
-    def wait_for_output(self, pattern, timeout=10, count=1):
+    def wait_for_output(self, pattern, timeout=30, count=1):
         """Wait until `count` lines match `pattern`; returns them."""
         def found():
             hits = self.lines(pattern)

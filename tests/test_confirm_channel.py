@@ -8,7 +8,7 @@ from datetime import datetime
 
 import zmq
 
-from pushpull import confirm
+from pushpull import confirm, logs
 from conftest import free_port, wait_until
 
 FAST_RECEIVER = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "1")
@@ -31,8 +31,10 @@ def test_confirm_port_flag_reaches_a_receiver_on_another_port(procs):
                           endpoints=[receiver.endpoint])
     assert sender.wait(30) == 0, sender.output()[-3000:]
     assert sender.summary()["confirmed"] == 100
-    assert sender.lines(rf"\[START\] .*from tcp://127\.0\.0\.1:{port}\b")
-    assert receiver.lines(rf"\[START\] .*tcp://127\.0\.0\.1:{port}\b")
+    # On a continuation line of the [START] line.
+    continued = rf" - INFO    - {logs.CONTINUED}.*confirmations and"
+    assert sender.lines(rf"{continued} reports from tcp://127\.0\.0\.1:{port}\b")
+    assert receiver.lines(rf"{continued} run reports on tcp://127\.0\.0\.1:{port}\b")
 
 
 def test_confirmations_that_never_come_are_said_and_given_up_on(procs):
@@ -120,8 +122,10 @@ def test_the_receivers_report_is_in_the_senders_summary(procs):
     assert report["missing"] == 0 and report["duplicates"] == 0, report
     p99 = report["latency_ms"]["p99"]
     assert sender.lines(rf"receiver +300/300 received, missing 0, duplicates 0, p99 {p99:.2f} ms")
-    run_line = receiver.wait_for_output(rf"\[RUN\] run {sender.summary()['run_id']} ")[0]
-    assert f"p99 {p99:.2f} ms" in run_line, (run_line, p99)
+    receiver.wait_for_output(rf"\[RUN\] run {sender.summary()['run_id']} ")
+    # The [RUN] line's latency, on its continuation line (the only run here).
+    assert receiver.lines(rf" - INFO    - {logs.CONTINUED}latency p50 .* p99 {p99:.2f} ms "), \
+        receiver.output()[-3000:]
 
 
 def test_two_receivers_reports_are_merged(procs):

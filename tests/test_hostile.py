@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pushpull import runs, wire
 from conftest import free_port
+from helpers import MESSAGE_COLUMN
+from pushpull import logs, runs, wire
 
 WORKERS_MAX = 2 ** 32 - 1  # the widest value of a 4-byte header field
 RSS_BASE_MB = 60  # docs/hostile-input.md: the receiver's own size, before any message
@@ -53,6 +54,17 @@ def pusher(procs):
     client = Pusher(receiver.endpoint)
     yield receiver, client
     client.close()
+
+
+def continuation(proc, line):
+    """The continuation lines logged with `line` (its latency, its missing tasks), joined."""
+    after = proc.output().split(line + "\n", 1)[1].splitlines()
+    lines = []
+    for text in after:
+        if text[MESSAGE_COLUMN:MESSAGE_COLUMN + len(logs.CONTINUED)] != logs.CONTINUED:
+            break
+        lines.append(text[MESSAGE_COLUMN:].strip())
+    return " ".join(lines)
 
 
 def peak_rss_mb(pid):
@@ -102,7 +114,9 @@ def test_a_header_claim_costs_only_what_was_received(pusher, procs, workers, per
                       task=per_worker - 1))
     line = receiver.wait_for_output(rf"\[RUN\] run {wire.run_label(run_id)}", timeout=15)[0]
     planned = workers * per_worker
-    assert f"missing {planned - 1} (" in line, line
+    assert f"missing {planned - 1} |" in line, line
+    ranges = continuation(receiver, line)
+    assert ranges.startswith("latency p50 ") and " missing: Pusher-" in ranges, ranges
     sender = procs.sender("--workers", "1", "--messages", "10", "--delay", "0", "--quiet",
                           endpoints=[receiver.endpoint])
     assert sender.wait(30) == 0, sender.output()[-2000:]
@@ -221,7 +235,8 @@ def test_a_run_reported_incomplete_gets_a_second_line_when_it_completes(pusher):
     label = wire.run_label(run_id)
     client.send(frame(run_id, per_worker=3, task=0))
     first = receiver.wait_for_output(rf"\[RUN\] run {label} \|")[0]
-    assert "WARNING" in first and "missing 2 (Pusher-1:1-2)" in first, first
+    assert "WARNING" in first and "missing 2 |" in first, first
+    assert continuation(receiver, first).endswith("missing: Pusher-1:1-2"), receiver.output()
     client.send(frame(run_id, per_worker=3, task=2), frame(run_id, per_worker=3, task=1))
     second = receiver.wait_for_output(rf"\[RUN\] run {label} \|", count=2)[1]
     assert "received 3/3 | missing 0" in second and "complete after all" in second, second

@@ -359,3 +359,40 @@ def test_own_short_runs_raise_no_invalid_alarm(procs):
     summary = receiver.summary()
     assert summary["invalid"] == 0 and summary["rejected_connections"] == 0, summary
     assert not receiver.lines(r"\[INVALID\]"), receiver.output()[-2000:]
+
+
+def long_lines(proc):
+    """The lines of a process's output over logs.LINE_WIDTH columns, per-message lines
+    ([MSG], [PROC]: they carry the sender's text) aside."""
+    return [line for line in proc.output().splitlines()
+            if len(line) > logs.LINE_WIDTH and not re.search(r" - \[(MSG #\d+|PROC)\] ", line)]
+
+
+def test_status_lines_fit_in_160_columns(procs):
+    """A default-ish pair, a run with many missing tasks (its [RUN] line lists 20 ranges),
+    and a sender without a receiver: every line but the per-message ones fits 160 columns."""
+    from pushpull import wire
+    receiver = procs.receiver("--processing-time", "0", "--run-timeout", "1")
+    sender = procs.sender("--delay", "0", endpoints=[receiver.endpoint])
+    assert sender.wait(30) == 0, sender.output()[-2000:]
+    ctx = zmq.Context()
+    try:
+        with ctx.socket(zmq.PUSH) as gaps:
+            gaps.connect(receiver.endpoint)
+            run = wire.RunInfo(1234567, 50, 100, 1)
+            for worker in range(1, 50, 2):  # every other worker, every 7th task
+                encoder = wire.MessageEncoder(run, worker, 1, 1)
+                for task in range(0, 100, 7):
+                    gaps.send(encoder.data(task))
+            gaps.close(linger=10000)
+    finally:
+        ctx.term()
+    receiver.wait_for_output(rf"\[RUN\] run {wire.run_label(run.run_id)} .*missing 4625")
+    nobody = procs.sender("--messages", "2", "--timeout", "0.3", "--retries", "1",
+                          "--heartbeat-interval", "0.5",
+                          endpoints=[f"tcp://127.0.0.1:{free_port()}"])
+    assert nobody.wait(30) == 1, nobody.output()[-2000:]
+    assert receiver.stop() == 0
+    assert receiver.lines(r" - {10,}Pusher-\d+:.*\.\.\. \+\d+$")  # the ranges' end
+    for proc in (receiver, sender, nobody):
+        assert long_lines(proc) == [], proc.output()[-3000:]
