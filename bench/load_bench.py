@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ WARMUP = 0.5  # seconds of (9)'s runs kept out of its latency figures
 ACCURACY_RATE, ACCURACY_SECONDS = 10_000, 5.0  # figure (8)
 QUIET_WORKERS, QUIET_MESSAGES = 50, 10_000  # figure (10), as figure (2)
 CHART = rb.BENCH / "latency_vs_rate.png"
+FOOTER_WIDTH = 160  # characters per line of the chart's footer (the machine), at 6 pt: 7 in wide
+FOOTER_LINE_HEIGHT = 0.022  # a footer line's height, as a fraction of the chart's
 OUTPUT = rb.BENCH / "LOAD.md"
 
 
@@ -149,8 +152,10 @@ def draw_chart(pair, raw, path, machine):
     ax.set_title("Latency against rate: the pair and raw pyzmq", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.text(0.01, 0.01, machine[:110], fontsize=6, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    # The whole machine line, wrapped: cut at a width, it lost the load average.
+    footer = textwrap.wrap(machine, FOOTER_WIDTH) or [""]
+    fig.text(0.01, 0.01, "\n".join(footer), fontsize=6, alpha=0.7, va="bottom")
+    fig.tight_layout(rect=(0, FOOTER_LINE_HEIGHT * (len(footer) + 0.5), 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return True
