@@ -96,31 +96,31 @@ def run_facts(config, secret_fields=()):
 class CsvSeries:
     """--csv: one row per stats interval, written and flushed as it comes; no file: no-op.
 
-    The first two columns are clocks: time_s (monotonic, from the process's start) and
-    unix_time (wall clock, to join the sender's and the receivers' files on). A row whose
-    other values repeat the last one written is left out, so an idle process writes none.
+    A timed_row() starts with two clocks: time_s (monotonic, from the process's start)
+    and unix_time (wall clock, to join the sender's and the receivers' files on); one
+    whose other values repeat the last one's is left out, so an idle process writes none.
     """
 
     def __init__(self, path, columns):
         self._out = open(path, "w", newline="", encoding="utf-8") if path else None
         self._writer = csv.writer(self._out) if self._out else None
-        self._last = None  # the values (clocks aside) of the last row written
-        self._write(columns)
+        self._last = None  # the values (clocks aside) of the last timed row written
+        self.row(columns)
 
-    def row(self, time_s, values, always=False):
-        """Write one row: `time_s`, the wall clock now, then `values`; left out when
-        `values` repeat the last row's, unless `always` (a no-op without a file)."""
+    def row(self, values):
+        """Write one row (a no-op without a file)."""
+        if self._writer is not None:
+            self._writer.writerow(values)
+            self._out.flush()
+
+    def timed_row(self, time_s, values, always=False):
+        """Write `time_s`, the wall clock now, then `values`; left out when `values`
+        repeat the last timed row's, unless `always`."""
         values = tuple(values)
-        if self._writer is None or (values == self._last and not always):
+        if values == self._last and not always:
             return
         self._last = values
-        self._write((round(time_s, 3), round(time.time(), 3), *values))
-
-    def _write(self, cells):
-        """Write and flush one line of cells."""
-        if self._writer is not None:
-            self._writer.writerow(cells)
-            self._out.flush()
+        self.row((round(time_s, 3), round(time.time(), 3), *values))
 
     def __enter__(self):
         return self

@@ -70,11 +70,11 @@ class ReceiverStats:
         processed."""
         counters = self.counters
         lat = self.run_table.latency().summary_ms()
-        self.series.row(now - self.started,
-                        (counters.received + counters.recovered, counters.processed,
-                         round(rate, 1), queue, *("" if lat[key] is None else lat[key]
-                                                  for key in ("p50", "p99", "max")),
-                         counters.invalid), always)
+        self.series.timed_row(now - self.started,
+                              (counters.received + counters.recovered, counters.processed,
+                               round(rate, 1), queue, *("" if lat[key] is None else lat[key]
+                                                        for key in ("p50", "p99", "max")),
+                               counters.invalid), always)
 
     def close(self):
         """Close the --csv file (the last row is written)."""
@@ -185,7 +185,7 @@ class SenderStats:
     def tick(self, now):
         """A [STATS] line and a --csv row, when one is due at `now` (time.monotonic())."""
         if now - self.last_time >= self.config.stats_interval:
-            self.series.row(now - self.started, sender_csv_row(
+            self.series.timed_row(now - self.started, sender_csv_row(
                 self.workers, self.health, self.last_sent, now - self.last_time))
             line, self.last_sent = sender_stats_line(self.config, self.workers, self.health,
                                                      self.last_sent, now - self.last_time,
@@ -196,7 +196,7 @@ class SenderStats:
     def last_row(self):
         """The last --csv row, written once every worker is done: it agrees with the summary."""
         now = time.monotonic()
-        self.series.row(now - self.started, sender_csv_row(
+        self.series.timed_row(now - self.started, sender_csv_row(
             self.workers, self.health, self.last_sent, now - self.last_time), always=True)
 
 
