@@ -107,46 +107,58 @@ def build_parser():
     """The command line: one flag per tuning constant, defaults from the constants."""
     p = argparse.ArgumentParser(
         description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--port", type=cli.port, default=TCP_PORT,
-                   help="TCP port to bind (TCP_PORT)")
-    p.add_argument("--confirm-port", metavar="PORT", type=cli.port,
-                   default=CONFIRM_PORT,
-                   help="port of the confirmation socket; default: --port + 1 (CONFIRM_PORT)")
-    p.add_argument("--bind", metavar="ADDRESS", type=cli.bind_address, default=BIND_ADDRESS,
-                   help="interface to bind, * for all, :: for all IPv6 too (BIND_ADDRESS)")
-    p.add_argument("--processing-time", metavar="SECONDS", type=cli.seconds(0, cli.MAX_SECONDS),
-                   default=PROCESSING_TIME, help="simulated work per message (PROCESSING_TIME)")
-    p.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
-                   default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
-    p.add_argument("--queue-bytes", metavar="BYTES", type=cli.count(1, cli.MAX_QUEUE_BYTES),
-                   default=QUEUE_MAXBYTES,
-                   help="bytes of messages the queue holds (QUEUE_MAXBYTES)")
-    p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=RECEIVE_HWM,
-                   help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
-    p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
-                   default=MAX_MESSAGE_SIZE, help="largest message accepted (MAX_MESSAGE_SIZE)")
-    p.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
-                   help="log file (LOG_FILE)")
-    p.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
-                   help="log to the console only (ENABLE_FILE_LOGGING = False)")
-    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
-    cli.add_live_flags(p, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
-    p.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
-                   help="where unprocessed messages are saved at a stop, for the next start;"
-                        " {port} becomes the --port (SPILL_FILE)")
-    p.add_argument("--run-timeout", metavar="SECONDS",
-                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
-                   default=RUN_IDLE_TIMEOUT,
-                   help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
-    p.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
-                   help="receiver's secret certificate: turns CURVE on (CURVE_SERVER_KEY)")
-    p.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
-                   help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
-    p.add_argument("--allow-ip", metavar="ADDRESS", type=cli.ip_address, action="append",
-                   default=argparse.SUPPRESS,
-                   help=f"client address allowed in, repeatable (ALLOWED_IPS) (default:"
-                        f" {' '.join(ALLOWED_IPS) or 'any address'})")
+        formatter_class=cli.HelpFormatter)
+    sockets = p.add_argument_group("sockets")
+    sockets.add_argument("--port", type=cli.port, default=TCP_PORT,
+                         help="TCP port to bind (TCP_PORT)")
+    sockets.add_argument("--confirm-port", metavar="PORT", type=cli.port,
+                         default=CONFIRM_PORT,
+                         help="port of the confirmation socket; default: --port + 1"
+                              " (CONFIRM_PORT)")
+    sockets.add_argument("--bind", metavar="ADDRESS", type=cli.bind_address,
+                         default=BIND_ADDRESS,
+                         help="interface to bind, * for all, :: for all IPv6 too (BIND_ADDRESS)")
+    sockets.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM),
+                         default=RECEIVE_HWM,
+                         help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
+    sockets.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
+                         default=MAX_MESSAGE_SIZE,
+                         help="largest message accepted (MAX_MESSAGE_SIZE)")
+    load = p.add_argument_group("load")
+    load.add_argument("--processing-time", metavar="SECONDS",
+                      type=cli.seconds(0, cli.MAX_SECONDS), default=PROCESSING_TIME,
+                      help="simulated work per message (PROCESSING_TIME)")
+    load.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
+                      default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
+    load.add_argument("--queue-bytes", metavar="BYTES", type=cli.count(1, cli.MAX_QUEUE_BYTES),
+                      default=QUEUE_MAXBYTES,
+                      help="bytes of messages the queue holds (QUEUE_MAXBYTES)")
+    delivery = p.add_argument_group("delivery")
+    delivery.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
+                          help="where unprocessed messages are saved at a stop, for the next"
+                               " start; {port} becomes the --port (SPILL_FILE)")
+    delivery.add_argument("--run-timeout", metavar="SECONDS",
+                          type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                          default=RUN_IDLE_TIMEOUT,
+                          help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
+    security_flags = p.add_argument_group("security")
+    security_flags.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
+                                help="receiver's secret certificate: turns CURVE on"
+                                     " (CURVE_SERVER_KEY)")
+    security_flags.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
+                                help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
+    security_flags.add_argument("--allow-ip", metavar="ADDRESS", type=cli.ip_address,
+                                action="append", default=argparse.SUPPRESS,
+                                help=f"client address allowed in, repeatable (ALLOWED_IPS)"
+                                     f" (default: {' '.join(ALLOWED_IPS) or 'any address'})")
+    cli.add_key_flag(security_flags)
+    output = p.add_argument_group("output")
+    output.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
+                        help="log file (LOG_FILE)")
+    output.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
+                        help="log to the console only (ENABLE_FILE_LOGGING = False)")
+    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
     return p
 
 

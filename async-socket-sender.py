@@ -154,28 +154,35 @@ def build_parser():
     """The command line: one flag per tuning constant, defaults from the constants."""
     p = argparse.ArgumentParser(
         description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
-                   help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
-    add_load_flags(p)
-    add_receiver_flags(p)
-    p.add_argument("--log-file", metavar="PATH", default=LOG_FILE if ENABLE_FILE_LOGGING else None,
-                   help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
-    cli.add_report_flags(p, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
-    cli.add_live_flags(p, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
-    p.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
-                   default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
-    p.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
-                   default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
-    p.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
-                   help="ZeroMQ send high-water mark per worker (SEND_HWM)")
-    add_delivery_flags(p)
-    findmax.add_flags(p, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
-    p.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
-                   help="this sender's secret certificate: turns CURVE on (CURVE_CLIENT_KEY)")
-    p.add_argument("--curve-server-public", metavar="FILE", default=CURVE_SERVER_PUBLIC,
-                   help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
-    instances.add_flags(p, NUM_INSTANCES, INSTANCE_INDEX, RUN_NAME, START_AT, NUM_PROCESSES)
+        formatter_class=cli.HelpFormatter)
+    load = p.add_argument_group("load")
+    load.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
+                      help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
+    add_load_flags(load)
+    load.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
+                      default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
+    load.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
+                      default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
+    load.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
+                      help="ZeroMQ send high-water mark per worker (SEND_HWM)")
+    findmax.add_flags(load, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
+    instances.add_flags(load, NUM_INSTANCES, INSTANCE_INDEX, RUN_NAME, START_AT, NUM_PROCESSES)
+    add_receiver_flags(p.add_argument_group("receivers"))
+    add_delivery_flags(p.add_argument_group("delivery"))
+    security_flags = p.add_argument_group("security")
+    security_flags.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
+                                help="this sender's secret certificate: turns CURVE on"
+                                     " (CURVE_CLIENT_KEY)")
+    security_flags.add_argument("--curve-server-public", metavar="FILE",
+                                default=CURVE_SERVER_PUBLIC,
+                                help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
+    cli.add_key_flag(security_flags)
+    output = p.add_argument_group("output")
+    output.add_argument("--log-file", metavar="PATH",
+                        default=LOG_FILE if ENABLE_FILE_LOGGING else None,
+                        help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
+    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
     return p
 
 

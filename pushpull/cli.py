@@ -201,8 +201,25 @@ def run_script(name, config, body, startup_failed, exit_on_second=False):
     return status or (LOG_FILE_FAILED if listener.failures else 0)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default said once: not when it is None (the help says what
+    happens then), nor when the help says it in its own words ("default: ...")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_key_flag(parser):
+    """--generate-keys, which both scripts have."""
+    parser.add_argument("--generate-keys", metavar="DIR",
+                        help="write server and client certificates into DIR, then exit")
+
+
 def add_report_flags(parser, quiet, stats_interval, json_path, csv_path=None):
-    """The flags both scripts share: output, statistics, JSON summary, CSV, key generation.
+    """The output flags both scripts share: statistics, JSON summary, CSV.
 
     The defaults are the calling script's own constants, named in each help text.
     """
@@ -216,8 +233,6 @@ def add_report_flags(parser, quiet, stats_interval, json_path, csv_path=None):
                         help="on exit, write the summary as JSON to PATH (JSON_SUMMARY)")
     parser.add_argument("--csv", metavar="FILE", default=csv_path,
                         help="write one row per stats interval to FILE (CSV_FILE)")
-    parser.add_argument("--generate-keys", metavar="DIR",
-                        help="write server and client certificates into DIR, then exit")
 
 
 def add_live_flags(parser, metrics_port, metrics_bind, metrics_hold, hlog_path):

@@ -27,7 +27,7 @@ RECEIVER_DEFAULTS = {
     "--no-file-log": "False",
     "--quiet": "False",
     "--stats-interval": str(RECEIVER.STATS_INTERVAL),
-    "--json": "None",
+    "--json": None,  # None: no "(default: None)"
 }
 SENDER_DEFAULTS = {
     "--workers": "20",
@@ -37,9 +37,9 @@ SENDER_DEFAULTS = {
     "--timeout": "3.0",
     "--retries": "2",
     "--heartbeat-interval": "2.0",
-    "--log-file": "None",
+    "--log-file": None,
     "--quiet": "False",
-    "--json": "None",
+    "--json": None,
     "--size": str(SENDER.MESSAGE_SIZE),
 }
 
@@ -56,8 +56,24 @@ def test_help_lists_every_issue_flag_with_its_default(script, defaults):
     for flag, default in defaults.items():
         assert flag in blocks, f"{script} --help does not list {flag}"
         shown = re.findall(r"\(?default:? ([^()\s]+)\)", blocks[flag])
-        assert shown == [default], f"{script} {flag}: help shows defaults {shown}," \
-                                   f" expected only {default!r}: {blocks[flag]}"
+        expected = [] if default is None else [default]
+        assert shown == expected, f"{script} {flag}: help shows defaults {shown}," \
+                                  f" expected only {default!r}: {blocks[flag]}"
+
+
+@pytest.mark.parametrize("script,groups", [
+    ("async-socket-receiver.py", ["sockets", "load", "delivery", "security", "output"]),
+    ("async-socket-sender.py", ["load", "receivers", "delivery", "security", "output"]),
+])
+def test_help_is_in_groups_without_default_none(script, groups):
+    """--help lists the flags under their groups' headings, in order; never
+    "(default: None)"; --confirm-port's default (the port + 1) said once."""
+    text = run_cli(script, "--help").stdout
+    headings = re.findall(r"^(\w[\w ]*):$", text, re.MULTILINE)
+    assert headings == ["options", *groups], headings
+    assert "default: None" not in text
+    confirm_port = help_blocks(text)["--confirm-port"]
+    assert confirm_port.count("default") == 1 and "+ 1" in confirm_port, confirm_port
 
 
 @pytest.mark.parametrize("script,args,flag", [
