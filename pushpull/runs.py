@@ -743,8 +743,9 @@ def run_line(run, reason):
     raw_text = (f" (raw p99 {ms_text(raw['p99'])} max {ms_text(raw['max'])})"
                 if info.scheduled else "")
     head = (f"[RUN] run {wire.run_label(info.run_id)} | {received} | {missing_text}"
-            f" | duplicates {run.duplicates}{resent} | rate {rate} | {reason}")
-    block = logs.continued(head, [f"latency p50 {ms_text(lat['p50'])} p99 {ms_text(lat['p99'])}"
+            f" | duplicates {run.duplicates}{resent} | {reason}")
+    block = logs.continued(head, [f"rate {rate}",
+                                  f"latency p50 {ms_text(lat['p50'])} p99 {ms_text(lat['p99'])}"
                                   f" p99.9 {ms_text(lat['p99_9'])} max {ms_text(lat['max'])}"
                                   f"{raw_text}"])
     if listed:

@@ -124,7 +124,7 @@ def test_the_receivers_report_is_in_the_senders_summary(procs):
     assert sender.lines(rf"receiver +300/300 received, missing 0, duplicates 0, p99 {p99:.2f} ms")
     receiver.wait_for_output(rf"\[RUN\] run {sender.summary()['run_id']} ")
     # The [RUN] line's latency, on its continuation line (the only run here).
-    assert receiver.lines(rf" - INFO    - {logs.CONTINUED}latency p50 .* p99 {p99:.2f} ms "), \
+    assert receiver.lines(rf" - INFO    - {logs.CONTINUED}.*latency p50 .* p99 {p99:.2f} ms "), \
         receiver.output()[-3000:]
 
 

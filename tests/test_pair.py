@@ -335,8 +335,10 @@ def test_run_rate_is_its_own_not_the_receivers_lifetime(procs):
     sender = procs.sender("--workers", "1", "--messages", "11", "--delay", "0.1", "--quiet",
                           endpoints=[receiver.endpoint])
     assert sender.wait() == 0, sender.output()[-2000:]
-    line = receiver.wait_for_output(r"\[RUN\].*received 11/11")[0]
-    msg_s = float(re.search(r"\| rate (\d+\.\d) msg/s \d+\.\d+ MB/s \|", line)[1])
+    receiver.wait_for_output(r"\[RUN\].*received 11/11")
+    # On the [RUN] line's continuation line (the only run here).
+    line = receiver.wait_for_output(rf" - INFO    - {logs.CONTINUED}rate ")[0]
+    msg_s = float(re.search(r" rate (\d+\.\d) msg/s \d+\.\d+ MB/s \|", line)[1])
     assert 3 < msg_s <= 12, line
     assert receiver.stop() == 0
     summary = receiver.summary()
@@ -387,7 +389,9 @@ def test_status_lines_fit_in_160_columns(procs):
             gaps.close(linger=10000)
     finally:
         ctx.term()
-    receiver.wait_for_output(rf"\[RUN\] run {wire.run_label(run.run_id)} .*missing 4625")
+    # Reported when silent for 1 s: on a busy machine maybe before all 375 frames came,
+    # with more missing; its ranges fill the 20 listed either way.
+    receiver.wait_for_output(rf"\[RUN\] run {wire.run_label(run.run_id)} .*missing \d+")
     nobody = procs.sender("--messages", "2", "--timeout", "0.3", "--retries", "1",
                           "--heartbeat-interval", "0.5",
                           endpoints=[f"tcp://127.0.0.1:{free_port()}"])
