@@ -6,7 +6,8 @@
 
 Both versions run alternately on the same machine, so a change is measured against
 its baseline in one session. Prints the end-to-end msg/s of every run, the medians
-and their ratio. Run by hand, not part of the test suite; stdlib + pyzmq only.
+and their ratio, and
+the CPU time per message of each side. Run by hand, not part of the test suite; stdlib + pyzmq only.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,15 +40,28 @@ def scripts_at(revision, dest):
     return rb.Scripts(dest / rb.SCRIPTS[0], dest / rb.SCRIPTS[1], revision)
 
 
-def quiet_rate(scripts):
-    """One run of figure (2): end-to-end msg/s."""
+def quiet_run(scripts):
+    """One run of figure (2): end-to-end msg/s, and the CPU time (user + system, all
+    threads) per message of the receiver (from its ready line to its [RUN] line) and of
+    the sender (its whole life, start-up included), in µs."""
+    planned = WORKERS * MESSAGES
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         try:
             with rb.Pair(tmp, scripts, *RECEIVER_ARGS) as pair:
-                rate, _ = rb.end_to_end(pair, WORKERS * MESSAGES,
-                                        ["--workers", WORKERS, "--messages", MESSAGES,
-                                         "--delay", "0", "--quiet"], TIMEOUT)
-                return rate
+                ready_cpu = rb.cpu_seconds(pair.receiver.pid)
+                started = time.time()
+                sender = pair.sender("--workers", WORKERS, "--messages", MESSAGES,
+                                     "--delay", "0", "--quiet")
+                seen, _ = pair.receiver.wait_for(b"[RUN]", TIMEOUT, "[RUN] line")
+                receiver_cpu = rb.cpu_seconds(pair.receiver.pid) - ready_cpu
+                sender_cpu = rb.reap_cpu_seconds(sender, 30)
+                pair.receiver.stop(30)
+                run = rb.runs0(pair.receiver.summary())
+                if run["received"] != planned or not run["complete"]:
+                    raise rb.BenchError(f"run incomplete: received {run['received']}"
+                                        f" of {planned}")
+                return (planned / (seen - started), 1e6 * receiver_cpu / planned,
+                        1e6 * sender_cpu / planned)
         finally:
             rb.kill_all()
 
@@ -64,20 +79,29 @@ def main(argv=None):
         except subprocess.CalledProcessError as exc:
             print(f"cannot read {a.revision}: {exc.stderr.decode().strip()}", file=sys.stderr)
             return 2
-        rates = {name: [] for name in versions}
+        runs = {name: [] for name in versions}
         for number in range(1, a.runs + 1):
             for name, scripts in versions.items():
                 try:
-                    rates[name].append(quiet_rate(scripts))
+                    runs[name].append(quiet_run(scripts))
                 except rb.BenchError as exc:
                     print(f"run {number}, {name}: {exc}", file=sys.stderr)
+    print(f"machine: {rb.machine()}")
+    medians = {}
     for name, scripts in versions.items():
-        shown = " ".join(f"{rate / 1000:.0f}k" for rate in rates[name])
-        median = statistics.median(rates[name]) if rates[name] else 0.0
-        print(f"{name:<13} {scripts.description}: median {median:,.0f} msg/s ({shown})")
-    if rates["baseline"] and rates["working tree"]:
-        ratio = statistics.median(rates["working tree"]) / statistics.median(rates["baseline"])
-        print(f"ratio working tree / baseline: {ratio:.2f}×")
+        rates = [r[0] for r in runs[name]]
+        medians[name] = [statistics.median(col) if col else 0.0 for col in
+                         (rates, [r[1] for r in runs[name]], [r[2] for r in runs[name]])]
+        shown = " ".join(f"{rate / 1000:.0f}k" for rate in rates)
+        rate, receiver_us, sender_us = medians[name]
+        print(f"{name:<13} {scripts.description}: median {rate:,.0f} msg/s ({shown});"
+              f" CPU per message: receiver {receiver_us:.2f} µs, sender {sender_us:.2f} µs")
+    if runs["baseline"] and runs["working tree"]:
+        (rate, receiver_us, sender_us), (rate0, receiver0, sender0) = (
+            medians["working tree"], medians["baseline"])
+        print(f"ratio working tree / baseline: {rate / rate0:.2f}× (msg/s);"
+              f" CPU per message: receiver {receiver_us / receiver0:.2f}×,"
+              f" sender {sender_us / sender0:.2f}×")
     return 0
 
 

@@ -83,6 +83,9 @@ def main():
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--svg", action="store_true")
     p.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
+    p.add_argument("--gil", action="store_true",
+                   help="py-spy --gil: only the thread holding the GIL, so threads waiting"
+                        " for a lock or the GIL count as idle (the Python CPU of the process)")
     p.add_argument("--raw-only", metavar="FILE", help="only summarise an existing raw file")
     a = p.parse_args()
     if a.raw_only:
@@ -103,7 +106,7 @@ def main():
                 target = pair.receiver if a.side == "receiver" else sender
                 time.sleep(0.3)  # past start-up: profile the steady state
                 cmd = ["py-spy", "record", "--pid", str(target.pid), "--rate", "200",
-                       "--nonblocking", "--threads", *(["--native"] if a.native else []),
+                       "--nonblocking", "--threads", *(["--native"] if a.native else []), *(["--gil"] if a.gil else []),
                        "--duration", str(int(a.seconds)), "--format", "raw", "-o", str(raw)]
                 spy = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 30)
                 if a.svg:

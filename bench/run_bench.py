@@ -290,6 +290,26 @@ def end_to_end(pair, planned, sender_args, timeout):
     return planned / (seen - started), stamped_rate
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a live process has used so far, all its threads."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reap_cpu_seconds(proc, timeout):
+    """Wait for `proc` to exit (at most `timeout` s); the user + system CPU seconds it used."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.popen.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            raise BenchError(f"{proc.name} still running {timeout:g} s after the run")
+        time.sleep(POLL)
+
+
 def log_time(line):
     """The wall-clock time in a log line's '2026-11-23 15:08:22.15' stamp (end of its 10 ms)."""
     match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d\d)", line)
