@@ -387,8 +387,9 @@ class PushWorker(ServiceThread):
                                         self.confirmations, window)
 
     def send_tasks(self, sender, encoder):
-        """The seed's loop: for each task, wait for its time, build its frame, send, log."""
-        config, tally = self.config, self.tally
+        """The seed's loop: each task through send_task(); a quiet flood's through
+        sender.send_many() while no task needs a wait or a decision."""
+        config = self.config
         paced = self.schedule is not None
         # Without a pause of 10 ms or more, [MSG] lines are logged in blocks of LOG_BLOCK.
         slow = paced and self.schedule.interval >= 0.01
@@ -396,29 +397,42 @@ class PushWorker(ServiceThread):
         timed = paced or config.warmup > 0
         if not paced:  # a flood with --start-at waits for it; a schedule waits in due_frame
             instances.wait_for_start(self.clock, sender.pause)
-        for task in range(config.messages):
-            frame = self.due_frame(sender, encoder, task) if timed else encoder.data(task)
-            if self.team.stop.is_set():
-                tally.not_sending(range(task, config.messages), Outcome.INTERRUPTED)
+        many, task = not timed and lines is None and self.confirmations is None, 0
+        while task < config.messages:
+            if many:
+                task = sender.send_many(encoder.data, range(task, config.messages),
+                                        config.max_size)
+            if task == config.messages or not self.send_task(sender, encoder, task, lines,
+                                                             timed):
                 break
-            if len(frame) > config.max_size:
-                tally.not_sending(range(task, task + 1), Outcome.TOO_LARGE)
-                self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
-                                 f" the {config.max_size}-byte limit; not sent")
-                continue
-            failure = sender.send(frame, task)
-            if failure:
-                tally.not_sending(range(task, config.messages), failure)
-                break
-            tally.sent += 1
-            if timed and self.due_lag is not None:  # a lag counts once its message is sent
-                self.lag.add(self.due_lag)
-            if lines is not None:
-                lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
-                                        encoder.text(task)))
+            task += 1
         self.sent_until = time.monotonic()
         if lines is not None:
             lines.flush()
+
+    def send_task(self, sender, encoder, task, lines, timed):
+        """Wait for its time, build its frame, send, log; False: the worker stops."""
+        config, tally = self.config, self.tally
+        frame = self.due_frame(sender, encoder, task) if timed else encoder.data(task)
+        if self.team.stop.is_set():
+            tally.not_sending(range(task, config.messages), Outcome.INTERRUPTED)
+            return False
+        if len(frame) > config.max_size:
+            tally.not_sending(range(task, task + 1), Outcome.TOO_LARGE)
+            self.log.warning(f"[FAIL] {self.name} task {task}: {len(frame)} bytes is over"
+                             f" the {config.max_size}-byte limit; not sent")
+            return True
+        failure = sender.send(frame, task)
+        if failure:
+            tally.not_sending(range(task, config.messages), failure)
+            return False
+        tally.sent += 1
+        if timed and self.due_lag is not None:  # a lag counts once its message is sent
+            self.lag.add(self.due_lag)
+        if lines is not None:
+            lines.add(logs.msg_line(next(self.counter), self.name, config.target, task,
+                                    encoder.text(task)))
+        return True
 
     def due_frame(self, sender, encoder, task):
         """Wait (off turn) until the task's intended time, then its frame; its lag (ns) in

@@ -527,6 +527,11 @@ class ConfirmingSender(PushSender):
             window.discard(task)
         return failure
 
+    def send_many(self, frame_of, tasks, max_size):
+        """Nothing is sent here (returns tasks.start): each frame goes through send(), which
+        keeps it in the window until it is confirmed."""
+        return tasks.start
+
     def finish(self):
         """After the last task: wait until every sent task is confirmed, resending as needed."""
         while len(self.window) and not self.stop.is_set():

@@ -62,8 +62,16 @@ class Histogram:
         return left_out
 
     def add(self, value):
-        """Record one nanosecond value (the batch path skips the max under EXACT ns)."""
-        self.add_batch(value, (0,))
+        """Record one nanosecond value."""
+        # Once per message on a paced sender (its send lag): 0.4 µs through add_batch(),
+        # 0.15 µs here (bench/README.md, "Profiles", issue 22).
+        if value < self.EXACT:
+            bucket = value if value > 0 else 0
+        else:
+            shift = value.bit_length() - self.SHIFT_BASE
+            bucket = shift * self.SUB_BUCKETS + (value >> shift)
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        self.count += 1
         if value > self.max_ns:
             self.max_ns = value
 
