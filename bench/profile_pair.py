@@ -3,6 +3,7 @@
 
     python3 bench/profile_pair.py quiet receiver     # (2)'s load, py-spy on the receiver
     python3 bench/profile_pair.py logging sender     # (3)'s load, py-spy on the sender
+    python3 bench/profile_pair.py paced receiver --gil   # (2) paced at --rate; GIL holder only
 
 Prints, per thread, the functions with the most samples: self % (the function itself)
 and total % (with what it calls), as shares of that thread's non-idle samples.
@@ -13,6 +14,7 @@ import argparse
 import collections
 import linecache
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402
 import run_bench as rb  # noqa: E402
 
 LOADS = {
@@ -28,7 +31,12 @@ LOADS = {
               ["--workers", "50", "--messages", "40000", "--delay", "0", "--quiet"]),
     "logging": (["--processing-time", "0", "--log-file", "{tmp}/server_logs.txt"],
                 ["--workers", "20", "--messages", "10000", "--delay", "0"]),
+    # (2)'s sender paced at --rate (default PACED_RATE) for 10 s: no backlog
+    "paced": (["--quiet", "--processing-time", "0", "--no-file-log"],
+              ["--workers", "50", "--messages", "{messages}", "--rate", "{rate}", "--quiet"]),
 }
+PACED_RATE = 240_000  # msg/s: about 80 % of the quiet flood's rate on the machine of issue 22
+PACED_SECONDS = 10  # seconds of schedule of the paced load
 
 
 def short(frame, line=False):
@@ -87,17 +95,26 @@ def main():
                    help="py-spy --gil: only the thread holding the GIL, so threads waiting"
                         " for a lock or the GIL count as idle (the Python CPU of the process)")
     p.add_argument("--raw-only", metavar="FILE", help="only summarise an existing raw file")
+    p.add_argument("--revision", metavar="REV",
+                   help="profile the code of a git revision instead of the working tree")
+    p.add_argument("--rate", type=int, default=PACED_RATE,
+                   help=f"msg/s of the paced load (default {PACED_RATE:,})")
     a = p.parse_args()
     if a.raw_only:
         return report(Path(a.raw_only), a)
     out_dir = rb.BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    scripts = rb.snapshot(out_dir / "src")  # kept: the raw stacks' line numbers refer to it
+    src = out_dir / "src"  # kept: the raw stacks' line numbers refer to it
+    shutil.rmtree(src, ignore_errors=True)
+    scripts = compare.scripts_at(a.revision, src) if a.revision else rb.snapshot(src)
     print("code:", scripts.description)
-    raw = out_dir / f"profile-{a.load}-{a.side}.txt"
+    raw = out_dir / (f"profile-{a.load}-{a.side}{'-gil' if a.gil else ''}"
+                     f"{'-' + a.revision if a.revision else ''}.txt")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         receiver_args, sender_args = LOADS[a.load]
         receiver_args = [arg.format(tmp=tmp) for arg in receiver_args]
+        sender_args = [arg.format(rate=a.rate, messages=a.rate * PACED_SECONDS // 50)
+                       for arg in sender_args]
         spy = None
         try:
             with rb.Pair(tmp, scripts, *receiver_args) as pair:
