@@ -3,6 +3,7 @@
 
     python3 bench/compare.py 541d98c            # 5 runs of each, alternating
     python3 bench/compare.py HEAD~3 --runs 9
+    python3 bench/compare.py 541d98c --confirm  # figure (2c): both senders with --confirm
 
 Both versions run alternately on the same machine, so a change is measured against
 its baseline in one session. Prints the end-to-end msg/s of every run, the medians
@@ -40,7 +41,7 @@ def scripts_at(revision, dest):
     return rb.Scripts(dest / rb.SCRIPTS[0], dest / rb.SCRIPTS[1], revision)
 
 
-def quiet_run(scripts):
+def quiet_run(scripts, *extra):
     """One run of figure (2): end-to-end msg/s, and the CPU time (user + system, all
     threads) per message of the receiver (from its ready line to its [RUN] line) and of
     the sender (its whole life, start-up included), in µs."""
@@ -51,7 +52,7 @@ def quiet_run(scripts):
                 ready_cpu = rb.cpu_seconds(pair.receiver.pid)
                 started = time.time()
                 sender = pair.sender("--workers", WORKERS, "--messages", MESSAGES,
-                                     "--delay", "0", "--quiet")
+                                     "--delay", "0", "--quiet", *extra)
                 seen, _ = pair.receiver.wait_for(b"[RUN]", TIMEOUT, "[RUN] line")
                 receiver_cpu = rb.cpu_seconds(pair.receiver.pid) - ready_cpu
                 sender_cpu = rb.reap_cpu_seconds(sender, 30)
@@ -71,6 +72,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("revision", help="git revision to compare the working tree with")
     p.add_argument("--runs", type=int, default=5, help="runs of each version (default 5)")
+    p.add_argument("--confirm", action="store_true",
+                   help="figure (2c) instead: both senders with --confirm")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-code-") as code:
         try:
@@ -80,10 +83,11 @@ def main(argv=None):
             print(f"cannot read {a.revision}: {exc.stderr.decode().strip()}", file=sys.stderr)
             return 2
         runs = {name: [] for name in versions}
+        extra = ["--confirm"] if a.confirm else []
         for number in range(1, a.runs + 1):
             for name, scripts in versions.items():
                 try:
-                    runs[name].append(quiet_run(scripts))
+                    runs[name].append(quiet_run(scripts, *extra))
                 except rb.BenchError as exc:
                     print(f"run {number}, {name}: {exc}", file=sys.stderr)
     print(f"machine: {rb.machine()}")

@@ -4,6 +4,7 @@
     python3 bench/profile_pair.py quiet receiver     # (2)'s load, py-spy on the receiver
     python3 bench/profile_pair.py logging sender     # (3)'s load, py-spy on the sender
     python3 bench/profile_pair.py paced receiver --gil   # (2) paced at --rate; GIL holder only
+    python3 bench/profile_pair.py confirm sender --gil   # (2c): --confirm
 
 Prints, per thread, the functions with the most samples: self % (the function itself)
 and total % (with what it calls), as shares of that thread's non-idle samples.
@@ -31,6 +32,9 @@ LOADS = {
               ["--workers", "50", "--messages", "40000", "--delay", "0", "--quiet"]),
     "logging": (["--processing-time", "0", "--log-file", "{tmp}/server_logs.txt"],
                 ["--workers", "20", "--messages", "10000", "--delay", "0"]),
+    "confirm": (["--quiet", "--processing-time", "0", "--no-file-log"],
+                ["--workers", "50", "--messages", "20000", "--delay", "0", "--quiet",
+                 "--confirm"]),
     # (2)'s sender paced at --rate (default PACED_RATE) for 10 s: no backlog
     "paced": (["--quiet", "--processing-time", "0", "--no-file-log"],
               ["--workers", "50", "--messages", "{messages}", "--rate", "{rate}", "--quiet"]),

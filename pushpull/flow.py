@@ -95,8 +95,10 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")  # where the platform has them
 # The sender: workers take turns to send
 # ---------------------------------------------------------------------------
 # Messages a worker sends before it lets a waiting worker have a turn: in bench
-# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (bench/README.md).
-TURN_MESSAGES = 1000
+# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (bench/README.md);
+# 5000 about 7 % faster than 1000 on a busy machine, where each hand-over may lose the
+# CPU while the GIL is held (issue 22, bench/README.md "Profiles"); the same CPU a message.
+TURN_MESSAGES = 5000
 
 
 class SendTurns:
