@@ -95,10 +95,11 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")  # where the platform has them
 # The sender: workers take turns to send
 # ---------------------------------------------------------------------------
 # Messages a worker sends before it lets a waiting worker have a turn: in bench
-# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (bench/README.md);
-# 5000 about 7 % faster than 1000 on a busy machine, where each hand-over may lose the
-# CPU while the GIL is held (issue 22, bench/README.md "Profiles"); the same CPU a message.
-TURN_MESSAGES = 5000
+# figure (2), 1000 was about 6 % faster than 100, 20 about 25 % slower (bench/README.md).
+# 5000 was about 7 % faster still on a busy machine (issue 22), but then a run of up to
+# 5000 messages a worker sends one worker after the other: the seed's workers all send
+# from the start (tests/test_pair.py).
+TURN_MESSAGES = 1000
 
 
 class SendTurns:
