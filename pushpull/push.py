@@ -214,10 +214,10 @@ class PushSender:
         paused the links, a frame over `max_size`, the stop) is left to the caller's
         send(), which waits or decides, before it calls send_many() again.
         """
-        # The quiet flood's hot path (bench/README.md, "Profiles", issue 22): send()'s
-        # checks inline, the sent count and the turn kept once per TURN_MESSAGES and the
-        # stop looked at as often: 0.35 µs of the sender's CPU a message less than a
-        # send() call and the script's checks per message.
+        # The quiet flood's hot path: send()'s checks inline, the sent count and the turn
+        # kept once per TURN_MESSAGES and the stop looked at as often; with data()'s one
+        # pack, the sender's CPU a message in figure (2) fell from 1.9 to 1.5 µs
+        # (bench/README.md, "Profiles", issue 22).
         health, links, send_now, tally = self.health, self.links, self._send_now, self.tally
         task, stop = tasks.start, tasks.stop
         while task < stop and not self.stop.is_set():
