@@ -127,7 +127,8 @@ def main():
                 target = pair.receiver if a.side == "receiver" else sender
                 time.sleep(0.3)  # past start-up: profile the steady state
                 cmd = ["py-spy", "record", "--pid", str(target.pid), "--rate", "200",
-                       "--threads", *(["--native"] if a.native else ["--nonblocking"]), *(["--gil"] if a.gil else []),
+                       "--threads", *(["--native"] if a.native else ["--nonblocking"]),
+                       *(["--gil"] if a.gil else []),
                        "--duration", str(int(a.seconds)), "--format", "raw", "-o", str(raw)]
                 spy = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 30)
                 if a.svg:
