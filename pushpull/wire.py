@@ -360,8 +360,9 @@ def receive_messages(sock, limit, max_bytes, run_cache, invalid):
     # recv() into bytes costs 0.15 µs a frame where recv(copy=False) made a zmq.Frame
     # for 0.5 µs; asking RCVMORE costs 0.6 µs, so it is asked only after frames not in
     # the wire format; the local aliases save 0.07 µs a frame. A plain DATA frame of the
-    # run of the frame before it is decoded inline, with decode()'s checks: 0.47 µs a
-    # frame through decode(), 0.30 µs inline (bench/README.md, "Profiles", issue 22).
+    # run of the frame before it is decoded inline, with decode()'s checks: this loop,
+    # recv() included, went from 0.84 to 0.74 µs of CPU a frame on a real socket
+    # (bench/README.md, "Profiles", issue 22).
     messages = []
     append = messages.append
     recv, unpack = sock.recv, MESSAGE_FIELDS.unpack_from
