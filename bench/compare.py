@@ -7,8 +7,8 @@
 
 Both versions run alternately on the same machine, so a change is measured against
 its baseline in one session. Prints the end-to-end msg/s of every run, the medians
-and their ratio, and
-the CPU time per message of each side. Run by hand, not part of the test suite; stdlib + pyzmq only.
+and their ratio, and each side's CPU time per message (user + system, all threads).
+Run by hand, not part of the test suite; stdlib + pyzmq only.
 """
 
 import argparse
