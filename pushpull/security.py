@@ -149,7 +149,7 @@ def security_warnings(log, bind, port, curve, curve_allow):
     """Say plainly when the receiver is open to anyone who can reach it."""
     if bind in ("*", "0.0.0.0", "::") and not curve:
         log.warning(f"[AUTH] bound to every interface without CURVE: anyone who can reach"
-                    f" port {port} can send (README: Running across machines)")
+                    f" port {port} can send (docs/network-failures.md)")
     elif curve and not curve_allow:
         log.warning("[AUTH] CURVE on without --curve-allow: traffic is encrypted, but any"
                     " client key is accepted")
