@@ -362,7 +362,10 @@ class PushWorker(ServiceThread):
                 with sender.turn_held():
                     self.send_tasks(sender, encoder)
                 sender.finish()
-                sender.send_end(encoder.end(self.tally.sent), len(config.endpoints))
+                end = encoder.end(self.tally.sent)
+                sender.send_end(end, len(config.endpoints))
+                self.done_sending.set()
+                sender.repeat_end(end, len(config.endpoints))
             finally:
                 self.done_sending.set()
                 # Open until every worker is done: then all flush toward one deadline.
@@ -533,13 +536,14 @@ def send_run(config, signals, log, judge=None, exporter=None):
         return SenderExit.NOT_ALL_SENT
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
-    team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
-                     flow.FlushDeadline(config.timeout), push.WorkerNotices(log))
     confirmations = (confirm.Confirmations(config.workers, config.window,
                                            plan.first_worker(config.workers))
                      if config.confirm else None)
     channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
                                      confirmations, config.timeout, config.retries)
+    team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
+                     flow.FlushDeadline(config.timeout), push.WorkerNotices(log),
+                     channel.all_reported)
     started = time.monotonic()
     ctx = zmq.Context()
     # libzmq's default of 1023 sockets is too few for MAX_WORKERS. Each receiver's

@@ -209,6 +209,10 @@ class FlushDeadline:
             self.at = self.started_at + self.seconds
             self._started.set()
 
+    def wait_started(self, timeout):
+        """Wait at most `timeout` s for the end of the run; True once it has ended."""
+        return self._started.wait(timeout)
+
     def linger_ms(self):
         """Wait for the end of the run; then the milliseconds left to the deadline."""
         while not self._started.wait(POLL_S):

@@ -22,6 +22,7 @@ from pushpull.threads import POLL_INTERVAL, POLL_S
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
 NOTICE_REPEAT = 10.0  # seconds before a cause the workers share is logged again
 HELD_WAIT_MS = 2  # milliseconds a flood's worker waits for room before it gives its turn up
+END_REPEAT_INTERVAL = 0.1  # seconds between a worker's rounds of END frames (several receivers)
 
 
 class Outcome(enum.Enum):
@@ -123,6 +124,7 @@ class Team:
     retries: int  # retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)
     flush: FlushDeadline  # one for all workers' sockets, from the end of the run
     notices: WorkerNotices  # the workers' [WAIT], [RETRY] and [FAIL] lines, one per cause
+    all_reported: object = None  # () -> True once every receiver reported the run
 
 
 def connect_all(links, stop, within):
@@ -171,6 +173,8 @@ class PushSender:
         self.timeout = team.timeout
         self.retries = team.retries
         self.notices = team.notices
+        self.team = team
+        self._end_sent = False  # send_end() dealt the END frame: repeat_end() may repeat it
         self.turn = WorkerTurn(team.turns, team.stop)
         self._sends = 0  # since this worker last let a waiting worker have the turn
         self._sock = sock
@@ -268,14 +272,39 @@ class PushSender:
         return self._wait_and_send(frame, task)
 
     def send_end(self, end, receivers):
-        """Best effort, uncounted: an END frame (None: --format text sends none) lets each
-        of the `receivers` close its share of the run at once."""
+        """An END frame (None: --format text sends none), uncounted, once per receiver: PUSH
+        deals consecutive frames in turn, but skips a connection at its high-water mark,
+        so with several receivers repeat_end() repeats it until each reported the run."""
         if (end is None or not self.tally.sent or self.tally.gave_up() or self.stop.is_set()
                 or not self.health.is_up()):
             return
-        for _ in range(receivers):  # PUSH deals consecutive frames to each in turn
+        for _ in range(receivers):
             if self.deliver(end):
-                break
+                return
+        self._end_sent = True
+
+    def repeat_end(self, end, receivers):
+        """After send_end(), with several receivers: a round of `receivers` END frames every
+        END_REPEAT_INTERVAL until every receiver reported the run or the run ended.
+
+        Each END follows this worker's data on whatever connection PUSH deals it to,
+        so a receiver that gets one has all of this worker's share before it; one
+        whose connection was full when the first round went out gets one of a later
+        round, once it has read its backlog. A receiver ignores the copies.
+        """
+        reported = self.team.all_reported
+        if not self._end_sent or receivers < 2 or reported is None:
+            return
+        while not self.team.flush.wait_started(END_REPEAT_INTERVAL) and not self.stop.is_set():
+            if reported():
+                return
+            if self.health.changes != self.links.seen and self.links.follow(self.tally.sent):
+                self.links.settle(self.stop)  # a receiver back: it gets its END too
+            for _ in range(receivers):
+                try:
+                    self._send_now(end, zmq.NOBLOCK)
+                except zmq.Again:
+                    break  # every connection is full: the next round
 
     def pause(self, seconds):
         """Wait `seconds` off turn, or less if the stop comes."""

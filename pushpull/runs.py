@@ -742,6 +742,8 @@ class RunLedger:
 
     def _end(self, run, worker, sent):
         if worker in run.ends:  # counts once: a second END cannot change sent_reported
+            if run.ends[worker] == sent:
+                return  # a copy: a sender with several receivers repeats each END
             self.warnings.warning("end", f"[RUN] run {wire.run_label(run.info.run_id)}:"
                                          f" Pusher-{worker} sent a second END frame; ignored")
             return

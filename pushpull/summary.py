@@ -276,8 +276,13 @@ def judge_gates(config, receiver_report):
     gates = [verdict.Gate(name, limit) for name, limit in (("max-loss", config.max_loss),
                                                            ("max-p99", config.max_p99))
              if limit is not None]
-    merged = receiver_report if receiver_report["receivers"] else None
-    return [gate.judge(merged, f"no report: {receiver_report.get('reason')}") for gate in gates]
+    if not receiver_report["receivers"]:
+        merged, why = None, f"no report: {receiver_report.get('reason')}"
+    elif "reason" in receiver_report:  # a share of the run says nothing of the whole
+        merged, why = None, f"partial reports only ({receiver_report['reason']})"
+    else:
+        merged, why = receiver_report, None
+    return [gate.judge(merged, why) for gate in gates]
 
 
 def unconfirmed_tasks(window, tally):

@@ -8,7 +8,7 @@ import re
 import signal
 import time
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 from pushpull import cli, flow
 
 SLOW_HANDSHAKE_LAG = 0.3  # seconds a live receiver takes to answer, in the slow test
@@ -169,3 +169,42 @@ def test_max_workers_reach_two_receivers(procs):
     assert sender.summary()["sent"] == planned
     assert "Traceback" not in sender.output()
     assert sum(run["received"] for r in receivers for run in run_share(r)) == planned
+
+
+def test_two_healthy_receivers_pass_a_max_loss_0_flood(procs):
+    """Issue 20, case 2: a flood into a fast and a slow receiver. PUSH skips a connection at
+    its high-water mark, so the END frames of a worker all went to the fast one and the
+    slow one reported only after --run-timeout: the gate failed on the fast one's share.
+    Each worker now repeats its END until every receiver reported: both report on time."""
+    fast = procs.receiver("--processing-time", "0", "--no-file-log", "--quiet")
+    slow = procs.receiver("--processing-time", "0.0002", "--no-file-log", "--quiet")
+    sender = procs.sender("--workers", "2", "--messages", "20000", "--delay", "0", "--quiet",
+                          "--max-loss", "0", "--report-timeout", "40",
+                          endpoints=[fast.endpoint, slow.endpoint])
+    assert sender.wait(60) == 0, sender.output()[-3000:]
+    result = sender.summary()
+    report = result["receiver_report"]
+    assert report["receivers"] == 2 and "reason" not in report, report
+    assert report["received"] == 40000 and report["missing"] == 0
+    assert result["gates"][0]["passed"] and result["gates"][0]["value"] == 0
+    for receiver in (fast, slow):
+        line = receiver.wait_for_output(r"\[RUN\] run \w+ \|")[0]
+        assert line.endswith("| sender finished"), line  # not after --run-timeout (15 s)
+        assert not receiver.lines("second END frame"), receiver.lines("END")
+
+
+def test_a_gate_on_partial_reports_has_no_value(procs):
+    """Issue 20, case 2: a gate judged on one receiver's share of the run judges nothing:
+    with one of two receivers' reports missing, every gate has no value, says why, fails."""
+    heard = procs.receiver(*RECEIVER_ARGS, "--quiet")
+    unheard = procs.receiver(*RECEIVER_ARGS, "--quiet", "--confirm-port", str(free_port()))
+    sender = procs.sender("--workers", "2", "--messages", "50", "--delay", "0", "--quiet",
+                          "--max-p99", "100000", "--max-loss", "100", "--report-timeout", "1",
+                          endpoints=[heard.endpoint, unheard.endpoint])
+    assert sender.wait() == 1, sender.output()[-3000:]
+    result = sender.summary()
+    assert result["receiver_report"]["receivers"] == 1, result["receiver_report"]
+    for gate in result["gates"]:
+        assert gate["value"] is None and not gate["passed"], gate
+        assert gate["reason"].startswith("partial reports only"), gate
+    assert sender.lines(r"\[GATE\] max-p99 FAILED: .* no value: partial reports only")
