@@ -580,8 +580,9 @@ def send_run(config, signals, log, judge=None, exporter=None):
         flush_result = flush(ctx, config, team.flush, workers)
     if judge is not None:
         return judge(run, workers, channel, signals.first.is_set())
+    sent = sum(w.tally.sent for w in workers)
     status = report(config, run, workers, health, confirmations, flush_result,
-                    summary.receiver_verdict(config, channel), duration,
+                    summary.receiver_verdict(config, channel, sent), duration,
                     signals.first.is_set(), log, exporter)
     exporter.hold(config.metrics_hold, signals)
     return status
@@ -605,6 +606,7 @@ def start_workers(ctx, config, run, team, confirmations, channel):
     first = config.plan.first_worker(config.workers)  # workers are numbered run-wide
     workers = [PushWorker(n, ctx, config, run, team, counter, clock, confirmations)
                for n in range(first + 1, first + config.workers + 1)]
+    team.health.sent_counts = lambda: [worker.tally.sent for worker in workers]  # its lapses
     shown_format = f", {config.format} format" if config.format != "binary" else ""
     place = instances.describe(config.plan, config.workers).lstrip(", ")
     team.log.info(logs.continued(
@@ -642,11 +644,16 @@ def flush(ctx, config, deadline, workers):
     ctx.term()
     ended = time.monotonic()
     complete = deadline.met(ended)
-    smallest_frame = max(config.size, wire.HEADER_SIZE)
-    per_worker = len(config.endpoints) * flow.in_flight_bound(
-        smallest_frame, config.hwm, RECEIVER_HWM, SOCKET_BUFFER, SOCKET_BUFFER)
+    per_worker = len(config.endpoints) * connection_holds(config)
     bound = 0 if complete else sum(min(worker.tally.sent, per_worker) for worker in workers)
     return flow.FlushResult(complete, bound, ended - deadline.started_at)
+
+
+def connection_holds(config):
+    """Messages one worker's connection to one receiver can hold (flow.in_flight_bound),
+    counted in the smallest frames the run sends."""
+    return flow.in_flight_bound(max(config.size, wire.HEADER_SIZE), config.hwm, RECEIVER_HWM,
+                                SOCKET_BUFFER, SOCKET_BUFFER)
 
 
 # ---------------------------------------------------------------------------
@@ -657,7 +664,7 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     """Log the summary table and the gates (and write the JSON); returns the exit status.
     The exporter (--metrics-port) shows the summary's figures from then on."""
     data = summary.sender_data(config, run, workers, health, confirmations, flush_result,
-                               receiver_report, duration)
+                               receiver_report, duration, connection_holds(config))
     exporter.final(data)
     text = summary.sender_table(data)
     lag = summary.merged_lag(workers)

@@ -51,7 +51,7 @@ TOPIC_LABEL = b"pushpull confirmation topic"
 CHANNEL_MAX_BYTES = 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
 CHANNEL_RECEIVE_HWM = 16  # messages the SUB may hold unread per channel (ZMQ_RCVHWM)
 SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
-REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel may bring
+REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel keeps
 # Link events of a confirmation channel: connected, or lost / refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -274,8 +274,22 @@ class ChannelSource:
     last_authentic: float = 0.0  # monotonic time of the last one
     warnings: int = 0  # SERVER_TIMEOUTs of silence said so far, in this silence
     gave_up: bool = False
-    reports: dict = field(default_factory=dict)  # receiver instance id -> runs[] entry
+    # receiver instance id -> runs[] entry, in the order the instances first reported: the
+    # last is the current instance; the ones before it were replaced (a restart)
+    reports: dict = field(default_factory=dict)
+    instances: int = 0  # receiver instances that reported, those forgotten included
     reported_at: float = 0.0  # monotonic time its latest report arrived (--find-max's drain)
+
+    def current(self):
+        """(instance id, runs[] entry) of the instance that reported last, or None."""
+        if not self.reports:
+            return None
+        instance = next(reversed(self.reports))
+        return instance, self.reports[instance]
+
+    def replaced(self):
+        """[(instance id, runs[] entry)] of the instances a later one replaced (kept ones)."""
+        return list(self.reports.items())[:-1]
 
     def why_silent(self):
         """A short guess at why nothing arrives from this channel."""
@@ -324,20 +338,17 @@ class ConfirmChannel:
         """
         self._wait(lambda: all(s.settled for s in self.sources), within, stop)
 
-    def reports(self):
-        """Every report received so far, one per receiver instance."""
-        with self.changed:
-            return [entry for s in self.sources for entry in s.reports.values()]
-
     def all_reported(self):
         """True when every receiver's channel brought a report of the run."""
         with self.changed:
             return not self.unreachable and all(s.reports for s in self.sources)
 
     def collected(self):
-        """(every report so far, all_reported()), at one moment."""
+        """(each source's (data endpoint, current report or None, replaced reports, how
+        many instances reported), all_reported()), at one moment."""
         with self.changed:
-            return self.reports(), self.all_reported()
+            return ([(s.data_endpoint, s.current(), s.replaced(), s.instances)
+                     for s in self.sources], self.all_reported())
 
     def wait_for_reports(self, within, stop, sent=0):
         """Wait (at most `within` s) until every channel brought a report, and together
@@ -352,8 +363,8 @@ class ConfirmChannel:
 
     def _received(self):
         """Messages of the run received, by the reports so far (the lock held)."""
-        return sum(verdict.count(entry, "received") for s in self.sources
-                   for entry in s.reports.values())
+        return sum(verdict.count(s.current()[1], "received") for s in self.sources
+                   if s.reports)
 
     def _wait(self, done, within, stop):
         """Wait until done() is true, `within` seconds pass, or `stop` is set."""
@@ -406,9 +417,20 @@ class ConfirmChannel:
         if len(receiver_id) != RECEIVER_ID_SIZE or entry is None:
             log.warning(f"[CONFIRM] a report from {source.endpoint} is not a run report;"
                         " ignored")
-        elif receiver_id in source.reports or len(source.reports) < REPORTS_PER_SOURCE:
-            source.reports[receiver_id] = entry  # a later report (the run healed) supersedes
-            source.reported_at = time.monotonic()
+            return
+        if receiver_id not in source.reports:
+            current = source.current()
+            if current is not None:
+                log.warning(f"[CONFIRM] {source.endpoint}: receiver instance"
+                            f" {receiver_id.hex()} reports the run after instance"
+                            f" {current[0].hex()}: it replaces it, and what the old one held"
+                            " stays at risk")
+            source.instances += 1
+            if len(source.reports) >= REPORTS_PER_SOURCE:
+                del source.reports[next(iter(source.reports))]  # the oldest replaced one
+        # A later report of an instance (the run healed) supersedes its earlier one.
+        source.reports[receiver_id] = entry
+        source.reported_at = time.monotonic()
 
     def on_link(self, source, connected):
         """The listener's socket monitor saw `source`'s channel connect, or fail to."""

@@ -65,6 +65,11 @@ class ReceiverHealth:
         self.down_transitions = 0
         self.changes = 0  # bumped on every state change: workers compare it before each send
         self.seen_up = set()  # endpoints that were up at least once
+        # (endpoint, each worker's sent count) when the heartbeat called an endpoint that
+        # was up down, once messages were sent: the instance behind it may be gone with
+        # what it held, even if one is up there again (a restart).
+        self.lapses = []
+        self.sent_counts = None  # () -> each worker's sent count; set once the workers exist
         self._any_up = threading.Event()
 
     def is_up(self):
@@ -93,12 +98,23 @@ class ReceiverHealth:
         self.states[ep] = state
         if state is LinkState.DOWN and old is LinkState.UP:
             self.down_transitions += 1
+            counts = tuple(self.sent_counts()) if self.sent_counts else ()
+            if any(counts):
+                self.lapses.append((ep, counts))
         if any(s is LinkState.UP for s in self.states.values()):
             self._any_up.set()
         else:
             self._any_up.clear()
         self.changes += 1
         return True
+
+    def lapse_bound(self, per_connection, sent):
+        """Messages the lapses may have lost, at most: per lapse and worker, what the worker
+        had sent when the heartbeat spoke (and one more: a send may have crossed the
+        verdict), up to what its connection holds (`per_connection`) and what it sent in
+        all (`sent`: each worker's final count)."""
+        return sum(min(count + 1, final, per_connection)
+                   for _, counts in self.lapses for count, final in zip(counts, sent))
 
     def awaited(self):
         """The endpoints that are up or not judged yet: a new connection waits for these."""

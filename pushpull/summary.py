@@ -242,14 +242,6 @@ def outcome_counts(config, workers):
     return result
 
 
-def at_risk(workers):
-    """Messages that may not have arrived, by the sender's own bound: handed to a receiver
-    that went silent, and maybe still in, or discarded with, the connection's buffers
-    (ReceiverLinks.at_risk)."""
-    total = sum(w.links.at_risk(w.tally.sent) for w in workers if w.links is not None)
-    return min(total, sum(w.tally.sent for w in workers))
-
-
 def merged_lag(workers):
     """The send lag of every worker, in one histogram."""
     lag = latency.Histogram()
@@ -258,16 +250,43 @@ def merged_lag(workers):
     return lag
 
 
-def receiver_verdict(config, channel):
-    """The receiver_report JSON: the reports merged, and why any are missing."""
-    reports, every_receiver = channel.collected()
-    if not reports:
+def receiver_verdict(config, channel, sent):
+    """The receiver_report JSON: the reports that pass the checks (verdict.refusal), one per
+    receiver endpoint (its current instance), merged; the refused and replaced ones named;
+    why any are missing."""
+    sources, every_receiver = channel.collected()
+    # What the receivers can have received: what this process sent, or in a run shared
+    # by several instances (--instances), what the whole run planned.
+    ceiling = config.run_planned if config.plan.shared else sent
+    only_receiver = len(config.endpoints) == 1 and not config.plan.shared
+    counted, refused, replaced = [], [], []
+    for endpoint, current, older, _ in sources:
+        replaced += [{"endpoint": endpoint, "instance": instance.hex(),
+                      "received": verdict.count(entry, "received")} for instance, entry in older]
+        if current is None:
+            continue
+        why = verdict.refusal(current[1], ceiling, config.run_planned, only_receiver)
+        if why:
+            refused.append({"endpoint": endpoint, "instance": current[0].hex(), "reason": why})
+        else:
+            counted.append(current[1])
+    if not counted and not refused:
         return {"receivers": 0, "of": len(config.endpoints), "reason": channel.why_no_report()}
-    result = verdict.merge(reports, config.run_planned)
+    every_receiver = every_receiver and not refused
+    result = verdict.merge(counted, config.run_planned, ceiling if config.confirm else None,
+                           every_receiver)
     result["of"] = len(config.endpoints)
+    result["refused_reports"] = refused
+    result["replaced_reports"] = replaced
     if not every_receiver:
-        result["reason"] = f"not every receiver reported: {channel.why_no_report()}"
-    result["reports"] = reports
+        result["reason"] = "not every receiver reported: " + "; ".join(
+            [f"{r['endpoint']}'s report refused ({r['reason']})" for r in refused]
+            + ([channel.why_no_report()] if not channel.all_reported() else []))
+    if not config.confirm and result["received"] > ceiling:
+        result["inconsistent"] = (f"the reports count {result['received']} received of"
+                                  f" {ceiling} sent, and PUSH deals each message once: a report"
+                                  " is false")
+    result["reports"] = counted
     return result
 
 
@@ -280,6 +299,8 @@ def judge_gates(config, receiver_report):
         merged, why = None, f"no report: {receiver_report.get('reason')}"
     elif "reason" in receiver_report:  # a share of the run says nothing of the whole
         merged, why = None, f"partial reports only ({receiver_report['reason']})"
+    elif "inconsistent" in receiver_report:
+        merged, why = None, receiver_report["inconsistent"]
     else:
         merged, why = receiver_report, None
     return [gate.judge(merged, why) for gate in gates]
@@ -306,20 +327,23 @@ def confirmation_data(config, workers, confirmations):
     }
 
 
-def sender_data(config, run, workers, health, confirmations, flush, receiver_report, duration):
-    """The final summary, as the JSON written by --json."""
+def sender_data(config, run, workers, health, confirmations, flush, receiver_report, duration,
+                per_connection):
+    """The final summary, as the JSON written by --json. `per_connection`: messages one
+    worker's connection can hold (flow.in_flight_bound), what a lapse may lose."""
     counts = outcome_counts(config, workers)
     sent = counts[Outcome.SENT]
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
     confirmation = (confirmation_data(config, workers, confirmations)
                     if confirmations is not None else {})
     # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
-    risk, exact = (verdict.risk(sent, at_risk(workers), receiver_report)
+    lapsed = health.lapse_bound(per_connection, [w.tally.sent for w in workers])
+    risk, exact = (verdict.risk(sent, lapsed, receiver_report)
                    if confirmations is None else (0, False))
     shared = shared_run(config, receiver_report) if config.plan.shared else {}
     if shared and confirmations is None:  # the reports count the whole run, not our share
         risk, exact = (0, True) if shared["run"]["missing"] == 0 else \
-            (min(at_risk(workers), sent), False)
+            (min(lapsed, sent), False)
     lag = merged_lag(workers) if config.scheduled else None
     return {**cli.run_facts(config, UNLISTED_SETTINGS), **confirmation, **shared,
         "run_id": wire.run_label(run.run_id),
@@ -423,7 +447,7 @@ def sender_table(data):
         rows.append(("at risk", f"{data['at_risk']} sent messages missing from the receivers'"
                                 " reports" if data["at_risk_exact"] else
                      f"up to {data['at_risk']} sent messages may not have arrived: a receiver"
-                     " went silent, and not every receiver reported what it got"))
+                     " was seen down, and the reports that count cannot say exactly"))
     rows.append(("flush", flush_text(data)))
     rows.append(("duration", f"{data['duration_s']:.2f} s"))
     target = data["target_rate_msg_s"]
@@ -442,6 +466,15 @@ def sender_table(data):
     if "reason" in report_data:
         rows.append(("receiver" if not report_data["receivers"] else "",
                      f"no report: {report_data['reason']}"))
+    for refused in report_data.get("refused_reports", ()):
+        rows.append(("refused report", f"{refused['endpoint']} instance {refused['instance']}:"
+                                       f" {refused['reason']}; not counted"))
+    for old in report_data.get("replaced_reports", ()):
+        rows.append(("replaced report", f"{old['endpoint']} instance {old['instance']}"
+                                        f" (received {old['received']}): a later instance"
+                                        " reported; not counted, its part stays at risk"))
+    if "inconsistent" in report_data:
+        rows.append(("", f"reports not believed: {report_data['inconsistent']}"))
     if "confirmed" not in data:
         rows.append(("note", "'sent' = accepted by ZeroMQ while the receiver was connected; a"
                              " receiver that dies before reading them loses them (--confirm"
@@ -483,18 +516,30 @@ def exit_reason(config, data, health, interrupted):
         return SenderExit.OK, None
     if data["at_risk"]:
         return SenderExit.NOT_ALL_SENT, (f"up to {data['at_risk']} of {sent} sent messages may"
-                                         f" not have arrived: {silence(config, health)}")
+                                         f" not have arrived: {silence(config, data, health)}")
     if not data["flush_complete"]:
         return SenderExit.NOT_ALL_SENT, (f"flush timed out after {config.timeout:g} s: up to"
                                          f" {data['unflushed_at_most']} messages not delivered")
     return SenderExit.OK, None
 
 
-def silence(config, health):
-    """Why sent messages may not have arrived, when not every receiver reported the run."""
+def silence(config, data, health):
+    """Why sent messages may not have arrived, when the reports cannot say exactly."""
+    report = data["receiver_report"]
+    if report.get("inconsistent"):
+        return report["inconsistent"]
+    if report.get("refused_reports"):
+        return "a receiver's report failed the checks (see refused report)"
+    if report.get("replaced_reports"):
+        return ("a new receiver instance replaced one that held part of the run (see"
+                " replaced report)")
     silent = ", ".join(ep for ep in config.endpoints
                        if health.is_down(ep) and ep in health.seen_up)
     if silent:
         return f"{silent} went silent and never came back"
-    return ("a receiver the heartbeat called down was dropped, with what its connections held,"
-            " and not every receiver reported what it got")
+    lapsed = ", ".join(dict.fromkeys(ep for ep, _ in health.lapses))
+    if lapsed:
+        return (f"{lapsed} went down after it was handed messages, and no report of the"
+                " receiver instance that held them says they arrived (a restart? a new"
+                " instance does not speak for the old)")
+    return "not every receiver reported what it got"

@@ -74,23 +74,42 @@ def parse_report(payload):
     return entry
 
 
-def merge(entries, planned):
+def refusal(entry, sent, planned, only_receiver):
+    """Why a report cannot be true of this run, or None. It must plan what the sender
+    planned, and count no more received than were sent (to that receiver, when it is
+    the only one: with several, PUSH does not say which got what)."""
+    reported = count(entry, "planned")
+    if reported != planned:
+        return f"it says planned {reported}, where this run planned {planned}"
+    received = count(entry, "received")
+    if received > sent:
+        to = " to it" if only_receiver else ""
+        return f"it says received {received}, more than the {sent} messages sent{to}"
+    return None
+
+
+def merge(entries, planned, sent=None, every=False):
     """One verdict from the reports of several receivers, each holding a share of the run.
 
     Counts add up. Percentiles of shares do not: the merged p99 is the largest
     receiver's p99, an upper bound of the whole run's (and exact with one receiver).
+    Tasks processed by two receivers (a --confirm resend dealt to another one) are in
+    no receiver's duplicates: when `every` receiver reported, at least
+    Σ received - `sent` of them are (duplicates_across; None when unknown).
     """
     received = sum(count(e, "received") for e in entries)
     lat = {}
     for entry in entries:
         for key, value in latency(entry).items():
             lat[key] = max(lat.get(key, 0), value)
+    across = max(0, received - sent) if every and sent is not None else None
     return {
         "receivers": len(entries),
         "planned": planned,
         "received": received,
         "missing": max(0, planned - received),
-        "duplicates": sum(count(e, "duplicates") for e in entries),
+        "duplicates": sum(count(e, "duplicates") for e in entries) + (across or 0),
+        "duplicates_across": across,
         "latency_ms": lat,
         "latency_merged": "max over receivers (an upper bound)" if len(entries) > 1 else "exact",
     }
@@ -103,13 +122,28 @@ def reported_received(receiver_report):
     return None
 
 
-def risk(sent, bound, receiver_report):
-    """(at_risk, exact): of `sent` messages, those the receivers' reports lack, exactly, when
-    every receiver reported the run; else `bound`, the sender's own upper bound."""
-    received = reported_received(receiver_report)
-    if received is None:
-        return min(bound, sent), False
-    return max(0, sent - received), True
+def risk(sent, lapse_bound, receiver_report):
+    """(at_risk, exact): of `sent` messages, how many may not have reached any receiver.
+
+    Never more than the counted reports lack (sent - Σ received), which is exact when
+    it is 0, or when every receiver reported and none was seen down after it was handed
+    messages (`lapse_bound` 0: ReceiverHealth.lapse_bound). A receiver seen down may
+    have been replaced by a new instance that does not speak for the old one: then
+    at_risk is that lack, at most `lapse_bound`. A report refused, or replaced by a
+    later instance's, leaves its part at risk: the lack. Plain PUSH deals each message
+    once, so reports counting more than was sent prove nothing: all is at risk.
+    """
+    received = receiver_report["received"] if receiver_report["receivers"] else 0
+    if received > sent:
+        return sent, False
+    lacking = max(0, sent - received)
+    if not lacking and receiver_report["receivers"]:
+        return 0, True  # every sent message is in a counted report
+    if receiver_report.get("refused_reports") or receiver_report.get("replaced_reports"):
+        return lacking, False
+    if reported_received(receiver_report) is not None and not lapse_bound:
+        return lacking, True
+    return min(lapse_bound, lacking), False
 
 
 def report_line(verdict):
@@ -117,8 +151,11 @@ def report_line(verdict):
     lat = verdict["latency_ms"]
     p99 = f", p99 {lat['p99']:.2f} ms" if "p99" in lat else ""
     shares = f" (from {verdict['receivers']} receivers)" if verdict["receivers"] > 1 else ""
+    across = verdict.get("duplicates_across")
+    where = (f" ({across} at least across receivers: --confirm resends processed by two)"
+             if across else "")
     return (f"{verdict['received']}/{verdict['planned']} received, missing {verdict['missing']},"
-            f" duplicates {verdict['duplicates']}{p99}{shares}")
+            f" duplicates {verdict['duplicates']}{where}{p99}{shares}")
 
 
 @dataclass(frozen=True)

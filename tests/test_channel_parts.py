@@ -109,8 +109,12 @@ def test_a_report_too_large_is_cut_to_fit_keeping_what_the_sender_uses():
 def test_at_risk_is_what_the_reports_lack_once_every_receiver_reported():
     """Every receiver reported the run: at_risk is exact, sent - received; else it is the
     sender's own bound, never more than it sent."""
-    assert verdict.risk(2000, 600, {"receivers": 2, "received": 1950}) == (50, True)
+    assert verdict.risk(2000, 0, {"receivers": 2, "received": 1950}) == (50, True)
     assert verdict.risk(2000, 600, {"receivers": 2, "received": 2000}) == (0, True)
+    # Issue 20, case 5: a receiver seen down after it was handed messages may have been
+    # replaced by a new instance, which does not speak for the old one: not exact.
+    assert verdict.risk(2000, 600, {"receivers": 2, "received": 1950}) == (50, False)
+    assert verdict.risk(2000, 30, {"receivers": 2, "received": 1950}) == (30, False)
     one_of_two = {"receivers": 1, "received": 1000, "reason": "not every receiver reported"}
     assert verdict.reported_received(one_of_two) is None
     assert verdict.risk(2000, 600, one_of_two) == (600, False)

@@ -151,10 +151,15 @@ def test_receiver_back_within_retry_window_run_completes(procs):
     assert 0 < got["received"] < result["sent"]  # the first receiver took some with it
     assert got["processed"] == got["received"]
     # Plain mode cannot tell what died with the first receiver; the new one's report
-    # says how many it got, so the sender does not claim success.
+    # says how many it got, so the sender does not claim success. The new instance does
+    # not speak for the old one (issue 20, case 5): at_risk is no more than the reports
+    # lack, and not exact.
     assert status == 1, sender.output()[-2000:]
     assert result["receiver_report"]["received"] == got["received"]
-    assert sender.lines(rf"\[EXIT\] the receivers report {got['received']} of the 200 sent")
+    assert 0 < result["at_risk"] <= 200 - got["received"], result
+    assert not result["at_risk_exact"], result
+    assert sender.lines(r"\[EXIT\] up to \d+ of 200 sent messages may not have arrived: .*"
+                        r" went down after it was handed messages")
 
 
 def test_a_run_reported_incomplete_then_complete_is_judged_on_the_later_report(procs):

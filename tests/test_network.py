@@ -11,6 +11,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from conftest import free_port, wait_until
 from pushpull import flow
 from netns import RECEIVER_PORT, network  # noqa: F401  (the fixture, used by name)
@@ -338,3 +340,35 @@ def test_data_connections_carry_tcp_keepalive(network):
                "keepalive timers on the sender's 4 connections")
     wait_until(lambda: all_kept_alive(host, net.sender_host.addr), 20,
                "keepalive timers on the receiver's 4 connections")
+
+
+@pytest.mark.parametrize("reborn_reports", [True, False], ids=["reported", "unreported"])
+def test_a_receiver_host_that_crashes_and_comes_back_keeps_its_share_at_risk(network,
+                                                                             reborn_reports):
+    """Issue 20, cases 1 and 5: the receiver's host dies silently mid-run and comes back
+    with a new receiver process before the verdict. What the dead process held, or its
+    connections did, is lost; the new instance does not speak for the old one, whether
+    it reports the run or not (its channel on another port): exit 1, not exact, and
+    at_risk no more than the reports lack (case 4)."""
+    net = network()
+    host = net.receiver_hosts[0]
+    net.receiver(*PATIENT_RECEIVER)
+    sender = net.sender("--workers", "4", "--rate", "200", "--duration", "5",
+                        "--heartbeat-interval", str(HEARTBEAT), "--timeout", "10",
+                        "--stats-interval", "0.2", "--quiet")
+    wait_until(lambda: sent_so_far(sender) >= 300, 15, "300 messages sent")
+    net.kill_host(host)
+    try:
+        sender.wait_for_output(r"\[HEARTBEAT\] .* down\b", timeout=10)
+    finally:
+        net.heal(host)
+    unheard = () if reborn_reports else ("--confirm-port", str(CLOSED_PORT))
+    reborn = net.receiver(*PATIENT_RECEIVER, *unheard)
+    assert sender.wait(40) == 1, sender.output()[-3000:]
+    result = sender.summary()
+    assert result["sent"] == result["planned"] == 1000, result
+    got = received_by(reborn)
+    assert got < 1000, got  # the run lost messages: the dead process's, its connections'
+    lacking = 1000 - got if reborn_reports else 1000
+    assert 0 < result["at_risk"] <= lacking and not result["at_risk_exact"], result
+    assert sender.lines(r"\[EXIT\] up to \d+ of 1000 sent messages may not have arrived")
