@@ -282,10 +282,11 @@ def receiver_verdict(config, channel, sent):
         result["reason"] = "not every receiver reported: " + "; ".join(
             [f"{r['endpoint']}'s report refused ({r['reason']})" for r in refused]
             + ([channel.why_no_report()] if not channel.all_reported() else []))
-    if not config.confirm and result["received"] > ceiling:
-        result["inconsistent"] = (f"the reports count {result['received']} received of"
-                                  f" {ceiling} sent, and PUSH deals each message once: a report"
-                                  " is false")
+    claimed = result["received"] + sum(r["received"] for r in replaced)
+    if not config.confirm and claimed > ceiling:
+        result["inconsistent"] = (f"the reports (replaced ones too) count {claimed} received"
+                                  f" of {ceiling} sent, and PUSH deals each message once: a"
+                                  " report is false")
     result["reports"] = counted
     return result
 

@@ -130,17 +130,17 @@ def risk(sent, lapse_bound, receiver_report):
     messages (`lapse_bound` 0: ReceiverHealth.lapse_bound). A receiver seen down may
     have been replaced by a new instance that does not speak for the old one: then
     at_risk is that lack, at most `lapse_bound`. A report refused, or replaced by a
-    later instance's, leaves its part at risk: the lack. Plain PUSH deals each message
-    once, so reports counting more than was sent prove nothing: all is at risk.
-    """
+    later instance's, is not counted: its part stays at risk, in the lack. Plain PUSH
+    deals each message once, so reports (replaced ones too) counting more than was sent
+    prove nothing: all is at risk."""
     received = receiver_report["received"] if receiver_report["receivers"] else 0
-    if received > sent:
+    if received > sent or receiver_report.get("inconsistent"):
         return sent, False
-    lacking = max(0, sent - received)
-    if not lacking and receiver_report["receivers"]:
-        return 0, True  # every sent message is in a counted report
+    lacking = sent - received
     if receiver_report.get("refused_reports") or receiver_report.get("replaced_reports"):
         return lacking, False
+    if not lacking and receiver_report["receivers"]:
+        return 0, True  # every sent message is in a counted report
     if reported_received(receiver_report) is not None and not lapse_bound:
         return lacking, True
     return min(lapse_bound, lacking), False

@@ -1,14 +1,16 @@
 """The confirmation channel with the real scripts: --confirm-port, forged confirmations,
 silent channels, the receiver's report in the sender's summary, and the gates."""
 
+import json
 import re
 import signal
 import threading
 from datetime import datetime
 
+import pytest
 import zmq
 
-from pushpull import confirm, logs
+from pushpull import confirm, logs, wire
 from conftest import free_port, wait_until
 
 FAST_RECEIVER = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "1")
@@ -208,3 +210,74 @@ def test_no_report_fails_the_gates_with_the_reason(procs):
     assert len(sender.lines(r"\[GATE\] max-(loss|p99) FAILED: .*no value: no report: .*not"
                             " connected")) == 2
     assert sender.lines(r"  receiver +no report: tcp://127\.0\.0\.1:\d+ not connected")
+
+
+class LyingReceiver(threading.Thread):
+    """A peer that holds the run's data (so it can seal for the run): it takes the frames on
+    its PULL port, and once every worker's END came, publishes `reports` (a list of
+    (instance id, runs[] entry)) on its confirmation port, again every 0.2 s."""
+
+    def __init__(self, ctx, port, reports, stop):
+        super().__init__(name="liar", daemon=True)
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.bind(f"tcp://127.0.0.1:{port}")
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.bind(f"tcp://127.0.0.1:{port + 1}")
+        self.reports = reports
+        self.stop = stop
+
+    def run(self):
+        run_cache, ends, run = {}, set(), None
+        with self.pull, self.pub:
+            while not self.stop.is_set():
+                if self.pull.poll(50):
+                    msg = wire.decode(self.pull.recv(), run_cache)
+                    run = msg[wire.RUN]
+                    if msg[wire.KIND] == wire.END:
+                        ends.add(msg[wire.WORKER])
+                if run is not None and len(ends) == run.workers:
+                    seal = confirm.RunSeal(run.run_id)
+                    for instance, entry in self.reports:
+                        self.pub.send_multipart(seal.seal(
+                            confirm.Kind.REPORT, instance + json.dumps(entry).encode()))
+                    self.stop.wait(0.2)
+
+
+LIES = {  # issue 20, case 6: reports a sender must not believe, and what it then says
+    "more_than_sent": ([(b"A" * 8, {"planned": 20, "received": 1000000, "duplicates": 0})],
+                       "refused_reports"),
+    "another_plan": ([(b"A" * 8, {"planned": 999, "received": 20, "duplicates": 0})],
+                     "refused_reports"),
+    "four_instances": ([(bytes([n]) * 8, {"planned": 20, "received": 20, "duplicates": 0})
+                        for n in range(4)], "replaced_reports"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_a_report_that_cannot_be_true_is_named_and_not_counted(procs, lie):
+    """Issue 20, case 6: a report claiming more received than sent, or another run's plan,
+    is refused; four instances at one endpoint count as one (the last, replacing the
+    others, whose parts stay at risk). Each is named in the summary, and the run exits 1
+    (it once exited 0: 'received 1000000', or '(from 4 receivers)')."""
+    reports, key = LIES[lie]
+    ctx = zmq.Context()
+    stop = threading.Event()
+    port = free_port()
+    liar = LyingReceiver(ctx, port, reports, stop)
+    liar.start()
+    try:
+        sender = procs.sender("--workers", "2", "--messages", "10", "--delay", "0",
+                              "--report-timeout", "3", *QUICK,
+                              endpoints=[f"tcp://127.0.0.1:{port}"])
+        assert sender.wait(30) == 1, sender.output()[-3000:]
+        result = sender.summary()
+        named = result["receiver_report"][key]
+        assert len(named) == len(reports) - (key == "replaced_reports"), result
+        assert result["at_risk"] == 20 and not result["at_risk_exact"], result
+        assert sender.lines(r"(refused|replaced) report +tcp://127\.0\.0\.1"), \
+            sender.output()[-3000:]
+        assert not sender.lines(r"from 4 receivers")
+    finally:
+        stop.set()
+        liar.join(5)
+        ctx.destroy(linger=0)

@@ -208,3 +208,25 @@ def test_a_gate_on_partial_reports_has_no_value(procs):
         assert gate["value"] is None and not gate["passed"], gate
         assert gate["reason"].startswith("partial reports only"), gate
     assert sender.lines(r"\[GATE\] max-p99 FAILED: .* no value: partial reports only")
+
+
+def test_at_risk_is_no_more_than_the_reports_lack(procs):
+    """Issue 20, case 4: one of two receivers killed mid-run; the survivor's report proves
+    what it got, so at_risk is at most sent - its received, not the sender's own bound
+    (what the dead one's connections could hold: here far more)."""
+    doomed = procs.receiver(*RECEIVER_ARGS)
+    survivor = procs.receiver(*RECEIVER_ARGS, "--quiet")
+    sender = procs.sender("--workers", "2", "--messages", "500", "--delay", "0.004", "--quiet",
+                          "--heartbeat-interval", "0.5", "--report-timeout", "10",
+                          endpoints=[doomed.endpoint, survivor.endpoint])
+    wait_until(lambda: msg_count(doomed) >= 100, 20, "the doomed receiver's first 100 messages")
+    doomed.signal(signal.SIGKILL)
+    doomed.wait(10)
+    doomed_received = msg_count(doomed)  # final now: a lower bound of what it received
+    assert sender.wait() == 1, sender.output()[-2000:]
+    result = sender.summary()
+    report = result["receiver_report"]
+    assert result["sent"] == 1000 and report["receivers"] == 1, report
+    lacking = 1000 - report["received"]
+    assert 0 < result["at_risk"] <= lacking and not result["at_risk_exact"], result
+    assert lacking >= doomed_received  # what the doomed one got is in no counted report
