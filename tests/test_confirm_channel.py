@@ -284,3 +284,31 @@ def test_a_report_that_cannot_be_true_is_named_and_not_counted(procs, lie):
         stop.set()
         liar.join(5)
         ctx.destroy(linger=0)
+
+
+def test_tasks_processed_by_two_receivers_are_counted_as_duplicates(procs):
+    """Issue 20, case 3: under --confirm, one of two receivers hangs (SIGSTOP) long enough
+    to be called down: its unconfirmed tasks are resent to the other, and once resumed it
+    processes the ones it held too. Neither receiver sees a duplicate; the sender's
+    summary counts them, at least Σ received - sent, and says where they come from."""
+    steady = procs.receiver(*FAST_RECEIVER)
+    hung = procs.receiver("--processing-time", "0", "--no-file-log", "--run-timeout", "20")
+    sender = procs.sender("--confirm", "--workers", "2", "--messages", "600", "--delay",
+                          "0.005", "--timeout", "5", "--heartbeat-interval", "0.5", "--quiet",
+                          "--report-timeout", "20", endpoints=[steady.endpoint, hung.endpoint])
+    wait_until(lambda: len(hung.lines(r"\[MSG #")) >= 50, 20, "50 messages on the one to hang")
+    hung.signal(signal.SIGSTOP)
+    try:
+        sender.wait_for_output(rf"\[HEARTBEAT\] receiver {re.escape(hung.endpoint)} down")
+        sender.wait_for_output(r"\[RESEND\]")
+    finally:
+        hung.signal(signal.SIGCONT)
+    assert sender.wait(60) == 0, sender.output()[-3000:]
+    result = sender.summary()
+    report = result["receiver_report"]
+    assert result["confirmed"] == 1200 and report["receivers"] == 2, report
+    across = report["received"] - 1200
+    assert across > 0, report  # the hung one processed what it held before the resend
+    assert report["duplicates_across"] == across and report["duplicates"] >= across, report
+    assert sender.lines(rf"duplicates {report['duplicates']} \({across} at least across"
+                        r" receivers: --confirm resends processed by two\)")
