@@ -48,6 +48,7 @@ MAX_MESSAGE_SIZE = 1048576  # bytes; larger messages are refused (the receiver w
 SEND_HWM = 1000  # messages ZeroMQ may queue per worker socket (ZMQ_SNDHWM)
 CONFIRM_DELIVERY = False  # True: resend until the receiver confirms every task processed
 CONFIRM_WINDOW = 1000  # unconfirmed messages one worker may hold before it waits
+CONFIRM_TIMEOUT = 120.0  # seconds a worker waits for confirmations after its last send (--confirm)
 CONFIRM_PORT = None  # TCP port of each receiver's confirmation channel; None: its port + 1
 REPORT_TIMEOUT = 5.0  # seconds to wait after the run for the receivers' reports of it
 MAX_LOSS = None  # percent of planned messages a receiver may miss (gate); None: no gate
@@ -105,6 +106,7 @@ class Config:
     hwm: int
     confirm: bool
     window: int
+    confirm_timeout: float
     confirm_port: "int | None"
     report_timeout: float
     max_loss: "float | None"
@@ -211,6 +213,10 @@ def add_delivery_flags(p):
     p.add_argument("--window", metavar="N", type=cli.count(1, wire.COUNT_MAX),
                    default=CONFIRM_WINDOW,
                    help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
+    p.add_argument("--confirm-timeout", metavar="SECONDS", default=CONFIRM_TIMEOUT,
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                   help="wait for confirmations after a worker's last send, then give up"
+                        " (CONFIRM_TIMEOUT)")
     p.add_argument("--confirm-port", metavar="PORT", type=cli.port, default=CONFIRM_PORT,
                    help="port of the receivers' confirmation channel; default: each receiver's"
                         " port + 1 (CONFIRM_PORT)")
@@ -387,7 +393,7 @@ class PushWorker(ServiceThread):
             return push.PushSender(sock, self.name, self.team, self.tally, self.links)
         window = self.confirmations.window(self.number)
         return confirm.ConfirmingSender(sock, self.name, self.team, self.tally, self.links,
-                                        self.confirmations, window)
+                                        self.confirmations, window, self.config.confirm_timeout)
 
     def send_tasks(self, sender, encoder):
         """The seed's loop: each task through send_task(); a quiet flood's through

@@ -541,10 +541,11 @@ class ConfirmingSender(PushSender):
     confirmations stalled (a receiver drops what it had processed as a duplicate).
     """
 
-    def __init__(self, sock, name, team, tally, links, confirmations, window):
+    def __init__(self, sock, name, team, tally, links, confirmations, window, limit):
         super().__init__(sock, name, team, tally, links)
         self.confirmations = confirmations
         self.window = window
+        self.limit = limit  # seconds confirmations get after a send (--confirm-timeout)
         self._downs_seen = 0
         self._stalls_seen = 0
         self._down_since = None  # when this worker, waiting for confirmations, saw none up
@@ -570,22 +571,37 @@ class ConfirmingSender(PushSender):
         return tasks.start
 
     def finish(self):
-        """After the last task: wait until every sent task is confirmed, resending as needed."""
+        """After the last task: wait until every sent task is confirmed, resending as needed,
+        for at most --confirm-timeout."""
+        deadline = time.monotonic() + self.limit
         while len(self.window) and not self.stop.is_set():
-            if self.health.all_rejected() or self.resend_if_lost() or self.down_too_long():
+            if (self.health.all_rejected() or self.resend_if_lost() or self.down_too_long()
+                    or self.past(deadline)):
                 return
             self.window.wait_for_change(POLL_S)
+
+    def past(self, deadline):
+        """True (and said) once `deadline` (time.monotonic()) has passed with messages
+        unconfirmed: the receivers had --confirm-timeout s since this worker's last send."""
+        if time.monotonic() < deadline:
+            return False
+        self.log.error(f"[FAIL] {self.name} gives up: {len(self.window)} messages unconfirmed"
+                       f" {self.limit:g} s after its last send (--confirm-timeout)")
+        return True
 
     def _make_room(self):
         """Wait off turn until the window has room, resending when a receiver was lost."""
         with self.turn.off():
             waited = False
+            deadline = time.monotonic() + self.limit  # the worker's last send was just now
             while not self.window.wait_for_room(POLL_S):
                 if self.stop.is_set():
                     return Outcome.INTERRUPTED
                 failure = self.resend_if_lost() or self.down_too_long()
                 if failure:
                     return failure
+                if self.past(deadline):
+                    return Outcome.CONFIRM_TIMEOUT
                 if not waited:
                     waited = True
                     self.log.info(f"[WAIT] {self.name} waiting: {len(self.window)} messages"

@@ -34,6 +34,7 @@ class Outcome(enum.Enum):
     TOO_LARGE = "too_large"  # over MAX_MESSAGE_SIZE, refused before sending
     REJECTED = "rejected"  # every receiver refused this sender's CURVE key / address
     WORKER_ERROR = "worker_error"  # the worker thread failed (traceback in the log)
+    CONFIRM_TIMEOUT = "confirm_timeout"  # --confirm: no room in the window within the limit
 
 
 FAILURES = tuple(o for o in Outcome if o is not Outcome.SENT)

@@ -150,7 +150,7 @@ def receiver_table(data):
 # ---------------------------------------------------------------------------
 # The sender's
 # ---------------------------------------------------------------------------
-UNCONFIRMED_LISTED = 10  # workers, and tasks per worker, the summary table lists
+UNCONFIRMED_LISTED = 10  # workers, and ranges of tasks per worker, the summary table lists
 UNCONFIRMED_JSON_MAX = 10000  # task numbers per worker the JSON summary lists at most
 GATE_UNITS = {"max-loss": "%", "max-p99": "ms"}  # the unit of each gate's limit and value
 SENDER_CSV_COLUMNS = ("time_s", "unix_time", "sent", "rate_msg_s", "send_lag_p99_ms",
@@ -315,6 +315,17 @@ def unconfirmed_tasks(window, tally):
     return sorted(tasks)[:UNCONFIRMED_JSON_MAX]
 
 
+def task_ranges(tasks):
+    """Sorted task numbers as ranges of text: [0, 1, 2, 5] -> ['0-2', '5']."""
+    ranges = []
+    for task in tasks:
+        if ranges and task == ranges[-1][1] + 1:
+            ranges[-1][1] = task
+        else:
+            ranges.append([task, task])
+    return [f"{first}" if first == last else f"{first}-{last}" for first, last in ranges]
+
+
 def confirmation_data(config, workers, confirmations):
     """--confirm results: what was confirmed, resent, and which tasks never were."""
     confirmed = confirmations.confirmed()
@@ -325,6 +336,8 @@ def confirmation_data(config, workers, confirmations):
         "resent": confirmations.resent(),
         "unconfirmed": config.planned - confirmed,
         "unconfirmed_tasks": {name: tasks for name, tasks in never.items() if tasks},
+        "unconfirmed_ranges": {name: task_ranges(tasks) for name, tasks in never.items()
+                               if tasks},
     }
 
 
@@ -437,10 +450,10 @@ def sender_table(data):
                                   " receiver (--confirm)"))
         rows.append(("resent", data["resent"]))
         rows.append(("unconfirmed", data["unconfirmed"]))
-        for name, tasks in list(data["unconfirmed_tasks"].items())[:UNCONFIRMED_LISTED]:
-            shown = ", ".join(map(str, tasks[:UNCONFIRMED_LISTED]))
-            more = f" ... +{len(tasks) - UNCONFIRMED_LISTED}" if len(tasks) > UNCONFIRMED_LISTED \
-                else ""
+        for name, ranges in list(data["unconfirmed_ranges"].items())[:UNCONFIRMED_LISTED]:
+            shown = ", ".join(ranges[:UNCONFIRMED_LISTED])
+            more = (f" ... +{len(ranges) - UNCONFIRMED_LISTED} ranges"
+                    if len(ranges) > UNCONFIRMED_LISTED else "")
             rows.append((f"  {name}", f"tasks {shown}{more}"))
         if len(data["unconfirmed_tasks"]) > UNCONFIRMED_LISTED:
             rows.append(("  ...", f"{len(data['unconfirmed_tasks'])} workers in all (see --json)"))

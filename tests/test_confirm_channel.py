@@ -312,3 +312,22 @@ def test_tasks_processed_by_two_receivers_are_counted_as_duplicates(procs):
     assert report["duplicates_across"] == across and report["duplicates"] >= across, report
     assert sender.lines(rf"duplicates {report['duplicates']} \({across} at least across"
                         r" receivers: --confirm resends processed by two\)")
+
+
+def test_confirmations_get_at_most_the_confirm_timeout(procs):
+    """Issue 20, case 7: a receiver that stays connected but does not confirm (each task's
+    work takes 5 s) no longer keeps the sender resending at every --timeout until it has
+    done them all: --confirm-timeout after each worker's last send the run ends, exit 1,
+    the unconfirmed tasks listed as ranges."""
+    stuck = procs.receiver("--processing-time", "5", "--no-file-log", "--quiet")
+    sender = procs.sender("--confirm", "--workers", "2", "--messages", "5", "--delay", "0",
+                          "--timeout", "1", "--retries", "5", "--confirm-timeout", "2",
+                          "--heartbeat-interval", "0.5", "--quiet", "--report-timeout", "0",
+                          endpoints=[stuck.endpoint])
+    assert sender.wait(25) == 1, sender.output()[-3000:]
+    result = sender.summary()
+    assert result["confirmed"] == 0 and result["unconfirmed"] == 10, result
+    assert result["unconfirmed_ranges"] == {"Pusher-1": ["0-4"], "Pusher-2": ["0-4"]}, result
+    assert len(sender.lines(r"\[FAIL\] Pusher-\d gives up: 5 messages unconfirmed 2 s after"
+                            r" its last send \(--confirm-timeout\)")) == 2
+    assert sender.lines(r"  Pusher-1 +tasks 0-4$")
