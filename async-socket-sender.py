@@ -362,7 +362,7 @@ class PushWorker(ServiceThread):
             try:
                 encoder = FORMATS[config.format](self.run_info, self.number, os.getpid(),
                                                  threading.get_ident(), config.size)
-                self.links = self.new_links(sock, len(encoder.data(0)))
+                self.links = self.new_links(sock)
                 push.connect_all(self.links, self.team.stop, within=config.heartbeat_interval)
                 sender = self.new_sender(sock)
                 with sender.turn_held():
@@ -377,15 +377,13 @@ class PushWorker(ServiceThread):
                 # Open until every worker is done: then all flush toward one deadline.
                 sock.linger = self.team.flush.linger_ms()
 
-    def new_links(self, sock, frame_size):
+    def new_links(self, sock):
         """The worker's connections, kept in step with the heartbeat. With several
         receivers a silent one is dropped, so the live ones take the work; a lone one's
         connection is kept, for TCP to deliver what it holds after a heal."""
         config = self.config
-        bound = flow.in_flight_bound(frame_size, config.hwm, RECEIVER_HWM, SOCKET_BUFFER,
-                                     SOCKET_BUFFER)
         return links.ReceiverLinks(sock, config.endpoints, self.team.health,
-                                   drop=len(config.endpoints) > 1, bound=bound)
+                                   drop=len(config.endpoints) > 1)
 
     def new_sender(self, sock):
         """The send path: plain, or holding each frame until confirmed (--confirm)."""

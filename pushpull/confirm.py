@@ -633,7 +633,7 @@ class ConfirmingSender(PushSender):
         and let the socket take that in (ReceiverLinks.settle), so the round goes to live
         receivers only: else half of it would still be dealt to the dead receiver and
         wait a stall to be resent."""
-        if self.links.follow(self.tally.sent):  # even if health.changes lags down_transitions
+        if self.links.follow():  # even if health.changes lags down_transitions
             self.links.settle(self.stop)
 
     def resend_if_lost(self):

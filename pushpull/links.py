@@ -6,10 +6,10 @@ Across machines failure is often silent (a pulled cable, a dead host, a firewall
 dropping packets): no FIN or RST arrives, and a PUSH socket keeps handing messages
 to a connection that leads nowhere, because data sockets carry no ZMTP heartbeats
 (see health.set_heartbeats). The heartbeat monitor's probe does, and calls
-the receiver down; ReceiverLinks makes each worker act on that verdict, and
-bounds the messages that may not have arrived at a receiver that went silent
-(`at_risk`); await_late_verdicts keeps the run's verdict from coming before the
-heartbeat's on a cut in its last seconds.
+the receiver down; ReceiverLinks makes each worker act on that verdict (what a
+receiver seen down may have lost is ReceiverHealth.lapse_bound, `at_risk`);
+await_late_verdicts keeps the run's verdict from coming before the heartbeat's on
+a cut in its last seconds.
 """
 
 import time
@@ -68,22 +68,17 @@ class ReceiverLinks:
       linger); only what the kernel had taken is delivered after a heal. So what
       the connection may have held stays at risk even when the receiver comes back;
       the receivers' reports of the run say what arrived.
-    For each receiver it dropped, the worker records how many messages it had sent
-    then; at_risk() turns that into the messages that may be lost (episode()).
     Only the worker's own thread uses this object (and its socket).
     """
 
-    def __init__(self, sock, endpoints, health, drop, bound):
+    def __init__(self, sock, endpoints, health, drop):
         self.sock = sock
         self.endpoints = endpoints
         self.health = health
         self.drop = drop
-        self.bound = bound  # messages one connection's buffers can hold (in_flight_bound)
         self.seen = -1  # health.changes when this worker last followed it
         self.paused = False  # every receiver this worker sends to is down
         self.connected = set()
-        self.stopped = {}  # dropped endpoint -> messages this worker had sent by then
-        self.kept_at_risk = 0  # at risk for good: what a dropped connection may have lost
 
     def connect_all(self):
         """Connect to every receiver."""
@@ -91,16 +86,15 @@ class ReceiverLinks:
             self.sock.connect(endpoint)
         self.connected = set(self.endpoints)
 
-    def follow(self, sent):
-        """Act on the heartbeat's verdicts; `sent`: messages this worker has sent so far.
-        Returns True when it dropped a connection: settle() before the next send."""
+    def follow(self):
+        """Act on the heartbeat's verdicts; True when it dropped a connection: settle()
+        before the next send."""
         health = self.health
         self.seen = health.changes
         dropped = False
         for endpoint in self.endpoints:
             if health.is_down(endpoint):
                 if self.drop and endpoint in self.connected:
-                    self.stopped[endpoint] = sent
                     self.sock.disconnect(endpoint)
                     self.connected.discard(endpoint)
                     dropped = True
@@ -120,29 +114,8 @@ class ReceiverLinks:
         stop.wait(DROP_SETTLE_S)
         self.sock.getsockopt(zmq.EVENTS)  # processes the socket's pending commands
 
-    def at_risk(self, sent):
-        """Messages this worker may have lost: see episode(), for every receiver still
-        down now, plus those a dropped connection may have thrown away."""
-        return self.kept_at_risk + sum(self.episode(ep, sent) for ep in self.endpoints
-                                       if self.health.is_down(ep))
-
-    def episode(self, endpoint, sent):
-        """What this worker may have lost to `endpoint`, a receiver seen up once and down now:
-        what it handed over on that connection, but never more than the connection's
-        buffers hold (self.bound): what left them had reached the receiver.
-        `sent`: what the worker has sent in all."""
-        if endpoint not in self.health.seen_up:
-            return 0  # never connected: ZeroMQ handed it nothing (ZMQ_IMMEDIATE)
-        # A kept connection may have been dealt any message (PUSH skips it only once
-        # its queue is full): all count, up to `sent`, all this worker has sent. A
-        # dropped one got nothing after the drop.
-        return min(self.stopped.get(endpoint, sent), self.bound)
-
     def _back(self, endpoint):
         """The receiver is up again: reconnect if this worker dropped it."""
         if endpoint not in self.connected:
-            if endpoint in self.stopped:
-                self.kept_at_risk += self.episode(endpoint, self.stopped[endpoint])
             self.sock.connect(endpoint)
             self.connected.add(endpoint)
-        self.stopped.pop(endpoint, None)

@@ -299,7 +299,7 @@ class PushSender:
         while not self.team.flush.wait_started(END_REPEAT_INTERVAL) and not self.stop.is_set():
             if reported():
                 return
-            if self.health.changes != self.links.seen and self.links.follow(self.tally.sent):
+            if self.health.changes != self.links.seen and self.links.follow():
                 self.links.settle(self.stop)  # a receiver back: it gets its END too
             for _ in range(receivers):
                 try:
@@ -328,7 +328,7 @@ class PushSender:
         retries_used = 0
         wait_started = time.monotonic()
         while not self.stop.is_set():
-            if self.health.changes != self.links.seen and self.links.follow(self.tally.sent):
+            if self.health.changes != self.links.seen and self.links.follow():
                 self.links.settle(self.stop)
             if self.links.paused:  # a silent receiver's connection would take the frame
                 self.stop.wait(POLL_S)

@@ -130,49 +130,62 @@ def new_sender(sock, stop, timeout=0.2, retries=1):
     log = logging.getLogger("test_push_sender")
     team = push.Team(flow.SendTurns(), health, stop, log, timeout, retries,
                      flow.FlushDeadline(timeout), push.WorkerNotices(log))
-    receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False, bound=10)
+    receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False)
     receivers.connected = set(receivers.endpoints)  # the fixture connected it
     return push.PushSender(sock, "Pusher-1", team, push.WorkerTally(), receivers)
 
 
-def test_at_risk_counts_a_silent_receiver_seen_up_once_at_most_its_buffers():
-    """A receiver down at the end counts what was sent, at most `bound` per worker; one
-    that was never up got nothing (IMMEDIATE), and one that came back lost nothing."""
+def test_lapses_bound_what_a_receiver_seen_down_may_have_lost():
+    """A receiver never up got nothing (IMMEDIATE); one seen down after it was handed
+    messages may have lost, per worker, what it had sent then (and one more), at most what
+    a connection holds, even once it is up again: a new instance there does not speak
+    for the old one (issue 20, case 1). Each lapse counts."""
     endpoints = ["tcp://a:1", "tcp://b:1"]
     health = ReceiverHealth(endpoints)
-    receivers = links.ReceiverLinks(None, endpoints, health, drop=False, bound=50)
-    receivers.connected = set(endpoints)
+    sent = [30, 0]
+    health.sent_counts = lambda: list(sent)
     health.set_state("tcp://b:1", LinkState.DOWN)  # never up
-    assert receivers.at_risk(30) == 0
+    assert health.lapse_bound(50, sent) == 0
     health.set_state("tcp://a:1", LinkState.UP)
     health.set_state("tcp://a:1", LinkState.DOWN)
-    receivers.follow(30)
-    assert receivers.paused  # every receiver it sends to is down
-    assert receivers.at_risk(30) == 30 and receivers.at_risk(80) == 50
+    assert health.lapse_bound(50, [30, 0]) == 30  # never more than it sent in all
+    assert health.lapse_bound(50, [80, 0]) == 31
+    health.set_state("tcp://a:1", LinkState.UP)  # back, maybe a new instance
+    sent[0] = 80
+    assert health.lapse_bound(50, sent) == 31
+    health.set_state("tcp://a:1", LinkState.DOWN)
+    assert health.lapse_bound(50, sent) == 31 + 50  # at most what a connection holds
+
+
+def test_a_lone_receiver_is_kept_and_paused_while_down():
+    """One receiver: called down, its connection is kept and the worker pauses."""
+    health = ReceiverHealth(["tcp://a:1"])
+    receivers = links.ReceiverLinks(None, ["tcp://a:1"], health, drop=False)
+    receivers.connected = {"tcp://a:1"}
     health.set_state("tcp://a:1", LinkState.UP)
-    receivers.follow(80)
-    assert not receivers.paused and receivers.at_risk(80) == 0
+    health.set_state("tcp://a:1", LinkState.DOWN)
+    assert not receivers.follow() and receivers.paused
+    health.set_state("tcp://a:1", LinkState.UP)
+    assert not receivers.follow() and not receivers.paused
 
 
 def test_several_receivers_drop_a_silent_one_and_take_it_back():
-    """`drop`: a receiver called down is disconnected, at risk at most what the worker had
-    sent by then; connected again once up, and what its connection held stays at risk."""
+    """`drop`: a receiver called down is disconnected; connected again once up."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]  # nobody listens there
     health = ReceiverHealth(endpoints)
-    receivers = links.ReceiverLinks(sock, endpoints, health, drop=True, bound=50)
+    receivers = links.ReceiverLinks(sock, endpoints, health, drop=True)
     try:
         receivers.connect_all()
         for endpoint in endpoints:
             health.set_state(endpoint, LinkState.UP)
         health.set_state(endpoints[1], LinkState.DOWN)
-        assert receivers.follow(30) and receivers.connected == {endpoints[0]}
-        assert not receivers.paused and receivers.at_risk(90) == 30  # none dealt after it
+        assert receivers.follow() and receivers.connected == {endpoints[0]}
+        assert not receivers.paused
         health.set_state(endpoints[1], LinkState.UP)
-        assert not receivers.follow(90) and receivers.connected == set(endpoints)
-        assert receivers.at_risk(90) == 30
+        assert not receivers.follow() and receivers.connected == set(endpoints)
     finally:
         sock.close()
         ctx.term()
