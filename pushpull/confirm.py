@@ -277,7 +277,6 @@ class ChannelSource:
     # receiver instance id -> runs[] entry, in the order the instances first reported: the
     # last is the current instance; the ones before it were replaced (a restart)
     reports: dict = field(default_factory=dict)
-    instances: int = 0  # receiver instances that reported, those forgotten included
     reported_at: float = 0.0  # monotonic time its latest report arrived (--find-max's drain)
 
     def current(self):
@@ -344,11 +343,11 @@ class ConfirmChannel:
             return not self.unreachable and all(s.reports for s in self.sources)
 
     def collected(self):
-        """(each source's (data endpoint, current report or None, replaced reports, how
-        many instances reported), all_reported()), at one moment."""
+        """(each source's (data endpoint, current report or None, replaced reports),
+        all_reported()), at one moment."""
         with self.changed:
-            return ([(s.data_endpoint, s.current(), s.replaced(), s.instances)
-                     for s in self.sources], self.all_reported())
+            return ([(s.data_endpoint, s.current(), s.replaced()) for s in self.sources],
+                    self.all_reported())
 
     def wait_for_reports(self, within, stop, sent=0):
         """Wait (at most `within` s) until every channel brought a report, and together
@@ -425,7 +424,6 @@ class ConfirmChannel:
                             f" {receiver_id.hex()} reports the run after instance"
                             f" {current[0].hex()}: it replaces it, and what the old one held"
                             " stays at risk")
-            source.instances += 1
             if len(source.reports) >= REPORTS_PER_SOURCE:
                 del source.reports[next(iter(source.reports))]  # the oldest replaced one
         # A later report of an instance (the run healed) supersedes its earlier one.

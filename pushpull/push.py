@@ -22,7 +22,9 @@ from pushpull.threads import POLL_INTERVAL, POLL_S
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
 NOTICE_REPEAT = 10.0  # seconds before a cause the workers share is logged again
 HELD_WAIT_MS = 2  # milliseconds a flood's worker waits for room before it gives its turn up
-END_REPEAT_INTERVAL = 0.1  # seconds between a worker's rounds of END frames (several receivers)
+END_REPEAT_INTERVAL = 0.1  # seconds before a worker's second round of END frames (several
+# receivers); each later round waits twice as long, at most END_REPEAT_MAX
+END_REPEAT_MAX = 1.0  # seconds between two rounds at most
 
 
 class Outcome(enum.Enum):
@@ -285,8 +287,9 @@ class PushSender:
         self._end_sent = True
 
     def repeat_end(self, end, receivers):
-        """After send_end(), with several receivers: a round of `receivers` END frames every
-        END_REPEAT_INTERVAL until every receiver reported the run or the run ended.
+        """After send_end(), with several receivers: a round of `receivers` END frames after
+        END_REPEAT_INTERVAL, then after twice as long each time (at most END_REPEAT_MAX),
+        until every receiver reported the run or the run ended.
 
         Each END follows this worker's data on whatever connection PUSH deals it to,
         so a receiver that gets one has all of this worker's share before it; one
@@ -296,9 +299,11 @@ class PushSender:
         reported = self.team.all_reported
         if not self._end_sent or receivers < 2 or reported is None:
             return
-        while not self.team.flush.wait_started(END_REPEAT_INTERVAL) and not self.stop.is_set():
+        interval = END_REPEAT_INTERVAL
+        while not self.team.flush.wait_started(interval) and not self.stop.is_set():
             if reported():
                 return
+            interval = min(2 * interval, END_REPEAT_MAX)
             if self.health.changes != self.links.seen and self.links.follow():
                 self.links.settle(self.stop)  # a receiver back: it gets its END too
             for _ in range(receivers):

@@ -260,7 +260,7 @@ def receiver_verdict(config, channel, sent):
     ceiling = config.run_planned if config.plan.shared else sent
     only_receiver = len(config.endpoints) == 1 and not config.plan.shared
     counted, refused, replaced = [], [], []
-    for endpoint, current, older, _ in sources:
+    for endpoint, current, older in sources:
         replaced += [{"endpoint": endpoint, "instance": instance.hex(),
                       "received": verdict.count(entry, "received")} for instance, entry in older]
         if current is None:
