@@ -241,8 +241,8 @@ def judge(config, number):
         # The end of sending: the last task handed to ZeroMQ (END frames are not the rate).
         ended = max((w.sent_until for w in workers if w.sent_until is not None),
                     default=clock.monotonic)
-        receiver_report = summary.receiver_verdict(config, channel)
         sent = sum(w.tally.sent for w in workers)
+        receiver_report = summary.receiver_verdict(config, channel, sent)
         reported_at = (max(s.reported_at for s in channel.sources)
                        if channel.all_reported() else None)
         last_due = clock.monotonic + (config.planned - 1) / config.rate
