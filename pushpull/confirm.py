@@ -362,7 +362,7 @@ class ConfirmChannel:
 
     def _received(self):
         """Messages of the run received, by the reports so far (the lock held)."""
-        return sum(verdict.count(s.current()[1], "received") for s in self.sources
+        return sum(verdict.arrived(s.current()[1]) for s in self.sources
                    if s.reports)
 
     def _wait(self, done, within, stop):

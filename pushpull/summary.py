@@ -262,7 +262,7 @@ def receiver_verdict(config, channel, sent):
     counted, refused, replaced = [], [], []
     for endpoint, current, older in sources:
         replaced += [{"endpoint": endpoint, "instance": instance.hex(),
-                      "received": verdict.count(entry, "received")} for instance, entry in older]
+                      "received": verdict.arrived(entry)} for instance, entry in older]
         if current is None:
             continue
         why = verdict.refusal(current[1], ceiling, config.run_planned, only_receiver)
