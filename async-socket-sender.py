@@ -558,7 +558,8 @@ def send_run(config, signals, log, judge=None, exporter=None):
         workers[:] = start_workers(ctx, config, run, team, confirmations, channel)
         started = max(started, workers[0].clock.monotonic)  # not the wait for --start-at
         exporter.watch(metrics.SenderSource(config, wire.run_label(run.run_id), workers, health,
-                                            confirmations, started), log)
+                                            confirmations, started, connection_holds(config)),
+                       log)
         with series:
             wait_for_workers(config, workers, health, signals, stop, log, series, lags)
         duration = time.monotonic() - started  # the run's; the wait for reports is not in it

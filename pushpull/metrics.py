@@ -147,8 +147,10 @@ class SenderSource:
     """The sender's metrics: its workers' tallies and send lag, its receivers' health,
     confirmations; once the run is reported (final()), the summary's own figures."""
 
-    def __init__(self, config, run_label, workers, health, confirmations, started):
+    def __init__(self, config, run_label, workers, health, confirmations, started,
+                 per_connection):
         self.config = config
+        self.per_connection = per_connection  # messages one connection holds (at_risk)
         self.run_label = run_label
         self.workers = workers
         self.health = health
@@ -173,7 +175,8 @@ class SenderSource:
         return (sent, sum(counts.values()) - sent,
                 confirmations.resent() if confirmations else 0,
                 confirmations.confirmed() if confirmations else 0,
-                0 if confirmations else summary.at_risk(workers),
+                0 if confirmations else summary.at_risk(workers, self.health,
+                                                        self.per_connection),
                 cli.rate(sent, time.monotonic() - self.started))
 
     def collect(self, out):

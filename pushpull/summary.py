@@ -242,6 +242,13 @@ def outcome_counts(config, workers):
     return result
 
 
+def at_risk(workers, health, per_connection):
+    """The sender's own bound of the sent messages that may not have arrived: what the
+    receivers seen down after they were handed messages may have lost (ReceiverHealth's
+    lapses), never more than was sent. `per_connection`: what one connection can hold."""
+    return health.lapse_bound(per_connection, [w.tally.sent for w in workers])
+
+
 def merged_lag(workers):
     """The send lag of every worker, in one histogram."""
     lag = latency.Histogram()
@@ -351,7 +358,7 @@ def sender_data(config, run, workers, health, confirmations, flush, receiver_rep
     confirmation = (confirmation_data(config, workers, confirmations)
                     if confirmations is not None else {})
     # Under --confirm, `unconfirmed` says what may not have arrived, exactly.
-    lapsed = health.lapse_bound(per_connection, [w.tally.sent for w in workers])
+    lapsed = at_risk(workers, health, per_connection)
     risk, exact = (verdict.risk(sent, lapsed, receiver_report)
                    if confirmations is None else (0, False))
     shared = shared_run(config, receiver_report) if config.plan.shared else {}
