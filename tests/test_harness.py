@@ -21,3 +21,5 @@ def test_wait_for_output_timed_out_shows_the_threads(procs):
         receiver.wait_for_output("a line no receiver prints", timeout=1)
     assert "thread dump (py-spy)" in str(caught.value)
     assert '"MainThread"' in str(caught.value), str(caught.value)
+    assert '"gatekeeper"' in str(caught.value)  # every thread named, pyzmq's ZAP thread too
+    assert '"log"' in str(caught.value)
