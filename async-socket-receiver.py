@@ -527,9 +527,13 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
     gatekeeper = None
     latencies = hlog.NoLog()  # --hlog: each run's latency per stats interval
     try:
-        gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips,
-                                               server_keys is not None, config.curve_allow,
-                                               WARNING_INTERVAL)
+        try:
+            gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips,
+                                                   server_keys is not None,
+                                                   config.curve_allow, WARNING_INTERVAL)
+        except security.GatekeeperError as exc:  # its sockets closed: ctx.term() returns
+            log.error(f"[ERROR] {exc}")
+            return EXIT_STARTUP_FAILED
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
                                  run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)

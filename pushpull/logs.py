@@ -140,6 +140,11 @@ class BatchingListener(logging.handlers.QueueListener):
         super().__init__(records, *handlers)
         self.failures = []  # the [ERROR] line of each log file dropped (drop())
 
+    def start(self):
+        """Start the listener thread, named "log": a thread dump (py-spy) says which it is."""
+        super().start()
+        self._thread.name = "log"
+
     def dequeue(self, block):
         """Next record; flush every handler first when none is waiting."""
         try:

@@ -7,7 +7,8 @@ import time
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.auth.base import Authenticator
+from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 
@@ -97,6 +98,13 @@ def apply_server_security(sock, server_keys):
         sock.curve_server = True
 
 
+START_POLL = 0.1  # seconds between looks at a starting ZAP thread still alive
+
+
+class GatekeeperError(Exception):
+    """The ZAP authentication thread could not start."""
+
+
 class Gatekeeper(ThreadAuthenticator):
     """pyzmq's ZAP authenticator thread, logging each refused peer as [AUTH] once per
     address and reason per `interval` seconds, however often it retries."""
@@ -107,6 +115,46 @@ class Gatekeeper(ThreadAuthenticator):
         self.interval = interval
         self._address = "?"
         self._logged = {}  # (address, reason) -> when it was last logged
+
+    def start(self):
+        """pyzmq's start(), its thread named "gatekeeper", waited for as long as it lives.
+
+        pyzmq's own start() gives the thread 10 s, then raises with the ZAP socket left
+        open: ctx.term() then waits for that socket for ever, and the receiver would
+        hang silent, deaf to Ctrl+C. Here a thread that ends before it is ready raises
+        GatekeeperError at once; either way every socket opened here is closed first.
+        """
+        thread_pipe = None
+        try:
+            Authenticator.start(self)  # the ZAP socket
+            self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+            self.pipe.linger = 1
+            self.pipe.bind(self.pipe_endpoint)
+            thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+            thread_pipe.linger = 1
+            thread_pipe.connect(self.pipe_endpoint)
+            self.thread = AuthenticationThread(authenticator=self, pipe=thread_pipe)
+            self.thread.name = "gatekeeper"
+            self.thread.start()
+            while not self.thread.started.wait(START_POLL):
+                if not self.thread.is_alive():
+                    raise GatekeeperError("the ZAP authentication thread ended before it"
+                                          " was ready")
+        except BaseException:
+            self._close_after_failure(thread_pipe)
+            raise
+
+    def _close_after_failure(self, thread_pipe):
+        """Close the ZAP socket and both pipes: a socket left open hangs ctx.term()."""
+        if self.thread is not None and self.thread.is_alive():
+            self.stop()  # TERMINATE: the thread ends once started; pipe and ZAP socket closed
+            return
+        # No thread to answer: pyzmq's stop() would send TERMINATE to nobody, for ever.
+        for sock in (thread_pipe, self.pipe):  # the thread's run() closed the first, if it ran
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        self.pipe = self.thread = None
+        Authenticator.stop(self)  # the ZAP socket
 
     async def handle_zap_message(self, msg):
         """Remember the peer's address for the reply, then authenticate as pyzmq does."""
@@ -134,14 +182,18 @@ def start_gatekeeper(ctx, log, allow_ips, curve, curve_allow, interval):
     A refused peer is logged once per address and reason per `interval` seconds.
     """
     gatekeeper = Gatekeeper(ctx, log, interval)
-    gatekeeper.start()
-    if allow_ips:
-        # Bound to IPv6 (--bind ::), a socket sees an IPv4 peer as ::ffff:a.b.c.d.
-        mapped = [f"::ffff:{ip}" for ip in allow_ips if ":" not in ip]
-        gatekeeper.allow(*allow_ips, *mapped)
-    if curve:
-        gatekeeper.configure_curve(domain=ZAP_DOMAIN,
-                                   location=curve_allow or zmq.auth.CURVE_ALLOW_ANY)
+    gatekeeper.start()  # GatekeeperError, its sockets closed, if its thread cannot start
+    try:
+        if allow_ips:
+            # Bound to IPv6 (--bind ::), a socket sees an IPv4 peer as ::ffff:a.b.c.d.
+            mapped = [f"::ffff:{ip}" for ip in allow_ips if ":" not in ip]
+            gatekeeper.allow(*allow_ips, *mapped)
+        if curve:
+            gatekeeper.configure_curve(domain=ZAP_DOMAIN,
+                                       location=curve_allow or zmq.auth.CURVE_ALLOW_ANY)
+    except BaseException:
+        gatekeeper.stop()  # else its sockets would hang ctx.term() for ever
+        raise
     return gatekeeper
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,20 @@ def wait_until(predicate, timeout, what="condition"):
         time.sleep(0.02)
 
 
+def thread_dump(pid):
+    """The Python stacks of every thread of process `pid` (py-spy, requirements-dev.txt), to
+    tell where a process that timed out is stuck; a line saying why not, without py-spy."""
+    if shutil.which("py-spy") is None:
+        return "(no thread dump: py-spy is not installed)"
+    try:
+        done = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=DUMP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"(no thread dump: py-spy took over {DUMP_TIMEOUT:g} s)"
+    return f"thread dump (py-spy):\n{done.stdout}{done.stderr}"
+
+
+DUMP_TIMEOUT = 10.0  # seconds py-spy gets to dump a process's threads
 OVERLOADED = 4  # load average per core past which a failed timing assertion is a skip
 
 
@@ -92,14 +107,24 @@ class Proc:
         return [line for line in self.output().splitlines() if rx.search(line)]
 
     def wait_for_output(self, pattern, timeout=30, count=1):
-        """Wait until `count` lines match `pattern`; returns them."""
+        """Wait until `count` lines match `pattern`; returns them. Fails at once when the
+        process exits first; on a timeout, the message has its threads' stacks."""
         def found():
+            exited = self.popen.poll() is not None  # before reading: its last lines are in
             hits = self.lines(pattern)
-            return hits if len(hits) >= count else None
-        if self.popen.poll() is not None and not found():
-            raise AssertionError(f"process exited ({self.popen.returncode}) before printing"
-                                 f" {pattern!r}:\n{self.output()[-3000:]}")
-        return wait_until(found, timeout, f"{pattern!r} in output:\n{self.output()[-2000:]}")
+            if len(hits) >= count:
+                return hits
+            if exited:
+                raise AssertionError(f"process exited ({self.popen.returncode}) before"
+                                     f" printing {pattern!r}:\n{self.output()[-3000:]}")
+            return None
+        try:
+            return wait_until(found, timeout, f"{pattern!r}")
+        except AssertionError as exc:
+            if self.popen.poll() is not None:
+                raise
+            raise AssertionError(f"{exc}; output:\n{self.output()[-2000:]}\n"
+                                 f"{thread_dump(self.pid)}") from None
 
     def signal(self, sig):
         """Send a signal (signal.SIGINT, SIGTERM, SIGKILL, SIGSTOP, SIGCONT)."""

@@ -4,17 +4,20 @@ Every test runs the real scripts on 127.0.0.1; refused senders must fail fast an
 loudly, and nothing they try to send may reach the receiver.
 """
 
+import logging
 import shutil
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import zmq.auth
 
 from conftest import RECEIVER, SENDER
+from pushpull import security
 
 KEY_FILES = {"server.key", "server.key_secret", "client.key", "client.key_secret"}
 QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-timeout", "1")
@@ -232,3 +235,37 @@ def test_bind_loopback_does_not_warn(procs):
     assert receiver.stop() == 0
     assert receiver.lines(r"Server is running")
     assert not receiver.lines(r"\[AUTH\]")
+
+
+# ---------------------------------------------------------------------------
+# The gatekeeper's start (pushpull.security.Gatekeeper), in-process
+# ---------------------------------------------------------------------------
+TERM_LIMIT = 10.0  # seconds: ctx.term() with every socket closed returns at once; else never
+
+
+def terminates(ctx):
+    """True when ctx.term() returns within TERM_LIMIT (it waits for ever while any socket
+    of the context is open)."""
+    term = threading.Thread(target=ctx.term, name="term", daemon=True)
+    term.start()
+    term.join(TERM_LIMIT)
+    return not term.is_alive()
+
+
+def test_gatekeeper_thread_is_named_and_stop_closes_its_sockets():
+    ctx = zmq.Context()
+    gatekeeper = security.start_gatekeeper(ctx, logging.getLogger("test"), ("127.0.0.1",),
+                                           False, None, 1.0)
+    assert gatekeeper.thread.name == "gatekeeper"  # a thread dump names it
+    gatekeeper.stop()
+    assert terminates(ctx)
+
+
+def test_gatekeeper_thread_ending_before_ready_fails_at_once_leaving_no_socket(monkeypatch):
+    # pyzmq's own start() waited 10 s, then raised with its ZAP socket open: the
+    # receiver's ctx.term() then hung for ever, silent before its first line.
+    monkeypatch.setattr(security.AuthenticationThread, "run", lambda thread: None)
+    ctx = zmq.Context()
+    with pytest.raises(security.GatekeeperError):
+        security.start_gatekeeper(ctx, logging.getLogger("test"), (), False, None, 1.0)
+    assert terminates(ctx)
