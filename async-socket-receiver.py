@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import (cli, confirm, flow, hlog, links, logs, metrics, runs, security, spill,
-                      summary, threads, wire)
+from pushpull import (cli, confirm, hlog, links, logs, metrics, receiveflow, runs, security,
+                      spill, summary, threads, wire)
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import TASK, TEXT
 
@@ -305,7 +305,7 @@ class ReceiveThread(threads.ServiceThread):
         poller.register(monitor, zmq.POLLIN)
         while not self.stops.cold.is_set():
             if self.stops.warm.is_set():  # take what is already on its way, then stop
-                drain = flow.StopDrain(self.receive, self.batches, self.overflow, BATCH_MAX,
+                drain = receiveflow.StopDrain(self.receive, self.batches, self.overflow, BATCH_MAX,
                                        self.log)
                 drain.run(sock, monitor, self.peers, self.stops.cold)
                 return
@@ -331,7 +331,7 @@ class ReceiveThread(threads.ServiceThread):
             return None
         # Stamped once the batch is off the socket: latencies never count a frame as
         # received before it was.
-        batch = flow.Batch(time.time_ns(), messages, nbytes=size)
+        batch = receiveflow.Batch(time.time_ns(), messages, nbytes=size)
         first = self.counters.received + 1
         self.counters.received += len(messages) - ends  # END frames are bookkeeping
         if not self.config.quiet:
@@ -519,8 +519,8 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
     """Start both threads, wait for a stop, shut down in order, report; then hold the final
     figures for a last scrape (--metrics-port)."""
     started = time.monotonic()
-    stops = flow.StopEvents()
-    batches = flow.BatchQueue(config.queue_size, config.queue_bytes)
+    stops = receiveflow.StopEvents()
+    batches = receiveflow.BatchQueue(config.queue_size, config.queue_bytes)
     run_cache = spill.known_runs(recovered)
     saved = spill.SpillWriter(config.spill_file)  # the receive thread's drain, then main
     ctx = zmq.Context()
@@ -577,7 +577,7 @@ def start_threads(receiver, processor, recovered, config, log):
         threads.join_stopped([receiver], log)
         return False
     if recovered:  # a spill file's messages, processed ahead of anything new
-        processor.batches.put_past_bound(flow.Batch(None, recovered, recovered=True))
+        processor.batches.put_past_bound(receiveflow.Batch(None, recovered, recovered=True))
         log.info(f"[SPILL] {spill.count_data(recovered)} messages recovered from"
                  f" {config.spill_file}; processing them first")
     error = processor.start_and_wait()
@@ -662,7 +662,7 @@ def read_back_overflow(signals, receiver, processor, progress, log):
     feed = spill.DrainFeed(path, BATCH_MAX, batches.maxbytes, receiver.run_cache)
     messages = feed.next()
     while messages is not None:
-        batch = flow.Batch(None, messages)  # no receive time kept: no latency
+        batch = receiveflow.Batch(None, messages)  # no receive time kept: no latency
         while not stops.cold.is_set() and processor.is_alive():
             try:
                 batches.put(batch, timeout=POLL_S)

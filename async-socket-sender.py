@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, findmax, flow, hlog, instances, latency, links, logs,
-                      metrics, processes, push, schedule, security, summary, verdict, wire)
+from pushpull import (cli, confirm, findmax, hlog, instances, latency, links, logs, metrics,
+                      processes, push, schedule, security, sendflow, summary, verdict, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -545,8 +545,8 @@ def send_run(config, signals, log, judge=None, exporter=None):
                      if config.confirm else None)
     channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
                                      confirmations, config.timeout, config.retries)
-    team = push.Team(flow.SendTurns(), health, stop, log, config.timeout, config.retries,
-                     flow.FlushDeadline(config.timeout), push.WorkerNotices(log),
+    team = push.Team(sendflow.SendTurns(), health, stop, log, config.timeout, config.retries,
+                     sendflow.FlushDeadline(config.timeout), push.WorkerNotices(log),
                      channel.all_reported)
     started = time.monotonic()
     ctx = zmq.Context()
@@ -645,20 +645,20 @@ def flush(ctx, config, deadline, workers):
     """Terminate the context: blocks until every socket's queued messages have left, or
     the flush deadline (SERVER_TIMEOUT from the end of the run) cut them off. A flush cut
     short may have lost, per worker, what its connections can hold
-    (flow.in_flight_bound), and never more than it sent."""
+    (sendflow.in_flight_bound), and never more than it sent."""
     ctx.term()
     ended = time.monotonic()
     complete = deadline.met(ended)
     per_worker = len(config.endpoints) * connection_holds(config)
     bound = 0 if complete else sum(min(worker.tally.sent, per_worker) for worker in workers)
-    return flow.FlushResult(complete, bound, ended - deadline.started_at)
+    return sendflow.FlushResult(complete, bound, ended - deadline.started_at)
 
 
 def connection_holds(config):
-    """Messages one worker's connection to one receiver can hold (flow.in_flight_bound),
-    counted in the smallest frames the run sends."""
-    return flow.in_flight_bound(max(config.size, wire.HEADER_SIZE), config.hwm, RECEIVER_HWM,
-                                SOCKET_BUFFER, SOCKET_BUFFER)
+    """Messages one worker's connection to one receiver can hold
+    (sendflow.in_flight_bound), counted in the smallest frames the run sends."""
+    return sendflow.in_flight_bound(max(config.size, wire.HEADER_SIZE), config.hwm,
+                                    RECEIVER_HWM, SOCKET_BUFFER, SOCKET_BUFFER)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,9 @@
 - schedule: when each message is due (--delay, --rate), and the schedule's clock
 - security: CURVE certificates and keys; the receiver's gatekeeper and peer watch
 - logs:     line formats and queue-based logging
-- flow:     stop signals, the queues between threads, the sender's turns, the warm-stop drain
+- sendflow:    the sender's turns to send, its flush deadline, the in-flight bound
+- receiveflow: the receiver's batch queue between its threads, its stops, the warm-stop drain
+- stopsignals: Ctrl+C and SIGTERM counted for either script's main thread
 - threads:  a thread with a clear start and stop
 - spill:    the receiver's spill file: load, save, remove
 - summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason

@@ -19,7 +19,7 @@ import time
 import zmq
 
 from pushpull.logs import LogSetupError, start_logging
-from pushpull.flow import StopSignals
+from pushpull.stopsignals import StopSignals
 from pushpull.security import generate_keys
 from pushpull import wire
 

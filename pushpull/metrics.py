@@ -102,7 +102,7 @@ class ReceiverSource:
     def __init__(self, counters, run_table, batches):
         self.counters = counters
         self.run_table = run_table
-        self.batches = batches  # flow.BatchQueue: depth and bytes
+        self.batches = batches  # receiveflow.BatchQueue: depth and bytes
 
     def collect(self, out):
         """Add the receiver's families to `out` (a Families)."""

@@ -1,7 +1,7 @@
 """One sender worker's PUSH socket: what became of each message, and the send path.
 
 The worker's loop calls PushSender.send() once per message. The speed tricks of
-that path live here and in flow.SendTurns, each with the bench figure that
+that path live here and in sendflow.SendTurns, each with the bench figure that
 justifies it (bench/README.md); the script's loop reads plainly.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull.flow import TURN_MESSAGES, FlushDeadline, SendTurns, WorkerTurn
+from pushpull.sendflow import TURN_MESSAGES, FlushDeadline, SendTurns, WorkerTurn
 from pushpull.health import ReceiverHealth
 from pushpull.threads import POLL_INTERVAL, POLL_S
 

@@ -15,7 +15,7 @@ from helpers import help_blocks, run_cli
 
 RECEIVER = load_script("async-socket-receiver")
 SENDER = load_script("async-socket-sender")
-from pushpull import cli, flow, latency, runs, wire  # noqa: E402  (load_script put the root on sys.path)
+from pushpull import cli, latency, receiveflow, runs, sendflow, wire  # noqa: E402  (load_script put the root on sys.path)
 
 # Flag -> default shown by --help. Seed values where issue 3 fixes them, else the constant.
 RECEIVER_DEFAULTS = {
@@ -260,7 +260,7 @@ def test_latency_histogram_percentiles_within_one_percent():
 
 def test_send_turns_go_in_order_and_a_stop_frees_the_waiters():
     """SendTurns: first come, first served; a waiter gives up on stop and leaves the queue."""
-    turns, stop, order = flow.SendTurns(), threading.Event(), []
+    turns, stop, order = sendflow.SendTurns(), threading.Event(), []
 
     def gate():
         lock = threading.Lock()
@@ -297,14 +297,14 @@ def test_send_turns_go_in_order_and_a_stop_frees_the_waiters():
 
 def test_batch_queue_counts_messages_not_batches():
     """BatchQueue.qsize() and its bound count the messages inside the batches."""
-    batches = flow.BatchQueue(10, 1000)
-    batches.put(flow.Batch(0, list(range(4)), nbytes=40))
-    batches.put(flow.Batch(0, list(range(5)), nbytes=50))
+    batches = receiveflow.BatchQueue(10, 1000)
+    batches.put(receiveflow.Batch(0, list(range(4)), nbytes=40))
+    batches.put(receiveflow.Batch(0, list(range(5)), nbytes=50))
     assert batches.qsize() == 9
-    batches.put(flow.Batch(0, [1], nbytes=10))
+    batches.put(receiveflow.Batch(0, [1], nbytes=10))
     assert batches.qsize() == 10 and batches.full()
     with pytest.raises(queue.Full):  # the bound is in messages
-        batches.put(flow.Batch(0, [1], nbytes=10), timeout=0.05)
+        batches.put(receiveflow.Batch(0, [1], nbytes=10), timeout=0.05)
     assert len(batches.get().items) == 4
     assert batches.qsize() == 6
     assert len(batches.take_all()) == 6 and batches.qsize() == 0

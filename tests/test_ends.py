@@ -156,10 +156,10 @@ def test_drain_ends_on_time_while_senders_keep_sending_and_says_how_many(network
 # ---------------------------------------------------------------------------
 def test_in_flight_bound_counts_every_buffer_on_the_way():
     """SNDHWM + RCVHWM + both kernels' (doubled) buffers + two 8 KiB batches, per message."""
-    from pushpull import flow
-    assert flow.in_flight_bound(1022, 1000, 200, 65536, 65536) == 1000 + 200 + 2 * 8 + 2 * 128
+    from pushpull import sendflow
+    assert sendflow.in_flight_bound(1022, 1000, 200, 65536, 65536) == 1000 + 200 + 2 * 8 + 2 * 128
     # A message bigger than a batch still counts once per place it can sit.
-    assert flow.in_flight_bound(10**6, 5, 7, 65536, 65536) == 5 + 7 + 2 + 2
+    assert sendflow.in_flight_bound(10**6, 5, 7, 65536, 65536) == 5 + 7 + 2 + 2
     # The sender's bound assumes a receiver of ours: its high-water mark and buffer.
     assert SENDER_MODULE.RECEIVER_HWM == RECEIVER_MODULE.RECEIVE_HWM
     assert SENDER_MODULE.SOCKET_BUFFER == RECEIVER_MODULE.SOCKET_BUFFER

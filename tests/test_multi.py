@@ -9,7 +9,7 @@ import signal
 import time
 
 from conftest import free_port, wait_until
-from pushpull import cli, flow
+from pushpull import cli, sendflow
 
 SLOW_HANDSHAKE_LAG = 0.3  # seconds a live receiver takes to answer, in the slow test
 RECEIVER_ARGS = ("--processing-time", "0", "--no-file-log", "--run-timeout", "1")
@@ -105,7 +105,7 @@ def test_run_completes_on_survivor_when_other_receiver_is_killed(procs):
     planned = result["planned"]
     assert planned == 1000 and result["sent"] == planned
     assert result["receiver_down_events"] >= 1
-    holds = flow.in_flight_bound(10000, 20, 200, 65536, 65536)  # per worker connection
+    holds = sendflow.in_flight_bound(10000, 20, 200, 65536, 65536)  # per worker connection
     assert 0 < result["at_risk"] <= 2 * holds < planned, result  # the survivor's: not at risk
     assert sender.lines(r"\[EXIT\] up to \d+ of 1000 sent messages may not have arrived")
     survivor.wait_for_output(r"\[RUN\]")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import free_port, wait_until
-from pushpull import flow
+from pushpull import sendflow
 from netns import RECEIVER_PORT, network  # noqa: F401  (the fixture, used by name)
 
 RECEIVER_BASE = ("--processing-time", "0", "--no-file-log", "--quiet")
@@ -32,7 +32,7 @@ GIVE_UP = ("--timeout", "1", "--retries", "1", "--report-timeout", "1")
 # Messages of 10 kB and a queue of 20: a connection holds at most CONNECTION_HOLDS of
 # them, so few that `at_risk` (at most that per worker) tells something.
 SMALL_BUFFERS = ("--hwm", "20", "--size", "10000")
-CONNECTION_HOLDS = flow.in_flight_bound(10000, 20, 200, 65536, 65536)  # RECEIVE_HWM 200
+CONNECTION_HOLDS = sendflow.in_flight_bound(10000, 20, 200, 65536, 65536)  # RECEIVE_HWM 200
 
 
 def received_by(receiver):

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 import conftest  # noqa: F401  (puts the project root on sys.path)
-from pushpull import confirm, flow, logs, runs, spill, wire
+from pushpull import confirm, logs, receiveflow, runs, spill, wire
 
 
 class Lines(logging.Handler):
@@ -226,9 +226,9 @@ def test_confirmations_published_as_ranges_per_run():
 
 def test_batch_put_back_in_front_keeps_the_order():
     """A batch put back after a cold stop comes out first; take_all() keeps the order."""
-    batches = flow.BatchQueue(10, 1000)
-    batches.put(flow.Batch(1, ["c", "d"]))
-    taken = flow.Batch(0, ["a", "b"], recovered=True)
+    batches = receiveflow.BatchQueue(10, 1000)
+    batches.put(receiveflow.Batch(1, ["c", "d"]))
+    taken = receiveflow.Batch(0, ["a", "b"], recovered=True)
     batches.put_front(taken.rest(1))
     assert batches.qsize() == 3
     first = batches.get()

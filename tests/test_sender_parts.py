@@ -11,7 +11,7 @@ import zmq
 from conftest import free_port, load_script, wait_until
 
 load_script("async-socket-sender")  # puts the project root on sys.path
-from pushpull import confirm, flow, links, logs, push, wire  # noqa: E402
+from pushpull import confirm, links, logs, push, sendflow, wire  # noqa: E402
 from pushpull.health import LinkState, ReceiverHealth, link_change  # noqa: E402
 
 
@@ -71,8 +71,8 @@ def test_confirmations_ignore_foreign_workers_and_declare_one_stall_for_all():
 
 def test_worker_turn_shares_with_a_waiter_and_steps_off_while_waiting():
     """share() hands the turn to a waiting worker; off() gives it up and takes it back."""
-    turns, stop = flow.SendTurns(), threading.Event()
-    mine, theirs = flow.WorkerTurn(turns, stop), flow.WorkerTurn(turns, stop)
+    turns, stop = sendflow.SendTurns(), threading.Event()
+    mine, theirs = sendflow.WorkerTurn(turns, stop), sendflow.WorkerTurn(turns, stop)
     mine.take()
     assert mine.held
     with mine.off():
@@ -128,8 +128,8 @@ def new_sender(sock, stop, timeout=0.2, retries=1):
     """A PushSender alone in its team, with receivers never seen up."""
     health = ReceiverHealth(["tcp://nobody:1"])
     log = logging.getLogger("test_push_sender")
-    team = push.Team(flow.SendTurns(), health, stop, log, timeout, retries,
-                     flow.FlushDeadline(timeout), push.WorkerNotices(log))
+    team = push.Team(sendflow.SendTurns(), health, stop, log, timeout, retries,
+                     sendflow.FlushDeadline(timeout), push.WorkerNotices(log))
     receivers = links.ReceiverLinks(sock, ["tcp://nobody:1"], health, drop=False)
     receivers.connected = set(receivers.endpoints)  # the fixture connected it
     return push.PushSender(sock, "Pusher-1", team, push.WorkerTally(), receivers)
