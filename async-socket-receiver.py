@@ -3,11 +3,13 @@
 
 Run it first, then async-socket-sender.py in a second terminal. Every constant
 below can also be set by a command-line flag (--help lists them). Read from the top:
-constants, configuration, the sockets, the receive thread, the processor thread, the
-run (serve: start, stop sequence), the summary. Machinery lives in pushpull/.
+constants, the sockets, the receive thread, the processor thread, the run (serve:
+start, stop sequence), the summary, then the flags (build_parser) and main().
+Machinery lives in pushpull/.
 """
 
 import argparse
+import dataclasses
 import enum
 import functools
 import queue
@@ -56,139 +58,15 @@ CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm se
 WARNING_INTERVAL = 1.0  # seconds between two warnings of the same kind
 SILENCE_CHECK_INTERVAL = 1.0  # seconds between checks for silent senders while busy
 
-EXIT_OK = 0
-EXIT_STARTUP_FAILED = 1
-EXIT_FAILED = 1
 
 
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Config:
-    """Settings for one receiver process."""
+class ReceiverExit(enum.IntEnum):
+    """The receiver's exit statuses."""
 
-    port: int
-    confirm_port: int
-    bind: str
-    processing_time: float
-    queue_size: int
-    queue_bytes: int
-    hwm: int
-    max_size: int
-    log_file: "str | None"
-    quiet: bool
-    stats_interval: float
-    json_path: "str | None"
-    spill_file: str
-    run_timeout: float
-    curve_server_key: "str | None"
-    curve_allow: "str | None"
-    allow_ips: tuple
-    generate_keys: "str | None"
-    csv_path: "str | None"
-    metrics_port: "int | None"
-    metrics_bind: str
-    metrics_hold: float
-    hlog: "str | None"
-
-    @property
-    def endpoint(self):
-        """The address the PULL socket binds."""
-        return cli.tcp_endpoint(self.bind, self.port)
-
-    @property
-    def confirm_endpoint(self):
-        """The address of the PUB socket that confirms processed tasks to senders."""
-        return cli.tcp_endpoint(self.bind, self.confirm_port)
-
-
-def build_parser():
-    """The command line: one flag per tuning constant, defaults from the constants."""
-    p = argparse.ArgumentParser(
-        description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
-        formatter_class=cli.HelpFormatter)
-    sockets = p.add_argument_group("sockets")
-    sockets.add_argument("--port", type=cli.port, default=TCP_PORT,
-                         help="TCP port to bind (TCP_PORT)")
-    sockets.add_argument("--confirm-port", metavar="PORT", type=cli.port,
-                         default=CONFIRM_PORT,
-                         help="port of the confirmation socket; default: --port + 1"
-                              " (CONFIRM_PORT)")
-    sockets.add_argument("--bind", metavar="ADDRESS", type=cli.bind_address,
-                         default=BIND_ADDRESS,
-                         help="interface to bind, * for all, :: for all IPv6 too (BIND_ADDRESS)")
-    sockets.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM),
-                         default=RECEIVE_HWM,
-                         help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
-    sockets.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
-                         default=MAX_MESSAGE_SIZE,
-                         help="largest message accepted (MAX_MESSAGE_SIZE)")
-    load = p.add_argument_group("load")
-    load.add_argument("--processing-time", metavar="SECONDS",
-                      type=cli.seconds(0, cli.MAX_SECONDS), default=PROCESSING_TIME,
-                      help="simulated work per message (PROCESSING_TIME)")
-    load.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
-                      default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
-    load.add_argument("--queue-bytes", metavar="BYTES", type=cli.count(1, cli.MAX_QUEUE_BYTES),
-                      default=QUEUE_MAXBYTES,
-                      help="bytes of messages the queue holds (QUEUE_MAXBYTES)")
-    delivery = p.add_argument_group("delivery")
-    delivery.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
-                          help="where unprocessed messages are saved at a stop, for the next"
-                               " start; {port} becomes the --port (SPILL_FILE)")
-    delivery.add_argument("--run-timeout", metavar="SECONDS",
-                          type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
-                          default=RUN_IDLE_TIMEOUT,
-                          help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
-    security_flags = p.add_argument_group("security")
-    security_flags.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
-                                help="receiver's secret certificate: turns CURVE on"
-                                     " (CURVE_SERVER_KEY)")
-    security_flags.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
-                                help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
-    security_flags.add_argument("--allow-ip", metavar="ADDRESS", type=cli.ip_address,
-                                action="append", default=argparse.SUPPRESS,
-                                help=f"client address allowed in, repeatable (ALLOWED_IPS)"
-                                     f" (default: {' '.join(ALLOWED_IPS) or 'any address'})")
-    cli.add_key_flag(security_flags)
-    output = p.add_argument_group("output")
-    output.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
-                        help="log file (LOG_FILE)")
-    output.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
-                        help="log to the console only (ENABLE_FILE_LOGGING = False)")
-    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
-    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
-    return p
-
-
-def parse_args(argv=None):
-    """Read the command line into a Config."""
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.curve_allow and not a.curve_server_key:
-        p.error("--curve-allow needs --curve-server-key")
-    try:
-        confirm_port = confirm.confirm_port(a.port, a.confirm_port)
-    except ValueError as exc:
-        p.error(str(exc))
-    spill_file = a.spill_file.replace("{port}", str(a.port))
-    cli.check_output_path(p, "--spill-file", spill_file)
-    cli.check_output_path(p, "--json", a.json)
-    cli.check_output_path(p, "--csv", a.csv)
-    cli.check_live_flags(p, a)
-    return Config(port=a.port, confirm_port=confirm_port,
-                  bind=a.bind, processing_time=a.processing_time, queue_size=a.queue_size,
-                  queue_bytes=a.queue_bytes,
-                  hwm=a.hwm, max_size=a.max_size,
-                  log_file=None if a.no_file_log else a.log_file, quiet=a.quiet,
-                  stats_interval=a.stats_interval, json_path=a.json,
-                  spill_file=spill_file, run_timeout=a.run_timeout,
-                  curve_server_key=a.curve_server_key, curve_allow=a.curve_allow,
-                  allow_ips=tuple(getattr(a, "allow_ip", ALLOWED_IPS)),
-                  generate_keys=a.generate_keys, csv_path=a.csv,
-                  metrics_port=a.metrics_port, metrics_bind=a.metrics_bind,
-                  metrics_hold=a.metrics_hold, hlog=a.hlog)
+    OK = 0  # stopped by a signal, and every message taken off the socket processed or spilled
+    FAILED = 1  # cannot start, a thread died, messages LOST, or the --json file not written
+    BAD_COMMAND_LINE = 2  # as argparse exits for a bad flag
+    INTERRUPTED = 130  # a third Ctrl+C / SIGTERM: exits at once (pushpull/stopsignals.py)
 
 
 # ---------------------------------------------------------------------------
@@ -361,9 +239,9 @@ class ReceiveThread(threads.ServiceThread):
 # The processor thread: queue -> work
 # ---------------------------------------------------------------------------
 class ProcessorThread(threads.ServiceThread):
-    """Takes batches off the queue and works each message; its RunLedger accounts them
-    to their sender runs (its RunTable reports each run) and tells --confirm senders what
-    was processed."""
+    """Takes batches off the queue and works each message (work_each(); with nothing to do
+    per message, the RunLedger's fast path); its RunLedger accounts them to their sender
+    runs (its RunTable reports each run) and tells --confirm senders what was processed."""
 
     def __init__(self, ctx, config, server_keys, batches, counters, stops, log):
         super().__init__("processor", log)
@@ -411,15 +289,30 @@ class ProcessorThread(threads.ServiceThread):
         A cold stop puts the messages not done back at the front of the queue.
         """
         self.lines = None if self.config.quiet else logs.LineBlock()
-        # None: no simulated work and no [PROC] line, so nothing to do per message.
-        work = self.work if self.config.processing_time or self.lines is not None else None
-        done = self.ledger.process(batch.items, batch.recv_ns, work, confirms)
+        if self.config.processing_time or self.lines is not None:
+            done = self.work_each(batch.items, batch.recv_ns, confirms)
+        else:  # nothing to do per message: the ledger counts them a stretch at a time
+            done = self.ledger.record_batch(batch.items, batch.recv_ns, confirms)
         if self.lines:
             self.log.info(self.lines)
         if done < len(batch.items):
             self.batches.put_front(batch.rest(done))
         elif batch.recovered:
             spill.remove_processed(self.config.spill_file, self.log)
+
+    def work_each(self, messages, received_ns, confirms):
+        """The seed's loop: for each message, skip a duplicate, do the work, record it.
+        Returns how many were taken: fewer when a cold stop came first."""
+        ledger = self.ledger
+        ledger.begin(received_ns)
+        for index, msg in enumerate(messages):
+            if not ledger.admit(msg, confirms):  # a duplicate, or an END frame: counted
+                continue
+            if not self.work(msg):
+                return index  # process() puts this one and the rest back
+            ledger.record(msg, confirms)
+        ledger.end()
+        return len(messages)
 
     def work(self, msg):
         """The simulated work of one message, then its [PROC] line; False if a cold stop
@@ -465,7 +358,7 @@ def serve(config, signals, log, exporter):
         # Another receiver on the same port shares the default spill file: its port is
         # the real conflict (a new --port gives a new spill file too), so it is said first.
         log.error(f"[ERROR] {port_conflict(config) or exc}")
-        return EXIT_STARTUP_FAILED
+        return ReceiverExit.FAILED
     counters = Counters()
     signals.last_words = lambda: last_words(counters, lock)  # a third Ctrl+C
     try:
@@ -502,13 +395,13 @@ def serve_with_spill_file(config, signals, log, counters, exporter):
         server_keys = security.load_server_keys(config.curve_server_key, config.curve_allow)
     except (spill.SpillError, security.KeyFileError) as exc:
         log.error(f"[ERROR] {exc}")
-        return EXIT_STARTUP_FAILED
+        return ReceiverExit.FAILED
     try:
         # report() closes it
         series = cli.CsvSeries(config.csv_path, summary.RECEIVER_CSV_COLUMNS)
     except OSError as exc:
         log.error(f"[ERROR] cannot write --csv {config.csv_path}: {exc.strerror}")
-        return EXIT_STARTUP_FAILED
+        return ReceiverExit.FAILED
     counters.recovered = spill.count_data(recovered)
     curve = server_keys is not None
     security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
@@ -543,9 +436,9 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
                                       config.stats_interval, started, log)
         except OSError as exc:
             log.error(f"[ERROR] cannot write --hlog {config.hlog}: {exc.strerror}")
-            return EXIT_STARTUP_FAILED
+            return ReceiverExit.FAILED
         if not start_threads(receiver, processor, recovered, config, log):
-            return EXIT_STARTUP_FAILED
+            return ReceiverExit.FAILED
         exporter.watch(metrics.ReceiverSource(counters, processor.runs, batches), log)
         log.info(logs.continued(
             f"[START] PULL socket bound to {config.endpoint} | processing time"
@@ -714,7 +607,130 @@ def report(counters, run_table, started, stop_kind, config, log, stats):
     stats.last_row(lost)
     stats.close()
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
-    return EXIT_OK if stop_kind is not StopKind.FAILED and not lost and saved else EXIT_FAILED
+    failed = stop_kind is StopKind.FAILED or lost or not saved
+    return ReceiverExit.FAILED if failed else ReceiverExit.OK
+
+
+# ---------------------------------------------------------------------------
+# Configuration: the flags, read into a Config
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Settings for one receiver process."""
+
+    port: int
+    confirm_port: int
+    bind: str
+    processing_time: float
+    queue_size: int
+    queue_bytes: int
+    hwm: int
+    max_size: int
+    log_file: "str | None"
+    quiet: bool
+    stats_interval: float
+    json_path: "str | None"
+    spill_file: str
+    run_timeout: float
+    curve_server_key: "str | None"
+    curve_allow: "str | None"
+    allow_ips: tuple
+    generate_keys: "str | None"
+    csv_path: "str | None"
+    metrics_port: "int | None"
+    metrics_bind: str
+    metrics_hold: float
+    hlog: "str | None"
+
+    @property
+    def endpoint(self):
+        """The address the PULL socket binds."""
+        return cli.tcp_endpoint(self.bind, self.port)
+
+    @property
+    def confirm_endpoint(self):
+        """The address of the PUB socket that confirms processed tasks to senders."""
+        return cli.tcp_endpoint(self.bind, self.confirm_port)
+
+
+def build_parser():
+    """The command line: one flag per tuning constant, defaults from the constants."""
+    p = argparse.ArgumentParser(
+        description="ZeroMQ PULL receiver: receive thread -> queue -> processor thread.",
+        formatter_class=cli.HelpFormatter)
+    sockets = p.add_argument_group("sockets")
+    sockets.add_argument("--port", type=cli.port, default=TCP_PORT,
+                         help="TCP port to bind (TCP_PORT)")
+    sockets.add_argument("--confirm-port", metavar="PORT", type=cli.port,
+                         default=CONFIRM_PORT,
+                         help="port of the confirmation socket; default: --port + 1"
+                              " (CONFIRM_PORT)")
+    sockets.add_argument("--bind", metavar="ADDRESS", type=cli.bind_address,
+                         default=BIND_ADDRESS,
+                         help="interface to bind, * for all, :: for all IPv6 too (BIND_ADDRESS)")
+    sockets.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM),
+                         default=RECEIVE_HWM,
+                         help="ZeroMQ receive high-water mark (RECEIVE_HWM)")
+    sockets.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
+                         default=MAX_MESSAGE_SIZE,
+                         help="largest message accepted (MAX_MESSAGE_SIZE)")
+    load = p.add_argument_group("load")
+    load.add_argument("--processing-time", metavar="SECONDS",
+                      type=cli.seconds(0, cli.MAX_SECONDS), default=PROCESSING_TIME,
+                      help="simulated work per message (PROCESSING_TIME)")
+    load.add_argument("--queue-size", metavar="N", type=cli.count(1, cli.MAX_QUEUE_SIZE),
+                      default=QUEUE_MAXSIZE, help="messages the queue holds (QUEUE_MAXSIZE)")
+    load.add_argument("--queue-bytes", metavar="BYTES", type=cli.count(1, cli.MAX_QUEUE_BYTES),
+                      default=QUEUE_MAXBYTES,
+                      help="bytes of messages the queue holds (QUEUE_MAXBYTES)")
+    delivery = p.add_argument_group("delivery")
+    delivery.add_argument("--spill-file", metavar="PATH", default=SPILL_FILE,
+                          help="where unprocessed messages are saved at a stop, for the next"
+                               " start; {port} becomes the --port (SPILL_FILE)")
+    delivery.add_argument("--run-timeout", metavar="SECONDS",
+                          type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                          default=RUN_IDLE_TIMEOUT,
+                          help="silence before an unfinished run is reported (RUN_IDLE_TIMEOUT)")
+    security_flags = p.add_argument_group("security")
+    security_flags.add_argument("--curve-server-key", metavar="FILE", default=CURVE_SERVER_KEY,
+                                help="receiver's secret certificate: turns CURVE on"
+                                     " (CURVE_SERVER_KEY)")
+    security_flags.add_argument("--curve-allow", metavar="DIR", default=CURVE_ALLOW_DIR,
+                                help="public certificates of allowed clients (CURVE_ALLOW_DIR)")
+    security_flags.add_argument("--allow-ip", metavar="ADDRESS", type=cli.ip_address,
+                                action="append", default=argparse.SUPPRESS,
+                                help=f"client address allowed in, repeatable (ALLOWED_IPS)"
+                                     f" (default: {' '.join(ALLOWED_IPS) or 'any address'})")
+    cli.add_key_flag(security_flags)
+    output = p.add_argument_group("output")
+    output.add_argument("--log-file", metavar="PATH", default=LOG_FILE,
+                        help="log file (LOG_FILE)")
+    output.add_argument("--no-file-log", action="store_true", default=not ENABLE_FILE_LOGGING,
+                        help="log to the console only (ENABLE_FILE_LOGGING = False)")
+    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
+    return p
+
+
+def parse_args(argv=None):
+    """Read the command line into a Config."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.curve_allow and not a.curve_server_key:
+        p.error("--curve-allow needs --curve-server-key")
+    try:
+        confirm_port = confirm.confirm_port(a.port, a.confirm_port)
+    except ValueError as exc:
+        p.error(str(exc))
+    spill_file = a.spill_file.replace("{port}", str(a.port))
+    cli.check_output_path(p, "--spill-file", spill_file)
+    cli.check_output_path(p, "--json", a.json)
+    cli.check_output_path(p, "--csv", a.csv)
+    cli.check_live_flags(p, a)
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config) if hasattr(a, f.name)}
+    return Config(**{**flags, "confirm_port": confirm_port, "spill_file": spill_file,
+                     "log_file": None if a.no_file_log else a.log_file, "json_path": a.json,
+                     "csv_path": a.csv, "allow_ips": tuple(getattr(a, "allow_ip", ALLOWED_IPS))})
 
 
 def main(argv=None):
@@ -723,7 +739,7 @@ def main(argv=None):
     with metrics.start("async-socket-receiver", "receiver", config.metrics_port,
                        config.metrics_bind) as exporter:  # exit 2 if its port is taken
         return cli.run_script("async-socket-receiver", config,
-                              functools.partial(serve, exporter=exporter), EXIT_STARTUP_FAILED)
+                              functools.partial(serve, exporter=exporter), ReceiverExit.FAILED)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from pushpull import logs, wire
 from pushpull.confirm import TASK_BITS
 from pushpull.latency import Histogram, ms_text
-from pushpull.wire import END, KIND, RUN, TASK, WORKER
+from pushpull.wire import END, KIND, RAW, RESENT, RUN, TASK, WORKER
 
 MISSING_LISTED = 20  # a [RUN] line lists up to this many ranges of missing tasks
 OPEN_RUNS_MAX = 1000  # runs whose per-task state is kept (open, or reported incomplete)
@@ -593,74 +593,118 @@ class RunLedger:
         self.counters = counters
         self.table = table
         self.warnings = warnings  # a logs.RateLimitedLog
+        # The batch worked message by message (begin() ... end()): its current stretch's
+        # run (None: in no run), the RunInfo it is for, the clock, the receive time.
+        self._current = self._current_info = None
+        self._now = 0.0
+        self._received_ns = None
 
-    def process(self, messages, received_ns, work, confirms):
-        """Take a batch's messages in order: END frames and duplicates are only counted;
-        the others get work(msg) (None: nothing to do), then are recorded (tasks of
-        --confirm runs also go to `confirms`, a confirm.ConfirmPublisher). Returns how
-        many were taken: fewer when work() returned False (a cold stop)."""
+    def record_batch(self, messages, received_ns, confirms):
+        """The fast path, for a batch with no work to do per message: END frames and
+        duplicates only counted, the others recorded in their runs (tasks of --confirm
+        runs also go to `confirms`, a confirm.ConfirmPublisher). Returns how many were
+        taken: all."""
         # The processor's hot path (bench/README.md, figure (2)): a run's state is looked
-        # up once per stretch of its messages; without work, an open run's DATA messages
-        # go through _record_stretch(), which counts them once per stretch.
-        counters = self.counters
+        # up once per stretch of its messages; an open run's DATA messages go through
+        # _record_stretch(), which counts them once per stretch.
         now = time.monotonic()
-        last_info = run = tasks = None
+        last_info = run = None
         index, count = 0, len(messages)
         while index < count:
             msg = messages[index]
-            _, info, kind, worker, task, sent_ns, resent, _, _, intended_ns = msg
+            _, info, kind, worker, task, _, resent, _, _, _ = msg
             if info is not last_info:
                 last_info, run = info, self._next_run(run, info, now, received_ns)
-                tasks = None if run is None else run.tasks
+            index += 1
             if run is None:  # plain text, or a run without state: in no run
-                if not self._process_untracked(msg, work, confirms):
-                    return index
-                index += 1
+                if info is None or kind != END:  # a run without state's END: bookkeeping
+                    self._count_untracked(msg, confirms)
                 continue
             run.last_seen = now
             if kind == END:
                 self._end(run, worker, task)
-                index += 1
-                continue
-            if work is None and not run.closed:
-                index = self._record_stretch(run, messages, index, confirms)
-                continue
-            index += 1
-            if run.closed and not resent:
-                self._late(run)
-            if work is not None:
-                if not tasks.is_new(worker, task):
-                    self._duplicate(run, msg, confirms)  # not worked again
-                    continue
-                if not work(msg):
-                    return index - 1
-                now = run.last_seen = time.monotonic()
-            # Without work, record() is the duplicate check too: one call per message.
-            if not tasks.record(worker, task):
-                self._duplicate(run, msg, confirms)
-                continue
-            run.record_times(sent_ns, intended_ns, resent)
-            counters.processed += 1
-            run.arrivals.bytes += len(msg[0])
-            if info.confirm:
-                confirms.add(info.run_id, worker, task)
-                if work is not None:
-                    confirms.publish_if_due()  # each confirmed as its work is done
-            if tasks.received >= tasks.planned:  # a freed complete run never gets here again
-                self._complete(run)
+            elif not run.closed:
+                index = self._record_stretch(run, messages, index - 1, confirms)
+            else:
+                if not resent:
+                    self._late(run)
+                self._record(run, msg, confirms, publish=False)
         if run is not None:
             self.table.record_latencies(run)
         return count
+
+    # The slow path, taken one message at a time when each has work to do (the receiver
+    # script's ProcessorThread.work_each): begin(); for each message admit(), the work,
+    # record(); end().
+    def begin(self, received_ns):
+        """Start a batch worked message by message; `received_ns` is its receive time."""
+        self._now = time.monotonic()
+        self._current_info = self._current = None
+        self._received_ns = received_ns
+
+    def admit(self, msg, confirms):
+        """Whether `msg` is to be worked: False for an END frame (counted as bookkeeping)
+        and for a task processed before (a duplicate: counted, dropped)."""
+        info = msg[RUN]
+        if info is not self._current_info:
+            self._current_info = info
+            self._current = self._next_run(self._current, info, self._now, self._received_ns)
+        run = self._current
+        if run is None:  # plain text, or a run without state: in no run
+            return info is None or msg[KIND] != END
+        run.last_seen = self._now
+        if msg[KIND] == END:
+            self._end(run, msg[WORKER], msg[TASK])
+            return False
+        if run.closed and not msg[RESENT]:
+            self._late(run)
+        if not run.tasks.is_new(msg[WORKER], msg[TASK]):
+            self._duplicate(run, msg, confirms)  # not worked again
+            return False
+        return True
+
+    def record(self, msg, confirms):
+        """`msg`, admitted, has had its work done: record it in its run (a --confirm
+        run's task confirmed as soon as due)."""
+        run = self._current
+        if run is None:
+            self._count_untracked(msg, confirms)
+            return
+        self._now = run.last_seen = time.monotonic()
+        self._record(run, msg, confirms, publish=True)
+
+    def end(self):
+        """The batch is done: the latencies of its last run recorded."""
+        if self._current is not None:
+            self.table.record_latencies(self._current)
+
+    def _record(self, run, msg, confirms, publish):
+        """Record one DATA message in its run (a duplicate: counted, dropped); with
+        `publish`, its confirmation goes out if one is due."""
+        _, info, _, worker, task, sent_ns, resent, _, _, intended_ns = msg
+        tasks = run.tasks
+        if not tasks.record(worker, task):  # admit() checked; record_batch() did not
+            self._duplicate(run, msg, confirms)
+            return
+        run.record_times(sent_ns, intended_ns, resent)
+        self.counters.processed += 1
+        run.arrivals.bytes += len(msg[RAW])
+        if info.confirm:
+            confirms.add(info.run_id, worker, task)
+            if publish:
+                confirms.publish_if_due()  # each confirmed as its work is done
+        if tasks.received >= tasks.planned:  # a freed complete run never gets here again
+            self._complete(run)
 
     def _record_stretch(self, run, messages, start, confirms):
         """Record the DATA messages of `run` (open, no work to do) from messages[start]
         on, until a message of another run, an END frame, or the run completes; returns
         the index of the first message not taken.
 
-        What process() does for each message, with the counts (processed, bytes,
+        What record_batch() does for each message, with the counts (processed, bytes,
         resends, the tasks to confirm) added once per stretch and the lookups made
         once: the flood's hot path. With the latencies (Histogram.add_batch), 0.52 µs
-        of CPU a message through process()'s loop, 0.31 µs here (bench/README.md,
+        of CPU a message through a per-message loop, 0.31 µs here (bench/README.md,
         "Profiles", issue 22).
         """
         info, tasks = run.info, run.tasks
@@ -706,22 +750,17 @@ class RunLedger:
             self.table.record_latencies(run)
         return None if info is None else self._run(info, now, received_ns)
 
-    def _process_untracked(self, msg, work, confirms):
-        """A message in no run (plain text, or a run without state: untracked): worked
-        and counted; False if a cold stop came first."""
+    def _count_untracked(self, msg, confirms):
+        """A message in no run (plain text, or a run without state: untracked), processed:
+        counted."""
         info = msg[RUN]
-        if info is not None and msg[KIND] == END:
-            return True  # bookkeeping of a run without state
-        if work is not None and not work(msg):
-            return False
         self.counters.processed += 1
         if info is None:
             self.counters.plain += 1
-            return True
+            return
         self.table.untracked += 1
         if info.confirm:  # processed: its sender need not send it again
             confirms.add(info.run_id, msg[WORKER], msg[TASK])
-        return True
 
     def _complete(self, run):
         """Every planned task is recorded: its [RUN] line (a second one if it was reported

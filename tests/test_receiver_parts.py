@@ -4,12 +4,15 @@ import logging
 import os
 import random
 import time
+import types
 
 import pytest
 import zmq
 
 import conftest  # noqa: F401  (puts the project root on sys.path)
 from pushpull import confirm, logs, receiveflow, runs, spill, wire
+
+RECEIVER = conftest.load_script("async-socket-receiver")
 
 
 class Lines(logging.Handler):
@@ -155,15 +158,31 @@ def test_spill_writer_counts_what_it_holds_and_a_failed_write_loses_it_all(tmp_p
     assert "space" in full.error
     assert not os.path.lexists(full.temporary)
     assert len(spill.load(str(path))[0]) == 4  # the spill file before it is untouched
-def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log):
-    """Out of order, duplicates and END frames: each task counted once, one [RUN] line."""
+def work_each(ledger, batch, received_ns, work):
+    """The receiver script's per-message loop (ProcessorThread.work_each), run on `ledger`
+    with `work` as the work of one message."""
+    processor = types.SimpleNamespace(ledger=ledger, work=work)
+    return RECEIVER.ProcessorThread.work_each(processor, batch, received_ns,
+                                              confirm.ConfirmPublisher(None, 1))
+
+
+@pytest.mark.parametrize("path", ["record_batch", "work_each"])
+def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log, path):
+    """Out of order, duplicates and END frames: each task counted once, one [RUN] line;
+    the same whether the batch takes the fast path or the per-message one."""
     encoders, cache = run_frames(2, 3), {}
     frames = [encoders[1].data(2), encoders[1].data(0), encoders[2].data(0),
               encoders[1].data(0), encoders[1].data(1), encoders[2].data(1),
               encoders[2].data(2), encoders[1].end(3), encoders[2].end(3)]
     ledger, counters = ledger_for(log)
     batch = [wire.decode(frame, cache) for frame in frames]
-    assert ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1)) == 9
+    if path == "record_batch":
+        taken = ledger.record_batch(batch, time.time_ns(), confirm.ConfirmPublisher(None, 1))
+    else:
+        worked = []
+        taken = work_each(ledger, batch, time.time_ns(), lambda msg: worked.append(msg) or True)
+        assert len(worked) == 6  # neither the duplicate nor the END frames were worked
+    assert taken == 9
     (run,) = ledger.table.runs.values()
     assert (counters.processed, counters.duplicates, run.tasks.received, run.duplicates) == \
         (6, 1, 6, 1)
@@ -188,14 +207,13 @@ def test_ledger_records_a_task_only_after_its_work(log):
         return True
 
     ledger, counters = ledger_for(log)
-    assert ledger.process(batch, time.time_ns(), work, confirm.ConfirmPublisher(None, 1)) == 2
+    assert work_each(ledger, batch, time.time_ns(), work) == 2
     (run,) = ledger.table.runs.values()
     assert worked == [0, 1] and run.tasks.received == counters.processed == 2
     assert run.tasks.missing_ranges(10) == [(1, 1, 2, 4)] and run.tasks.missing == 3
     assert not run.closed
     # The rest, processed later (after a restart: from the spill file), completes the run.
-    assert ledger.process(batch[2:], None, lambda msg: True,
-                          confirm.ConfirmPublisher(None, 1)) == 3
+    assert work_each(ledger, batch[2:], None, lambda msg: True) == 3
     assert run.tasks.received == 5 and run.closed
 
 
@@ -240,7 +258,7 @@ def test_batch_put_back_in_front_keeps_the_order():
 def feed(ledger, frames, cache):
     """Decode frames and let the ledger take them as one batch, without work."""
     batch = [wire.decode(frame, cache) for frame in frames]
-    return ledger.process(batch, time.time_ns(), None, confirm.ConfirmPublisher(None, 1))
+    return ledger.record_batch(batch, time.time_ns(), confirm.ConfirmPublisher(None, 1))
 
 
 def test_missing_tasks_are_ranges_over_workers_and_tasks(log):

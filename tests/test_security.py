@@ -105,6 +105,18 @@ def test_generate_keys_writes_four_certificates(tmp_path, script):
     assert zmq.auth.load_certificate(target / "client.key") == (client_public, None)
 
 
+def test_receiver_generates_keys_whatever_its_key_flags_say(tmp_path):
+    """A bad --curve-server-key / --curve-allow path does not block --generate-keys: the
+    keys are loaded only for a run, after --generate-keys is handled."""
+    target, missing = tmp_path / "keys", tmp_path / "no-such"
+    done = subprocess.run([sys.executable, str(RECEIVER), "--generate-keys", str(target),
+                           "--curve-server-key", str(missing / "server.key_secret"),
+                           "--curve-allow", str(missing)],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in target.iterdir()} == KEY_FILES
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no POSIX file modes")
 def test_generate_keys_writes_secret_files_for_the_owner_only(tmp_path):
     """Secret key files get mode 0600, even over an old world-readable file."""
