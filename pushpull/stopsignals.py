@@ -3,7 +3,6 @@ stop, the second for a faster one, a third exits at once."""
 
 import os
 import signal
-import sys
 import time
 
 
