@@ -426,7 +426,7 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
                                                    config.curve_allow, WARNING_INTERVAL)
         except security.GatekeeperError as exc:  # its sockets closed: ctx.term() returns
             log.error(f"[ERROR] {exc}")
-            return EXIT_STARTUP_FAILED
+            return ReceiverExit.FAILED
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
                                  run_cache, saved)
         processor = ProcessorThread(ctx, config, server_keys, batches, counters, stops, log)

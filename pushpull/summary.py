@@ -351,7 +351,7 @@ def confirmation_data(config, workers, confirmations):
 def sender_data(config, run, workers, health, confirmations, flush, receiver_report, duration,
                 per_connection):
     """The final summary, as the JSON written by --json. `per_connection`: messages one
-    worker's connection can hold (flow.in_flight_bound), what a lapse may lose."""
+    worker's connection can hold (sendflow.in_flight_bound), what a lapse may lose."""
     counts = outcome_counts(config, workers)
     sent = counts[Outcome.SENT]
     failed = {o.value: n for o, n in counts.items() if o is not Outcome.SENT}
