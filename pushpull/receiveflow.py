@@ -116,7 +116,10 @@ class StopEvents:
 
 
 # The warm stop's drain: the receive thread takes what is already on its way.
-STOP_DRAIN_QUIET = 50  # milliseconds without a message that end the warm-stop drain
+# Longer than Linux's least TCP retransmission timeout (200 ms): one lost segment, or a
+# sender descheduled on a busy machine, no longer ends the drain while data is on its way
+# (50 ms did, in tests at a load average of 3 to 22 on 2 cores).
+STOP_DRAIN_QUIET = 250  # milliseconds without a message that end the warm-stop drain
 STOP_DRAIN_LIMIT = 5.0  # seconds the warm-stop drain may take while senders keep sending
 STILL_SENDING_WINDOW = 1.0  # seconds: senders heard in this last stretch count as sending
 STILL_SENDING_COUNTED = 1000  # senders the drain tells apart at most, for its log line

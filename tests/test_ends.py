@@ -127,10 +127,10 @@ def test_drain_ends_on_time_while_senders_keep_sending_and_says_how_many(network
     queue, so no loss stalls them): the drain stops after STOP_DRAIN_LIMIT, its line
     counts the two workers; all it took was processed or spilled (exit 0).
 
-    The drain also ends after STOP_DRAIN_QUIET (50 ms) without a message: measured at a
-    load average of 10 to 22 on 2 cores, such a pause came (after 0.5 to 4.9 s) while
-    the sender was still sending, even with both processes at nice -15 and without the
-    slow link. So the truth is asserted always, the drain's timing unless overloaded."""
+    The drain also ends after STOP_DRAIN_QUIET (250 ms) without a message: at 50 ms,
+    measured at a load average of 3 to 22 on 2 cores, such a pause came (after 0.5 to
+    4.9 s) while the sender was still sending. So the truth is asserted always, the
+    drain's timing unless overloaded."""
     net = network()
     net.slow_link(net.receiver_hosts[0], "10mbit")
     receiver = net.receiver(*FAST, "--stats-interval", "0.2")
@@ -144,7 +144,7 @@ def test_drain_ends_on_time_while_senders_keep_sending_and_says_how_many(network
     # saw that: no race with the receiver's exit).
     assert sender.wait(30) == 1, sender.output()[-2000:]
     assert sender.summary()["failed_by_reason"]["receiver_down"] > 0, sender.summary()
-    with timing_judged_on_load("a 50 ms pause in arrivals ended the drain early"):
+    with timing_judged_on_load("a pause in arrivals ended the drain early"):
         lines = receiver.lines(r"\[STOP\] still receiving")
         assert lines, receiver.output()[-2000:]
         senders = int(re.search(r"messages from (\d+) sender workers", lines[0])[1])
