@@ -79,6 +79,8 @@ COMMAND = re.compile(r"^python3 (async-socket-(receiver|sender))\.py(.*)$")
 CAPS = {"--messages": 2, "--duration": 2.0, "--warmup": 0.5, "--step-duration": 1.0}
 FIND_MAX_EXTRA = ["--precision", "25"]
 RUN_COMPLETE = r"\[RUN\] run \w+ \| received (\d+)/\1 \| missing 0 "
+FIND_MAX_ANSWER = r"max sustainable rate: \d+ msg/s"
+FIND_MAX_BELOW = r"max sustainable rate: below the start rate"
 
 
 def readme_commands():
@@ -123,7 +125,8 @@ def expected_lines(sender_args):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     if "--find-max" in sender_args:
         assert "`max sustainable rate: R msg/s ...`" in readme
-        return None, r"max sustainable rate: \d+ msg/s"
+        assert "1 when even the first" in readme  # the other answer it may truly give
+        return None, FIND_MAX_ANSWER
     assert "`received 200/200 | missing 0`" in readme
     return RUN_COMPLETE, None
 
@@ -145,7 +148,13 @@ def test_readme_example_runs_as_written(procs, receiver_args, sender_args):
     sender = procs.sender(*capped(sender_args), "--confirm-port", str(confirm_port),
                           endpoints=[receiver.endpoint])
     receiver_pattern, sender_pattern = expected_lines(sender_args)
-    assert sender.wait(50) == 0, sender.output()[-3000:]
+    status = sender.wait(50)
+    if sender_pattern == FIND_MAX_ANSWER and status == 1 and sender.lines(FIND_MAX_BELOW):
+        # A busy machine may fail even the first step's p99 gate: the README says that
+        # answer too (exit 1). What the example must never do is exit otherwise.
+        sender_pattern = FIND_MAX_BELOW
+    else:
+        assert status == 0, sender.output()[-3000:]
     if sender_pattern:
         assert sender.lines(sender_pattern), sender.output()[-3000:]
     if receiver_pattern:
