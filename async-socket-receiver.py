@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import (cli, confirm, hlog, links, logs, metrics, receiveflow, runs, security,
+from pushpull import (channel, cli, hlog, links, logs, metrics, receiveflow, runs, security,
                       spill, summary, threads, wire)
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import TASK, TEXT
@@ -261,7 +261,7 @@ class ProcessorThread(threads.ServiceThread):
     def serve(self):
         """Bind the confirmation socket, then process until a stop."""
         with open_confirm_socket(self.ctx, self.config, self.server_keys) as sock:
-            confirms = confirm.ConfirmPublisher(sock, CONFIRM_INTERVAL)
+            confirms = channel.ConfirmPublisher(sock, CONFIRM_INTERVAL)
             self.runs.reports = confirms  # each run's report goes out as its [RUN] line is logged
             try:
                 self.started()
@@ -719,7 +719,7 @@ def parse_args(argv=None):
     if a.curve_allow and not a.curve_server_key:
         p.error("--curve-allow needs --curve-server-key")
     try:
-        confirm_port = confirm.confirm_port(a.port, a.confirm_port)
+        confirm_port = channel.confirm_port(a.port, a.confirm_port)
     except ValueError as exc:
         p.error(str(exc))
     spill_file = a.spill_file.replace("{port}", str(a.port))

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pushpull import (cli, confirm, findmax, hlog, instances, latency, links, logs, metrics,
-                      processes, push, schedule, security, sendflow, summary, verdict, wire)
+from pushpull import (channel, cli, findmax, hlog, instances, latency, links, listener, logs,
+                      metrics, processes, push, schedule, security, sendflow, summary, verdict,
+                      windows, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
@@ -290,7 +291,7 @@ def parse_args(argv=None):
     if a.confirm:
         try:
             for ep in getattr(a, "connect", SERVER_ENDPOINTS):
-                confirm.confirm_endpoint(ep, a.confirm_port)
+                channel.confirm_endpoint(ep, a.confirm_port)
         except ValueError as exc:
             p.error(str(exc))
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config) if hasattr(a, f.name)}
@@ -390,7 +391,7 @@ class PushWorker(ServiceThread):
         if self.confirmations is None:
             return push.PushSender(sock, self.name, self.team, self.tally, self.links)
         window = self.confirmations.window(self.number)
-        return confirm.ConfirmingSender(sock, self.name, self.team, self.tally, self.links,
+        return windows.ConfirmingSender(sock, self.name, self.team, self.tally, self.links,
                                         self.confirmations, window, self.config.confirm_timeout)
 
     def send_tasks(self, sender, encoder):
@@ -540,10 +541,10 @@ def send_run(config, signals, log, judge=None, exporter=None):
         return SenderExit.NOT_ALL_SENT
     health = ReceiverHealth(config.endpoints)
     stop = threading.Event()
-    confirmations = (confirm.Confirmations(config.workers, config.window,
+    confirmations = (windows.Confirmations(config.workers, config.window,
                                            plan.first_worker(config.workers))
                      if config.confirm else None)
-    channel = confirm.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
+    channel = listener.ConfirmChannel(run.run_id, config.endpoints, config.confirm_port,
                                      confirmations, config.timeout, config.retries)
     team = push.Team(sendflow.SendTurns(), health, stop, log, config.timeout, config.retries,
                      sendflow.FlushDeadline(config.timeout), push.WorkerNotices(log),
@@ -597,7 +598,7 @@ def start_helpers(ctx, config, health, channel, stop, log):
     """Start the heartbeat monitor and the confirmation listener; wait (at most one
     heartbeat interval) until each receiver's channel connected, or was refused."""
     helpers = [HeartbeatMonitor(ctx, config, health, stop, log),
-               confirm.ConfirmListener(ctx, channel, health, config, stop, log)]
+               listener.ConfirmListener(ctx, channel, health, config, stop, log)]
     for thread in helpers:
         thread.start()
     channel.wait_settled(config.heartbeat_interval, stop)

@@ -3,9 +3,11 @@
 - wire:     the frame layout, its encoder and decoder
 - runs:     per-run statistics (the run ledger, [RUN] line, JSON)
 - latency:  the mergeable latency histogram (p50 ... max within 1 %)
-- confirm:  the confirmation channel between a receiver and --confirm senders
+- channel:  the confirmation channel's format, and the receiver's publisher on it
+- listener: the sender's confirmation listener: each receiver's channel, its reports
 - verdict:  the receivers' reports of a run, merged, and the gates judged on them
 - push:     one sender worker's send path: outcomes, turns, backpressure
+- windows:  --confirm on the sender: each worker's unconfirmed window, when to resend
 - health:   the sender's view of its receivers (link states, ZMTP heartbeats)
 - links:    a worker's connections kept in step with the heartbeat; TCP keepalive
 - schedule: when each message is due (--delay, --rate), and the schedule's clock

@@ -7,7 +7,7 @@ every frame carries the run's totals, so each receiver counts and reports one ru
 keeps its place in the one schedule (schedule.worker_schedule with N x W workers).
 
 The run's 64-bit wire id is derived from --run-id (BLAKE2b). It keys the seal of the
-confirmation channel (confirm.RunSeal), so a guessable ID would make reports
+confirmation channel (channel.RunSeal), so a guessable ID would make reports
 forgeable: without a shared secret (RUN_SECRET_ENV), the ID must be a random token
 (see check_run_id); with one, the secret is mixed into the wire id.
 """

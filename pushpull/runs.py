@@ -6,7 +6,7 @@ import itertools
 import time
 
 from pushpull import logs, wire
-from pushpull.confirm import TASK_BITS
+from pushpull.channel import TASK_BITS
 from pushpull.latency import Histogram, ms_text
 from pushpull.wire import END, KIND, RAW, RESENT, RUN, TASK, WORKER
 
@@ -424,7 +424,7 @@ class RunTable:
         # The latency of the runs dropped, kept for the lifetime figures (latency()).
         self.left_out_latency = Histogram()
         self.left_out_latency_raw = Histogram()
-        # Where a closed run's report goes: the processor's confirm.ConfirmPublisher,
+        # Where a closed run's report goes: the processor's channel.ConfirmPublisher,
         # while its socket is open (None: the report is only logged).
         self.reports = None
 
@@ -602,7 +602,7 @@ class RunLedger:
     def record_batch(self, messages, received_ns, confirms):
         """The fast path, for a batch with no work to do per message: END frames and
         duplicates only counted, the others recorded in their runs (tasks of --confirm
-        runs also go to `confirms`, a confirm.ConfirmPublisher). Returns how many were
+        runs also go to `confirms`, a channel.ConfirmPublisher). Returns how many were
         taken: all."""
         # The processor's hot path (bench/README.md, figure (2)): a run's state is looked
         # up once per stretch of its messages; an open run's DATA messages go through

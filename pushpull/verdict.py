@@ -1,7 +1,7 @@
 """The receiver's verdict in the sender's summary: its run reports, merged, and the gates.
 
 A receiver publishes its runs[] entry for a run on the confirmation channel when
-the run's [RUN] line is logged (confirm.Kind.REPORT). Everything in it came from
+the run's [RUN] line is logged (channel.Kind.REPORT). Everything in it came from
 the network: it is bounded and validated here before the sender uses it, and
 every string in it is escaped before it can reach a log line.
 """

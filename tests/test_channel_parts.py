@@ -6,42 +6,42 @@ import json
 from conftest import load_script
 
 load_script("async-socket-sender")  # puts the project root on sys.path
-from pushpull import confirm, verdict  # noqa: E402
+from pushpull import channel, verdict, windows  # noqa: E402
 
 RUN_ID = 0x1234_5678_9ABC_DEF0
 
 
 def test_a_sealed_message_opens_only_with_its_run_id():
     """The topic is not the run id, and a message opens only under its own run's seal."""
-    seal = confirm.RunSeal(RUN_ID)
-    frames = seal.seal(confirm.Kind.CONFIRM, b"payload")
-    assert len(seal.topic) == confirm.TOPIC_SIZE
-    assert seal.topic != confirm.RUN_KEY.pack(RUN_ID)
+    seal = channel.RunSeal(RUN_ID)
+    frames = seal.seal(channel.Kind.CONFIRM, b"payload")
+    assert len(seal.topic) == channel.TOPIC_SIZE
+    assert seal.topic != channel.RUN_KEY.pack(RUN_ID)
     assert RUN_ID.to_bytes(8, "big") not in b"".join(frames)
-    assert seal.open(frames) == (confirm.Kind.CONFIRM, b"payload")
-    assert confirm.RunSeal(RUN_ID + 1).open(frames) is None
+    assert seal.open(frames) == (channel.Kind.CONFIRM, b"payload")
+    assert channel.RunSeal(RUN_ID + 1).open(frames) is None
 
 
 def test_forged_and_malformed_messages_are_refused():
     """A peer that knows only the topic cannot forge: any change to a frame is refused."""
-    seal = confirm.RunSeal(RUN_ID)
-    topic, body, mac = seal.seal(confirm.Kind.REPORT, b"x" * 8 + b"{}")
-    forged_body = bytes([confirm.Kind.CONFIRM]) + confirm.CONFIRM_RANGE.pack(1, 0, 100)
+    seal = channel.RunSeal(RUN_ID)
+    topic, body, mac = seal.seal(channel.Kind.REPORT, b"x" * 8 + b"{}")
+    forged_body = bytes([channel.Kind.CONFIRM]) + channel.CONFIRM_RANGE.pack(1, 0, 100)
     assert seal.open([topic, forged_body, mac]) is None
-    assert seal.open([topic, body, bytes(confirm.MAC_SIZE)]) is None
+    assert seal.open([topic, body, bytes(channel.MAC_SIZE)]) is None
     assert seal.open([topic, body]) is None
     assert seal.open([topic, body, mac, b""]) is None
     assert seal.open([topic, b"", mac]) is None
     assert seal.open([topic, body, mac[:-1]]) is None
-    unknown_kind = seal.seal(confirm.Kind.REPORT, b"")
+    unknown_kind = seal.seal(channel.Kind.REPORT, b"")
     unknown_kind[1] = b"\x7f"
-    unknown_kind[2] = seal._mac(unknown_kind[0] + unknown_kind[1])[:confirm.MAC_SIZE]
+    unknown_kind[2] = seal._mac(unknown_kind[0] + unknown_kind[1])[:channel.MAC_SIZE]
     assert seal.open(unknown_kind) is None
 
 
 def test_a_huge_confirmed_range_walks_the_window_not_the_range():
     """count = 2**32 - 1 from the network costs the window's size, not 4 billion steps."""
-    window = confirm.UnconfirmedWindow(10)
+    window = windows.UnconfirmedWindow(10)
     for task in range(5):
         window.add(task, b"frame")
     assert window.confirm(2, 2**32 - 1) == 3
@@ -97,12 +97,12 @@ def test_a_report_too_large_is_cut_to_fit_keeping_what_the_sender_uses():
     """Long lists are halved until the JSON fits; without lists, the counts and latency stay."""
     entry = {"planned": 10, "received": 9, "duplicates": 0, "latency_ms": {"p99": 0.5},
              "missing_tasks": [f"Pusher-1:{t}" for t in range(100000)]}
-    data = confirm.report_json(entry)
+    data = channel.report_json(entry)
     assert len(data) <= verdict.REPORT_MAX_BYTES
     parsed = verdict.parse_report(data)
     assert parsed["received"] == 9 and 0 < len(parsed["missing_tasks"]) < 100000
     huge = {**entry, "missing_tasks": [], "histogram": {str(k): k for k in range(10000)}}
-    parsed = verdict.parse_report(confirm.report_json(huge))
+    parsed = verdict.parse_report(channel.report_json(huge))
     assert parsed["latency_ms"] == {"p99": 0.5} and "histogram" not in parsed
 
 

@@ -13,7 +13,7 @@ import time
 
 import zmq
 
-from pushpull import confirm, security
+from pushpull import channel, security
 from conftest import ROOT, SENDER, Proc, free_port, wait_until
 
 FAST_RECEIVER = ("--processing-time", "0", "--no-file-log", "--run-timeout", "1")
@@ -30,7 +30,7 @@ spec = importlib.util.spec_from_file_location("sender_under_test", {script!r})
 sender = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = sender
 spec.loader.exec_module(sender)
-from pushpull import confirm
+from pushpull import windows
 {patch}
 sys.exit(sender.main())
 """
@@ -239,7 +239,7 @@ def test_confirm_through_curve(procs, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet",
                               "--curve-server-key", str(keys / "server.key_secret"))
-    confirm_endpoint = confirm.confirm_endpoint(receiver.endpoint)
+    confirm_endpoint = channel.confirm_endpoint(receiver.endpoint)
     ctx = zmq.Context()
     try:
         plain = ctx.socket(zmq.SUB)
@@ -298,11 +298,11 @@ def test_confirmation_before_window_add_is_not_lost(procs, tmp_path):
     """
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet")
     late_add = (
-        "original_add = confirm.UnconfirmedWindow.add\n"
+        "original_add = windows.UnconfirmedWindow.add\n"
         "def late_add(self, task, frame):\n"
         "    time.sleep(0.2)\n"
         "    original_add(self, task, frame)\n"
-        "confirm.UnconfirmedWindow.add = late_add\n")
+        "windows.UnconfirmedWindow.add = late_add\n")
     sender = patched_sender(tmp_path, late_add, ["--confirm", "--workers", "2", "--messages", "5",
                                                   "--delay", "0", "--timeout", "1", "--quiet"],
                             receiver.endpoint)
@@ -324,13 +324,13 @@ def test_lost_confirmations_are_resent_in_one_round(procs, tmp_path):
     """
     receiver = procs.receiver(*FAST_RECEIVER, "--quiet")
     lose_first = (
-        "original_confirm = confirm.UnconfirmedWindow.confirm\n"
+        "original_confirm = windows.UnconfirmedWindow.confirm\n"
         "def lossy_confirm(self, first, count):\n"
         "    if not getattr(self, 'lost_one', False):\n"
         "        self.lost_one = True\n"
         "        return 0\n"
         "    return original_confirm(self, first, count)\n"
-        "confirm.UnconfirmedWindow.confirm = lossy_confirm\n")
+        "windows.UnconfirmedWindow.confirm = lossy_confirm\n")
     sender = patched_sender(tmp_path, lose_first, ["--confirm", "--workers", "5", "--messages",
                                                     "20", "--delay", "0.01", "--timeout", "1",
                                                     "--quiet"], receiver.endpoint)

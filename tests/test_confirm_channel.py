@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 import zmq
 
-from pushpull import confirm, logs, wire
+from pushpull import channel, logs, wire
 from conftest import free_port, wait_until
 
 FAST_RECEIVER = ("--processing-time", "0", "--no-file-log", "--quiet", "--run-timeout", "1")
@@ -77,10 +77,10 @@ class Forger(threading.Thread):
                     if message[:1] == b"\x01":
                         self.topics.append(message[1:])
                 for topic in self.topics:
-                    everything = confirm.CONFIRM_RANGE.pack(1, 0, 1000) + \
-                        confirm.CONFIRM_RANGE.pack(2, 0, 1000)
-                    body = bytes([confirm.Kind.CONFIRM]) + everything
-                    for frames in ([topic, body, b"\0" * confirm.MAC_SIZE], [topic, everything]):
+                    everything = channel.CONFIRM_RANGE.pack(1, 0, 1000) + \
+                        channel.CONFIRM_RANGE.pack(2, 0, 1000)
+                    body = bytes([channel.Kind.CONFIRM]) + everything
+                    for frames in ([topic, body, b"\0" * channel.MAC_SIZE], [topic, everything]):
                         self.sock.send_multipart(frames)
 
 
@@ -100,7 +100,7 @@ def test_a_forged_confirmation_confirms_nothing(procs):
         assert sender.wait(30) == 1, sender.output()[-3000:]
         result = sender.summary()
         assert result["confirmed"] == 0, result
-        assert forger.topics and all(len(t) == confirm.TOPIC_SIZE for t in forger.topics)
+        assert forger.topics and all(len(t) == channel.TOPIC_SIZE for t in forger.topics)
         run_id_low = bytes.fromhex(result["run_id"])
         assert all(run_id_low not in t for t in forger.topics), forger.topics
         assert sender.lines(r"\[CONFIRM\] .*not sealed for this run"), sender.output()[-3000:]
@@ -236,10 +236,10 @@ class LyingReceiver(threading.Thread):
                     if msg[wire.KIND] == wire.END:
                         ends.add(msg[wire.WORKER])
                 if run is not None and len(ends) == run.workers:
-                    seal = confirm.RunSeal(run.run_id)
+                    seal = channel.RunSeal(run.run_id)
                     for instance, entry in self.reports:
                         self.pub.send_multipart(seal.seal(
-                            confirm.Kind.REPORT, instance + json.dumps(entry).encode()))
+                            channel.Kind.REPORT, instance + json.dumps(entry).encode()))
                     self.stop.wait(0.2)
 
 

@@ -337,7 +337,7 @@ def test_a_flood_on_the_confirmation_port_cannot_grow_the_sender(procs):
     """Issue 19, case 3: a peer bound on the sender's confirmation port learns the run's
     topic from the subscription (an XPUB) and floods it with messages just under the
     size limit: the sender's SUB holds at most CHANNEL_RECEIVE_HWM of them."""
-    from pushpull import confirm
+    from pushpull import channel, listener
     receiver = procs.receiver("--processing-time", "0", "--quiet", "--no-file-log")
     hostile_port = free_port()
     ctx = zmq.Context()
@@ -354,13 +354,13 @@ def test_a_flood_on_the_confirmation_port_cannot_grow_the_sender(procs):
     try:
         xpub.rcvtimeo = 20000
         subscription = xpub.recv()
-        assert subscription[0] == 1 and len(subscription) == 1 + confirm.TOPIC_SIZE
+        assert subscription[0] == 1 and len(subscription) == 1 + channel.TOPIC_SIZE
         topic = subscription[1:]
-        for size in (4 * 2 ** 20 - 200, confirm.CHANNEL_MAX_BYTES - 200):  # was the limit; is
+        for size in (4 * 2 ** 20 - 200, listener.CHANNEL_MAX_BYTES - 200):  # was the limit; is
             body = b"\x01" + b"\x00" * size
             for _ in range(2 ** 30 // size):  # 1 GB: more than the listener verifies
                 try:
-                    xpub.send_multipart([topic, body, b"m" * confirm.MAC_SIZE], copy=False)
+                    xpub.send_multipart([topic, body, b"m" * channel.MAC_SIZE], copy=False)
                 except zmq.Again:  # the sender takes no more: dropped the connection
                     break
         peak = peak_rss_mb(sender.pid)

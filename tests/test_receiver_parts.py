@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 import conftest  # noqa: F401  (puts the project root on sys.path)
-from pushpull import confirm, logs, receiveflow, runs, spill, wire
+from pushpull import channel, logs, receiveflow, runs, spill, wire
 
 RECEIVER = conftest.load_script("async-socket-receiver")
 
@@ -163,7 +163,7 @@ def work_each(ledger, batch, received_ns, work):
     with `work` as the work of one message."""
     processor = types.SimpleNamespace(ledger=ledger, work=work)
     return RECEIVER.ProcessorThread.work_each(processor, batch, received_ns,
-                                              confirm.ConfirmPublisher(None, 1))
+                                              channel.ConfirmPublisher(None, 1))
 
 
 @pytest.mark.parametrize("path", ["record_batch", "work_each"])
@@ -177,7 +177,7 @@ def test_ledger_counts_duplicates_ends_and_reports_a_complete_run(log, path):
     ledger, counters = ledger_for(log)
     batch = [wire.decode(frame, cache) for frame in frames]
     if path == "record_batch":
-        taken = ledger.record_batch(batch, time.time_ns(), confirm.ConfirmPublisher(None, 1))
+        taken = ledger.record_batch(batch, time.time_ns(), channel.ConfirmPublisher(None, 1))
     else:
         worked = []
         taken = work_each(ledger, batch, time.time_ns(), lambda msg: worked.append(msg) or True)
@@ -223,7 +223,7 @@ def test_confirmations_published_as_ranges_per_run():
     with ctx.socket(zmq.PULL) as pull, ctx.socket(zmq.PUSH) as push:
         pull.bind("inproc://confirmations")
         push.connect("inproc://confirmations")
-        publisher = confirm.ConfirmPublisher(push, 60)
+        publisher = channel.ConfirmPublisher(push, 60)
         for worker, task in [(2, 5), (1, 3), (1, 4), (1, 4), (1, 6), (2, 6), (1, 5), (2, 9)]:
             publisher.add(7, worker, task)
         publisher.add(8, 1, 0)
@@ -233,10 +233,10 @@ def test_confirmations_published_as_ranges_per_run():
         for _ in range(2):
             assert pull.poll(5000)
             frames = pull.recv_multipart()
-            run_id = 7 if frames[0] == confirm.RunSeal(7).topic else 8
-            kind, body = confirm.RunSeal(run_id).open(frames)
-            assert kind is confirm.Kind.CONFIRM
-            got[run_id] = confirm.decode_confirmations(body)
+            run_id = 7 if frames[0] == channel.RunSeal(7).topic else 8
+            kind, body = channel.RunSeal(run_id).open(frames)
+            assert kind is channel.Kind.CONFIRM
+            got[run_id] = channel.decode_confirmations(body)
         assert not pull.poll(50)
     ctx.term()
     assert got == {7: [(1, 3, 4), (2, 5, 2), (2, 9, 1)], 8: [(1, 0, 1)]}
@@ -258,7 +258,7 @@ def test_batch_put_back_in_front_keeps_the_order():
 def feed(ledger, frames, cache):
     """Decode frames and let the ledger take them as one batch, without work."""
     batch = [wire.decode(frame, cache) for frame in frames]
-    return ledger.record_batch(batch, time.time_ns(), confirm.ConfirmPublisher(None, 1))
+    return ledger.record_batch(batch, time.time_ns(), channel.ConfirmPublisher(None, 1))
 
 
 def test_missing_tasks_are_ranges_over_workers_and_tasks(log):

@@ -11,17 +11,17 @@ import zmq
 from conftest import free_port, load_script, wait_until
 
 load_script("async-socket-sender")  # puts the project root on sys.path
-from pushpull import confirm, links, logs, push, sendflow, wire  # noqa: E402
+from pushpull import channel, links, logs, push, sendflow, windows, wire  # noqa: E402
 from pushpull.health import LinkState, ReceiverHealth, link_change  # noqa: E402
 
 
 def test_confirm_endpoint_is_the_data_port_plus_one_unless_a_port_is_given():
     """One rule for both ends: same host, the given port or the data port + 1."""
-    assert confirm.confirm_endpoint("tcp://example.org:5560") == "tcp://example.org:5561"
-    assert confirm.confirm_endpoint("tcp://example.org:5560", 7000) == "tcp://example.org:7000"
-    assert confirm.confirm_port(5560) == 5561 and confirm.confirm_port(5560, 7000) == 7000
+    assert channel.confirm_endpoint("tcp://example.org:5560") == "tcp://example.org:5561"
+    assert channel.confirm_endpoint("tcp://example.org:5560", 7000) == "tcp://example.org:7000"
+    assert channel.confirm_port(5560) == 5561 and channel.confirm_port(5560, 7000) == 7000
     with pytest.raises(ValueError, match="--confirm needs tcp://HOST:PORT"):
-        confirm.confirm_endpoint("ipc:///tmp/x")
+        channel.confirm_endpoint("ipc:///tmp/x")
 
 
 def test_link_change_maps_monitor_events_and_a_refusal_stands():
@@ -54,7 +54,7 @@ def test_restamp_changes_only_the_send_time():
 
 def test_confirmations_ignore_foreign_workers_and_declare_one_stall_for_all():
     """Out-of-run worker numbers are skipped; a stall is declared once per silence."""
-    confirmations = confirm.Confirmations(workers=2, size=10)
+    confirmations = windows.Confirmations(workers=2, size=10)
     window = confirmations.windows[1]
     for task in range(5):
         window.add(task, b"frame")
