@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import zmq
 
 from pushpull import (channel, cli, hlog, links, logs, metrics, receiveflow, runs, security,
-                      spill, summary, threads, wire)
+                      spill, receiver_summary, threads, wire)
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import TASK, TEXT
 
@@ -398,7 +398,7 @@ def serve_with_spill_file(config, signals, log, counters, exporter):
         return ReceiverExit.FAILED
     try:
         # report() closes it
-        series = cli.CsvSeries(config.csv_path, summary.RECEIVER_CSV_COLUMNS)
+        series = cli.CsvSeries(config.csv_path, receiver_summary.RECEIVER_CSV_COLUMNS)
     except OSError as exc:
         log.error(f"[ERROR] cannot write --csv {config.csv_path}: {exc.strerror}")
         return ReceiverExit.FAILED
@@ -446,8 +446,8 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
             [f"confirmations and run reports on {config.confirm_endpoint}",
              *([f"log file {config.log_file}"] if config.log_file else [])]))
         log.info("Server is running. Press Ctrl+C to stop.")
-        stats = summary.ReceiverStats(counters, processor.runs, series, config.stats_interval,
-                                      log, started)
+        stats = receiver_summary.ReceiverStats(counters, processor.runs, series,
+                                               config.stats_interval, log, started)
         dead = wait_for_stop(signals, (receiver, processor), hlog.Ticks(stats, latencies))
         stop_kind = shut_down(dead, signals, receiver, processor, saved, log)
     finally:
@@ -599,8 +599,8 @@ def report(counters, run_table, started, stop_kind, config, log, stats):
     """Print the summary (and write it as JSON with --json, its last --csv row); returns the
     exit status."""
     lost = counters.backlog - counters.spilled
-    data = summary.receiver_data(counters, run_table, lost, started, stop_kind, config)
-    text = summary.receiver_table(data)
+    data = receiver_summary.receiver_data(counters, run_table, lost, started, stop_kind, config)
+    text = receiver_summary.receiver_table(data)
     if not config.quiet and data["latency_ms"]["max"]:
         text += "\n" + "\n".join(run_table.latency().text_lines("Latency, every run"))
     log.info("\n" + text)

@@ -21,12 +21,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pushpull import (channel, cli, findmax, hlog, instances, latency, links, listener, logs,
-                      metrics, processes, push, schedule, security, sendflow, summary, verdict,
-                      windows, wire)
+                      metrics, processes, push, schedule, security, sendflow, sender_summary,
+                      verdict, windows, wire)
 from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
                              set_heartbeats)
 from pushpull.push import Outcome
-from pushpull.summary import SenderExit
+from pushpull.sender_summary import SenderExit
 from pushpull.threads import POLL_INTERVAL, ServiceThread, join_stopped
 
 # ---------------------------------------------------------------------------
@@ -526,7 +526,7 @@ def send_run(config, signals, log, judge=None, exporter=None):
     run = wire.RunInfo(run_id, plan.run_workers(config.workers), config.messages,
                        len(config.endpoints), config.confirm, config.scheduled)
     try:
-        series = cli.CsvSeries(config.csv_path, summary.SENDER_CSV_COLUMNS)
+        series = cli.CsvSeries(config.csv_path, sender_summary.SENDER_CSV_COLUMNS)
     except OSError as exc:
         log.error(f"[EXIT] cannot write --csv {config.csv_path}: {exc.strerror}")
         return SenderExit.NOT_ALL_SENT  # cannot start, as for a log file
@@ -588,7 +588,7 @@ def send_run(config, signals, log, judge=None, exporter=None):
         return judge(run, workers, channel, signals.first.is_set())
     sent = sum(w.tally.sent for w in workers)
     status = report(config, run, workers, health, confirmations, flush_result,
-                    summary.receiver_verdict(config, channel, sent), duration,
+                    sender_summary.receiver_verdict(config, channel, sent), duration,
                     signals.first.is_set(), log, exporter)
     exporter.hold(config.metrics_hold, signals)
     return status
@@ -629,7 +629,7 @@ def start_workers(ctx, config, run, team, confirmations, channel):
 def wait_for_workers(config, workers, health, signals, stop, log, series, lags):
     """Wait until every worker is done sending, printing [STATS] (and --csv rows, --hlog
     intervals: `lags`); the first Ctrl+C stops them."""
-    stats = summary.SenderStats(config, workers, health, series, log)
+    stats = sender_summary.SenderStats(config, workers, health, series, log)
     for worker in workers:
         while worker.is_alive() and not worker.done_sending.is_set():
             worker.done_sending.wait(POLL_INTERVAL / 1000)
@@ -669,21 +669,22 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
            duration, interrupted, log, exporter):
     """Log the summary table and the gates (and write the JSON); returns the exit status.
     The exporter (--metrics-port) shows the summary's figures from then on."""
-    data = summary.sender_data(config, run, workers, health, confirmations, flush_result,
-                               receiver_report, duration, connection_holds(config))
+    data = sender_summary.sender_data(config, run, workers, health, confirmations,
+                                      flush_result, receiver_report, duration,
+                                      connection_holds(config))
     exporter.final(data)
-    text = summary.sender_table(data)
-    lag = summary.merged_lag(workers)
+    text = sender_summary.sender_table(data)
+    lag = sender_summary.merged_lag(workers)
     if config.scheduled and not config.quiet and lag.count:  # no histogram of nothing sent
         text += "\n" + "\n".join(lag.text_lines("Send lag"))
     log.info("\n" + text)
     for record in data["gates"]:
         (log.info if record["passed"] else log.error)(
-            verdict.gate_line(record, summary.GATE_UNITS[record["name"]]))
+            verdict.gate_line(record, sender_summary.GATE_UNITS[record["name"]]))
     saved = not config.json_path or cli.save_summary(config.json_path, data, log)
-    status, reason = summary.exit_reason(config, data, health, interrupted)
+    status, reason = sender_summary.exit_reason(config, data, health, interrupted)
     if status == SenderExit.OK and config.plan.shared:  # a loss anywhere fails every instance
-        status, reason = summary.shared_run_exit(data)
+        status, reason = sender_summary.shared_run_exit(data)
     failed_gates = [g["name"] for g in data["gates"] if not g["passed"]]
     if status == SenderExit.OK and not saved:
         status, reason = SenderExit.NOT_ALL_SENT, "the --json summary could not be written"

@@ -18,7 +18,8 @@
 - stopsignals: Ctrl+C and SIGTERM counted for either script's main thread
 - threads:  a thread with a clear start and stop
 - spill:    the receiver's spill file: load, save, remove
-- summary:  [STATS] lines, --csv rows, the summary table, its JSON, the exit reason
+- sender_summary:   the sender's [STATS] line, --csv row, summary table, JSON, exit reason
+- receiver_summary: the receiver's [STATS] line, --csv row, summary table, JSON
 - findmax:  --find-max: the capacity search, one run per step, and its table and answer
 - cli:      flag types, shared flags, JSON and table output
 - metrics:  --metrics-port: the Prometheus endpoint, read at scrape time (docs/metrics.md)

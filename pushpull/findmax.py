@@ -16,8 +16,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 
-from pushpull import cli, schedule, summary, verdict, wire
-from pushpull.summary import SenderExit
+from pushpull import cli, schedule, sender_summary, verdict, wire
+from pushpull.sender_summary import SenderExit
 
 FIND_MAX_STEPS = 40  # steps a search runs at most: doublings from the lowest rate, then bisection
 SCHEDULE_TOLERANCE = 0.01  # fraction of the target rate the sender may fall short of
@@ -89,7 +89,7 @@ class Step:
     achieved: float  # msg/s: sent / (the last task's send - the schedule's start)
     planned: int
     sent: int
-    receiver_report: dict  # summary.receiver_verdict(): the receivers' reports merged
+    receiver_report: dict  # sender_summary.receiver_verdict(): the receivers' reports merged
     send_lag: dict  # ms
     drain_ms: "float | None"  # last report's arrival - the last message's due time
     late_end_s: float = 0.0  # the last task's send - its due time
@@ -242,13 +242,13 @@ def judge(config, number):
         ended = max((w.sent_until for w in workers if w.sent_until is not None),
                     default=clock.monotonic)
         sent = sum(w.tally.sent for w in workers)
-        receiver_report = summary.receiver_verdict(config, channel, sent)
+        receiver_report = sender_summary.receiver_verdict(config, channel, sent)
         reported_at = (max(s.reported_at for s in channel.sources)
                        if channel.all_reported() else None)
         last_due = clock.monotonic + (config.planned - 1) / config.rate
         step = Step(number, wire.run_label(run.run_id), config.rate,
                     cli.rate(sent, ended - clock.monotonic), config.planned, sent,
-                    receiver_report, summary.merged_lag(workers).summary_ms(),
+                    receiver_report, sender_summary.merged_lag(workers).summary_ms(),
                     None if reported_at is None else round((reported_at - last_due) * 1000, 3),
                     ended - last_due, interrupted)
         if not interrupted:
@@ -264,9 +264,9 @@ def failures(config, step):
     if "reason" in report:
         found.append(Failure(Check.NO_REPORT, None, None, report["reason"]))
     else:
-        for record in summary.judge_gates(config, report):
+        for record in sender_summary.judge_gates(config, report):
             if not record["passed"]:
-                unit = summary.GATE_UNITS[record["name"]]
+                unit = sender_summary.GATE_UNITS[record["name"]]
                 text = (f"{record['value']:g} {unit} > {record['limit']:g} {unit}"
                         if record["value"] is not None else record["reason"])
                 found.append(Failure(Check(record["name"]), record["value"], record["limit"],
@@ -496,7 +496,8 @@ def save(found, log):
     either could not be written (said in the log)."""
     config, ok = found.config, True
     if config.json_path:
-        data = {**cli.run_facts(config, summary.SECRET_SETTINGS), "find_max": found.to_json()}
+        data = {**cli.run_facts(config, sender_summary.SECRET_SETTINGS),
+                "find_max": found.to_json()}
         ok = cli.save_summary(config.json_path, data, log)
     if config.csv_path:
         path = steps_csv_path(config.csv_path)

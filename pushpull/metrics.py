@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from pushpull import cli, latency, summary, wire
+from pushpull import cli, latency, sender_summary, wire
 from pushpull.health import LinkState
 from pushpull.threads import POLL_S
 
@@ -156,7 +156,7 @@ class SenderSource:
         self.health = health
         self.confirmations = confirmations
         self.started = started
-        self.data = None  # the summary (summary.sender_data()) once the run is reported
+        self.data = None  # the summary (sender_summary.sender_data()) once the run is reported
 
     def final(self, data):
         """From now on expose the summary's figures, as the JSON has them."""
@@ -169,14 +169,14 @@ class SenderSource:
             return (d["sent"], d["failed"], d.get("resent", 0), d.get("confirmed", 0),
                     d["at_risk"], d["sent_per_s"])
         workers = self.workers
-        counts = summary.outcome_counts(self.config, workers)
-        sent = counts[summary.Outcome.SENT]
+        counts = sender_summary.outcome_counts(self.config, workers)
+        sent = counts[sender_summary.Outcome.SENT]
         confirmations = self.confirmations
         return (sent, sum(counts.values()) - sent,
                 confirmations.resent() if confirmations else 0,
                 confirmations.confirmed() if confirmations else 0,
-                0 if confirmations else summary.at_risk(workers, self.health,
-                                                        self.per_connection),
+                0 if confirmations else sender_summary.at_risk(workers, self.health,
+                                                               self.per_connection),
                 cli.rate(sent, time.monotonic() - self.started))
 
     def collect(self, out):

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from pushpull import cli, instances, merge, verdict
-from pushpull.summary import UNLISTED_SETTINGS, SenderExit
+from pushpull.sender_summary import UNLISTED_SETTINGS, SenderExit
 
 # A spawned Python importing pyzmq starts in about 0.3 s on an idle machine; a child
 # that starts later still keeps the schedule (its late messages go at once, its send
