@@ -306,13 +306,9 @@ def parse_args(argv=None):
 def open_push_socket(ctx, config):
     """A PUSH socket with the options every socket here shares; connect it, then send."""
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.IPV6, cli.wants_ipv6(config.endpoints))
+    links.set_link_options(sock, config)  # IPv6, handshake limit, reconnect, keepalive, CURVE
     # Queue only toward a connected receiver, never toward an absent one.
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    # A hung listener's port still accepts TCP; without a handshake limit it
-    # would look connected for 30 s after a reconnect.
-    sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
-    sock.setsockopt(zmq.RECONNECT_IVL, links.RECONNECT_INTERVAL)
     sock.setsockopt(zmq.SNDHWM, config.hwm)
     # Loopback may otherwise buffer megabytes per connection in the kernel: "sent"
     # would then run far ahead of a slow receiver, with no backpressure felt.
@@ -323,8 +319,6 @@ def open_push_socket(ctx, config):
     # Behind a silent cut a connect's SYN is dropped: start a fresh attempt each heartbeat
     # interval, so a heal is seen within one (the kernel would wait up to minutes).
     sock.setsockopt(zmq.CONNECT_TIMEOUT, int(config.heartbeat_interval * 1000))
-    links.keep_alive(sock)
-    security.apply_client_keys(sock, config.curve_keys)
     return sock
 
 

@@ -21,14 +21,13 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import struct
 import time
 
 import zmq
 
 from pushpull import verdict
-from pushpull.cli import MAX_PORT
+from pushpull.cli import MAX_PORT, TCP_ENDPOINT
 
 RUN_KEY = struct.Struct("!Q")  # the run id, as the HMAC key
 CONFIRM_RANGE = struct.Struct("!III")
@@ -130,10 +129,10 @@ def confirm_port(data_port, port=None):
 
 def confirm_endpoint(endpoint, port=None):
     """Where the receiver at `endpoint` publishes confirmations: the same host, confirm_port()."""
-    match = re.match(r"^tcp://(.+):(\d+)$", endpoint)
+    match = TCP_ENDPOINT.match(endpoint)
     if not match:
         raise ValueError(f"--confirm needs tcp://HOST:PORT endpoints, not {endpoint}")
-    return f"tcp://{match[1]}:{confirm_port(int(match[2]), port)}"
+    return f"tcp://{match['host']}:{confirm_port(int(match['port']), port)}"
 
 
 # ---------------------------------------------------------------------------

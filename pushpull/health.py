@@ -24,7 +24,8 @@ HEARTBEAT_TIMEOUT_MARGIN = 0.5  # seconds a ZMTP ping waits for an answer beyond
 HEARTBEAT_MIN_MS = 50  # milliseconds: the shortest ZMTP heartbeat interval set
 VERDICT_MARGIN = 0.5  # seconds for a verdict to get from libzmq's timer to ReceiverHealth
 
-# The socket-monitor events that change a link's state.
+# The socket-monitor events that change a link's state (a data receiver's, as the probe
+# sees it, and a confirmation channel's): connected, or lost / refused.
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)

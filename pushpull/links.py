@@ -16,7 +16,9 @@ import time
 
 import zmq
 
+from pushpull.cli import wants_ipv6
 from pushpull.health import detection_bound
+from pushpull.security import apply_client_keys
 
 RECONNECT_INTERVAL = 100  # milliseconds between reconnection attempts
 TCP_KEEPALIVE_IDLE = 10  # seconds a connection is idle before the kernel probes the peer
@@ -32,6 +34,18 @@ def keep_alive(sock):
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
+
+
+def set_link_options(sock, config):
+    """The options every sender socket toward a receiver shares (data PUSH, heartbeat
+    probe, confirmation SUB), set before it connects; `config`: the sender's Config."""
+    sock.setsockopt(zmq.IPV6, wants_ipv6(config.endpoints))
+    # A hung listener's port still accepts TCP; without a handshake limit it
+    # would look connected for 30 s after a reconnect.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
+    keep_alive(sock)
+    apply_client_keys(sock, config.curve_keys)
 
 
 def await_late_verdicts(channel, health, interval, sending_ended, stop, log):

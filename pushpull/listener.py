@@ -15,11 +15,9 @@ from zmq.utils.monitor import recv_monitor_message
 from pushpull import verdict
 from pushpull.channel import (RECEIVER_ID_SIZE, Kind, RunSeal, confirm_endpoint,
                               decode_confirmations)
-from pushpull.cli import wants_ipv6
-from pushpull.health import set_heartbeats
-from pushpull.links import RECONNECT_INTERVAL, keep_alive
+from pushpull.health import MONITOR_EVENTS, set_heartbeats
+from pushpull.links import set_link_options
 from pushpull.push import Outcome
-from pushpull.security import apply_client_keys
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 
 # What a sender's confirmation SUB holds, at most CHANNEL_RECEIVE_HWM x CHANNEL_MAX_BYTES
@@ -29,10 +27,6 @@ from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
 CHANNEL_MAX_BYTES = 1024 * 1024  # bytes: a larger message drops the peer (ZMQ_MAXMSGSIZE)
 CHANNEL_RECEIVE_HWM = 16  # messages the SUB may hold unread per channel (ZMQ_RCVHWM)
 REPORTS_PER_SOURCE = 4  # receiver instances (restarts) whose reports one channel keeps
-# Link events of a confirmation channel: connected, or lost / refused.
-LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -249,11 +243,7 @@ def set_sub_options(sub, config):
     # ZMTP heartbeats drop a channel whose host died silently; libzmq then reconnects,
     # and subscribes again, when the host is back.
     set_heartbeats(sub, config.heartbeat_interval)
-    sub.setsockopt(zmq.IPV6, wants_ipv6(config.endpoints))
-    sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL)
-    sub.setsockopt(zmq.HANDSHAKE_IVL, int(config.heartbeat_interval * 1000))
-    keep_alive(sub)
-    apply_client_keys(sub, config.curve_keys)
+    set_link_options(sub, config)
 
 
 class ConfirmListener(ServiceThread):
@@ -280,7 +270,7 @@ class ConfirmListener(ServiceThread):
                 sub.setsockopt(zmq.MAXMSGSIZE, CHANNEL_MAX_BYTES)
                 sub.setsockopt(zmq.RCVHWM, CHANNEL_RECEIVE_HWM)
                 sub.subscribe(self.channel.seal.topic)
-                monitors.append(sub.get_monitor_socket(LINK_EVENTS))
+                monitors.append(sub.get_monitor_socket(MONITOR_EVENTS))
                 sub.connect(source.endpoint)
                 poller.register(sub, zmq.POLLIN)
                 poller.register(monitors[-1], zmq.POLLIN)

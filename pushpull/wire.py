@@ -79,6 +79,13 @@ def run_label(run_id):
     return f"{run_id & 0xFFFFFFFF:08x}"
 
 
+def run_header(run):
+    """The run fields that open every frame of `run` (RUN_FIELDS), its flags byte included."""
+    flags = (FLAG_CONFIRM if run.confirm else 0) | (FLAG_SCHEDULED if run.scheduled else 0)
+    return RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
+                           run.messages_per_worker, run.run_id)
+
+
 class MessageEncoder:
     """Builds the frames of one sender worker; what never changes is computed once."""
 
@@ -86,12 +93,10 @@ class MessageEncoder:
         self.run = run
         self.worker = worker
         self.pad_to = pad_to
-        flags = (FLAG_CONFIRM if run.confirm else 0) | (FLAG_SCHEDULED if run.scheduled else 0)
         self.text_prefix = MESSAGE_TEXT.format(worker=worker, pid=pid, tid=tid, task="")
         self._text_prefix = self.text_prefix.encode()
         self._text_size = len(self._text_prefix)
-        run_bytes = RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
-                                    run.messages_per_worker, run.run_id)
+        run_bytes = run_header(run)
         number = worker.to_bytes(4, "big")
         self._data_prefix = run_bytes + bytes([MessageKind.DATA, 0]) + number
         self._warmup_prefix = run_bytes + bytes([MessageKind.DATA, FLAG_WARMUP]) + number
@@ -297,9 +302,7 @@ def remember_run(run_cache, run, key=None):
     """Put a run in run_cache (see new_run), forgetting the oldest run when it is full;
     returns it. key: the header's run bytes, built from `run` if not given."""
     if key is None:
-        flags = (FLAG_CONFIRM if run.confirm else 0) | (FLAG_SCHEDULED if run.scheduled else 0)
-        key = RUN_FIELDS.pack(WIRE_MAGIC, flags, run.endpoints, run.workers,
-                              run.messages_per_worker, run.run_id)
+        key = run_header(run)
     if len(run_cache) >= 2 * RUNS_REMEMBERED:
         # Inserted in pairs: key, then id. An OrderedDict (new_run_cache()) pops its
         # oldest in constant time; a dict's next(iter()) walks the slots its earlier
