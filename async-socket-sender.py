@@ -85,222 +85,6 @@ FORMATS = {"binary": wire.MessageEncoder, "text": wire.TextEncoder}  # MESSAGE_F
 
 
 # ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Config:
-    """Settings for one sender run."""
-
-    workers: int
-    messages: int
-    delay: float
-    endpoints: tuple
-    timeout: float
-    retries: int
-    heartbeat_interval: float
-    log_file: "str | None"
-    quiet: bool
-    stats_interval: float
-    json_path: "str | None"
-    size: int
-    max_size: int
-    hwm: int
-    confirm: bool
-    window: int
-    confirm_timeout: float
-    confirm_port: "int | None"
-    report_timeout: float
-    max_loss: "float | None"
-    max_p99: "float | None"
-    curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
-    curve_client_key: "str | None"
-    curve_server_public: "str | None"
-    generate_keys: "str | None"
-    rate: "float | None"
-    duration: "float | None"
-    warmup: float
-    format: str
-    csv_path: "str | None"
-    metrics_port: "int | None"
-    metrics_bind: str
-    metrics_hold: float
-    hlog: "str | None"
-    plan: instances.Plan = instances.Plan()  # this process's place in a shared run
-    find_max: bool = False
-    step_duration: float = STEP_DURATION
-    precision: float = FIND_MAX_PRECISION
-
-    @property
-    def planned(self):
-        """Messages this run plans to send (this instance's share of a shared run)."""
-        return self.workers * self.messages
-
-    @property
-    def run_planned(self):
-        """Messages the whole run plans to send, over every instance."""
-        return self.plan.run_workers(self.workers) * self.messages
-
-    @property
-    def scheduled(self):
-        """True when messages have intended send times (--rate or --delay)."""
-        return bool(self.rate or self.delay)
-
-    @property
-    def target(self):
-        """The receiver column of the [MSG] lines."""
-        if len(self.endpoints) == 1:
-            return self.endpoints[0]
-        return f"{len(self.endpoints)} receivers"
-
-
-def build_parser():
-    """The command line: one flag per tuning constant, defaults from the constants."""
-    p = argparse.ArgumentParser(
-        description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
-        formatter_class=cli.HelpFormatter)
-    load = p.add_argument_group("load")
-    load.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
-                      help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
-    add_load_flags(load)
-    load.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
-                      default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
-    load.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
-                      default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
-    load.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
-                      help="ZeroMQ send high-water mark per worker (SEND_HWM)")
-    findmax.add_flags(load, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
-    instances.add_flags(load, NUM_INSTANCES, INSTANCE_INDEX, RUN_NAME, START_AT, NUM_PROCESSES)
-    add_receiver_flags(p.add_argument_group("receivers"))
-    add_delivery_flags(p.add_argument_group("delivery"))
-    security_flags = p.add_argument_group("security")
-    security_flags.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
-                                help="this sender's secret certificate: turns CURVE on"
-                                     " (CURVE_CLIENT_KEY)")
-    security_flags.add_argument("--curve-server-public", metavar="FILE",
-                                default=CURVE_SERVER_PUBLIC,
-                                help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
-    cli.add_key_flag(security_flags)
-    output = p.add_argument_group("output")
-    output.add_argument("--log-file", metavar="PATH",
-                        default=LOG_FILE if ENABLE_FILE_LOGGING else None,
-                        help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
-    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
-    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
-    return p
-
-
-def add_receiver_flags(p):
-    """Where the receivers are, and how long to wait for one that is down."""
-    # SUPPRESS: "append" would add to a default list instead of replacing it.
-    p.add_argument("--connect", metavar="ENDPOINT", type=cli.endpoint, action="append",
-                   default=argparse.SUPPRESS,
-                   help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS) (default:"
-                        f" {' '.join(SERVER_ENDPOINTS)})")
-    p.add_argument("--timeout", metavar="SECONDS", default=SERVER_TIMEOUT,
-                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
-                   help="wait for an absent receiver before a retry; flush bound (SERVER_TIMEOUT)")
-    p.add_argument("--retries", type=cli.count(0, cli.MAX_RETRIES),
-                   default=CONNECTION_RETRY_ATTEMPTS,
-                   help="retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)")
-    p.add_argument("--heartbeat-interval", metavar="SECONDS",
-                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_HEARTBEAT_INTERVAL),
-                   default=HEARTBEAT_INTERVAL, help="receiver health checks (HEARTBEAT_INTERVAL)")
-
-
-def add_delivery_flags(p):
-    """What the receivers confirm and report of the run, and the gates judged on it."""
-    p.add_argument("--confirm", action="store_true", default=CONFIRM_DELIVERY,
-                   help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
-    p.add_argument("--window", metavar="N", type=cli.count(1, wire.COUNT_MAX),
-                   default=CONFIRM_WINDOW,
-                   help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
-    p.add_argument("--confirm-timeout", metavar="SECONDS", default=CONFIRM_TIMEOUT,
-                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
-                   help="wait for confirmations after a worker's last send, then give up"
-                        " (CONFIRM_TIMEOUT)")
-    p.add_argument("--confirm-port", metavar="PORT", type=cli.port, default=CONFIRM_PORT,
-                   help="port of the receivers' confirmation channel; default: each receiver's"
-                        " port + 1 (CONFIRM_PORT)")
-    p.add_argument("--report-timeout", metavar="SECONDS", default=REPORT_TIMEOUT,
-                   type=cli.seconds(0, cli.MAX_REPORT_TIMEOUT),
-                   help="wait after the run for the receivers' reports (REPORT_TIMEOUT)")
-    p.add_argument("--max-loss", metavar="PERCENT", type=cli.number(0, 100, "percent"),
-                   default=MAX_LOSS,
-                   help="gate: exit 1 unless the receivers got all but PERCENT of the planned"
-                        " messages (MAX_LOSS)")
-    p.add_argument("--max-p99", metavar="MS",
-                   type=cli.number(0, cli.MAX_REPORT_TIMEOUT * 1000, "ms"), default=MAX_P99,
-                   help="gate: exit 1 unless the receivers' p99 latency is at most MS (MAX_P99)")
-
-
-def add_load_flags(p):
-    """How much to send and when: count or duration, delay or rate, warmup, format."""
-    count = p.add_mutually_exclusive_group()
-    count.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX),
-                       default=MESSAGES_PER_WORKER,
-                       help="messages per worker (MESSAGES_PER_WORKER)")
-    count.add_argument("--duration", metavar="SECONDS", default=RUN_DURATION,
-                       type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
-                       help="send what the schedule holds in SECONDS instead (RUN_DURATION)")
-    pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--delay", metavar="SECONDS", default=MESSAGE_DELAY,
-                      type=cli.seconds(0, cli.MAX_SECONDS),
-                      help="each worker sends at start + k x SECONDS (MESSAGE_DELAY)")
-    pace.add_argument("--rate", metavar="MSG_PER_S", default=TARGET_RATE,
-                      type=cli.number(cli.MIN_RATE, cli.MAX_RATE, "messages per second"),
-                      help="messages per second across all workers, open loop (TARGET_RATE)")
-    p.add_argument("--warmup", metavar="SECONDS", default=WARMUP,
-                   type=cli.seconds(0, cli.MAX_SECONDS),
-                   help="keep the first SECONDS' messages out of latency figures (WARMUP)")
-    p.add_argument("--format", choices=tuple(FORMATS), default=MESSAGE_FORMAT,
-                   help="binary wire format, or the seed's text + a readable trailer"
-                        " (MESSAGE_FORMAT)")
-
-
-def parse_args(argv=None):
-    """Read the command line into a Config."""
-    p = build_parser()
-    a = p.parse_args(argv)
-    if bool(a.curve_client_key) != bool(a.curve_server_public):
-        p.error("CURVE needs both --curve-client-key and --curve-server-public")
-    if a.format == "text" and a.confirm:
-        p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
-    findmax.check_flags(p, a, FIND_MAX_START_RATE)
-    if a.size > a.max_size:
-        p.error(f"--size {a.size} is over --max-size {a.max_size}: every message would be"
-                " refused as too large")
-    delay = 0.0 if a.rate else a.delay
-    plan = instances.plan_from_args(p, a)
-    run_workers = plan.run_workers(a.workers)  # --rate and --duration are the whole run's
-    messages = a.messages
-    if a.duration is not None:
-        messages = schedule.messages_for_duration(a.duration, run_workers, a.rate, delay)
-        if messages < 1:
-            p.error("--duration needs a schedule (--rate, or --delay > 0) that holds at least"
-                    " one message per worker")
-    if run_workers * messages > cli.MAX_RUN_MESSAGES:
-        counted = f"--messages {messages}" if a.duration is None else \
-            f"the {messages} messages per worker of --duration"
-        workers = f"--workers {a.workers}" if run_workers == a.workers else \
-            f"{run_workers} workers in all"
-        p.error(f"{workers} x {counted} is more than the"
-                f" {cli.MAX_RUN_MESSAGES} messages a run can count")
-    cli.check_output_path(p, "--json", a.json)
-    cli.check_output_path(p, "--csv", a.csv)
-    cli.check_live_flags(p, a)
-    if a.confirm:
-        try:
-            for ep in getattr(a, "connect", SERVER_ENDPOINTS):
-                channel.confirm_endpoint(ep, a.confirm_port)
-        except ValueError as exc:
-            p.error(str(exc))
-    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config) if hasattr(a, f.name)}
-    return Config(**{**flags, "messages": messages, "delay": delay, "json_path": a.json,
-                     "csv_path": a.csv, "curve_keys": None, "plan": plan,
-                     "endpoints": tuple(getattr(a, "connect", SERVER_ENDPOINTS))})
-
-
-# ---------------------------------------------------------------------------
 # The socket
 # ---------------------------------------------------------------------------
 def open_push_socket(ctx, config):
@@ -687,6 +471,222 @@ def report(config, run, workers, health, confirmations, flush_result, receiver_r
     if reason:
         log.error(f"[EXIT] {reason}")
     return status
+
+
+# ---------------------------------------------------------------------------
+# Configuration: the flags, read into a Config
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Settings for one sender run."""
+
+    workers: int
+    messages: int
+    delay: float
+    endpoints: tuple
+    timeout: float
+    retries: int
+    heartbeat_interval: float
+    log_file: "str | None"
+    quiet: bool
+    stats_interval: float
+    json_path: "str | None"
+    size: int
+    max_size: int
+    hwm: int
+    confirm: bool
+    window: int
+    confirm_timeout: float
+    confirm_port: "int | None"
+    report_timeout: float
+    max_loss: "float | None"
+    max_p99: "float | None"
+    curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
+    curve_client_key: "str | None"
+    curve_server_public: "str | None"
+    generate_keys: "str | None"
+    rate: "float | None"
+    duration: "float | None"
+    warmup: float
+    format: str
+    csv_path: "str | None"
+    metrics_port: "int | None"
+    metrics_bind: str
+    metrics_hold: float
+    hlog: "str | None"
+    plan: instances.Plan = instances.Plan()  # this process's place in a shared run
+    find_max: bool = False
+    step_duration: float = STEP_DURATION
+    precision: float = FIND_MAX_PRECISION
+
+    @property
+    def planned(self):
+        """Messages this run plans to send (this instance's share of a shared run)."""
+        return self.workers * self.messages
+
+    @property
+    def run_planned(self):
+        """Messages the whole run plans to send, over every instance."""
+        return self.plan.run_workers(self.workers) * self.messages
+
+    @property
+    def scheduled(self):
+        """True when messages have intended send times (--rate or --delay)."""
+        return bool(self.rate or self.delay)
+
+    @property
+    def target(self):
+        """The receiver column of the [MSG] lines."""
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        return f"{len(self.endpoints)} receivers"
+
+
+def build_parser():
+    """The command line: one flag per tuning constant, defaults from the constants."""
+    p = argparse.ArgumentParser(
+        description="ZeroMQ PUSH sender: worker threads send tasks to a PULL receiver.",
+        formatter_class=cli.HelpFormatter)
+    load = p.add_argument_group("load")
+    load.add_argument("--workers", type=cli.count(1, cli.MAX_WORKERS), default=NUM_WORKERS,
+                      help=f"worker threads, at most {cli.MAX_WORKERS} (NUM_WORKERS)")
+    add_load_flags(load)
+    load.add_argument("--size", metavar="BYTES", type=cli.count(0, cli.MAX_FRAME_SIZE),
+                      default=MESSAGE_SIZE, help="pad each message to at least BYTES (MESSAGE_SIZE)")
+    load.add_argument("--max-size", metavar="BYTES", type=cli.count(1, cli.MAX_FRAME_SIZE),
+                      default=MAX_MESSAGE_SIZE, help="largest message sent (MAX_MESSAGE_SIZE)")
+    load.add_argument("--hwm", metavar="N", type=cli.count(1, cli.MAX_HWM), default=SEND_HWM,
+                      help="ZeroMQ send high-water mark per worker (SEND_HWM)")
+    findmax.add_flags(load, FIND_MAX, STEP_DURATION, FIND_MAX_PRECISION, FIND_MAX_START_RATE)
+    instances.add_flags(load, NUM_INSTANCES, INSTANCE_INDEX, RUN_NAME, START_AT, NUM_PROCESSES)
+    add_receiver_flags(p.add_argument_group("receivers"))
+    add_delivery_flags(p.add_argument_group("delivery"))
+    security_flags = p.add_argument_group("security")
+    security_flags.add_argument("--curve-client-key", metavar="FILE", default=CURVE_CLIENT_KEY,
+                                help="this sender's secret certificate: turns CURVE on"
+                                     " (CURVE_CLIENT_KEY)")
+    security_flags.add_argument("--curve-server-public", metavar="FILE",
+                                default=CURVE_SERVER_PUBLIC,
+                                help="the receiver's public certificate (CURVE_SERVER_PUBLIC)")
+    cli.add_key_flag(security_flags)
+    output = p.add_argument_group("output")
+    output.add_argument("--log-file", metavar="PATH",
+                        default=LOG_FILE if ENABLE_FILE_LOGGING else None,
+                        help="also log to PATH (ENABLE_FILE_LOGGING, LOG_FILE)")
+    cli.add_report_flags(output, QUIET, STATS_INTERVAL, JSON_SUMMARY, CSV_FILE)
+    cli.add_live_flags(output, METRICS_PORT, METRICS_BIND, METRICS_HOLD, HLOG_FILE)
+    return p
+
+
+def add_receiver_flags(p):
+    """Where the receivers are, and how long to wait for one that is down."""
+    # SUPPRESS: "append" would add to a default list instead of replacing it.
+    p.add_argument("--connect", metavar="ENDPOINT", type=cli.endpoint, action="append",
+                   default=argparse.SUPPRESS,
+                   help=f"receiver endpoint, repeatable (SERVER_ENDPOINTS) (default:"
+                        f" {' '.join(SERVER_ENDPOINTS)})")
+    p.add_argument("--timeout", metavar="SECONDS", default=SERVER_TIMEOUT,
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                   help="wait for an absent receiver before a retry; flush bound (SERVER_TIMEOUT)")
+    p.add_argument("--retries", type=cli.count(0, cli.MAX_RETRIES),
+                   default=CONNECTION_RETRY_ATTEMPTS,
+                   help="retries before a worker gives up (CONNECTION_RETRY_ATTEMPTS)")
+    p.add_argument("--heartbeat-interval", metavar="SECONDS",
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_HEARTBEAT_INTERVAL),
+                   default=HEARTBEAT_INTERVAL, help="receiver health checks (HEARTBEAT_INTERVAL)")
+
+
+def add_delivery_flags(p):
+    """What the receivers confirm and report of the run, and the gates judged on it."""
+    p.add_argument("--confirm", action="store_true", default=CONFIRM_DELIVERY,
+                   help="resend until every task is confirmed processed (CONFIRM_DELIVERY)")
+    p.add_argument("--window", metavar="N", type=cli.count(1, wire.COUNT_MAX),
+                   default=CONFIRM_WINDOW,
+                   help="unconfirmed messages per worker before it waits (CONFIRM_WINDOW)")
+    p.add_argument("--confirm-timeout", metavar="SECONDS", default=CONFIRM_TIMEOUT,
+                   type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                   help="wait for confirmations after a worker's last send, then give up"
+                        " (CONFIRM_TIMEOUT)")
+    p.add_argument("--confirm-port", metavar="PORT", type=cli.port, default=CONFIRM_PORT,
+                   help="port of the receivers' confirmation channel; default: each receiver's"
+                        " port + 1 (CONFIRM_PORT)")
+    p.add_argument("--report-timeout", metavar="SECONDS", default=REPORT_TIMEOUT,
+                   type=cli.seconds(0, cli.MAX_REPORT_TIMEOUT),
+                   help="wait after the run for the receivers' reports (REPORT_TIMEOUT)")
+    p.add_argument("--max-loss", metavar="PERCENT", type=cli.number(0, 100, "percent"),
+                   default=MAX_LOSS,
+                   help="gate: exit 1 unless the receivers got all but PERCENT of the planned"
+                        " messages (MAX_LOSS)")
+    p.add_argument("--max-p99", metavar="MS",
+                   type=cli.number(0, cli.MAX_REPORT_TIMEOUT * 1000, "ms"), default=MAX_P99,
+                   help="gate: exit 1 unless the receivers' p99 latency is at most MS (MAX_P99)")
+
+
+def add_load_flags(p):
+    """How much to send and when: count or duration, delay or rate, warmup, format."""
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--messages", type=cli.count(0, wire.COUNT_MAX),
+                       default=MESSAGES_PER_WORKER,
+                       help="messages per worker (MESSAGES_PER_WORKER)")
+    count.add_argument("--duration", metavar="SECONDS", default=RUN_DURATION,
+                       type=cli.seconds(cli.MIN_INTERVAL, cli.MAX_SECONDS),
+                       help="send what the schedule holds in SECONDS instead (RUN_DURATION)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--delay", metavar="SECONDS", default=MESSAGE_DELAY,
+                      type=cli.seconds(0, cli.MAX_SECONDS),
+                      help="each worker sends at start + k x SECONDS (MESSAGE_DELAY)")
+    pace.add_argument("--rate", metavar="MSG_PER_S", default=TARGET_RATE,
+                      type=cli.number(cli.MIN_RATE, cli.MAX_RATE, "messages per second"),
+                      help="messages per second across all workers, open loop (TARGET_RATE)")
+    p.add_argument("--warmup", metavar="SECONDS", default=WARMUP,
+                   type=cli.seconds(0, cli.MAX_SECONDS),
+                   help="keep the first SECONDS' messages out of latency figures (WARMUP)")
+    p.add_argument("--format", choices=tuple(FORMATS), default=MESSAGE_FORMAT,
+                   help="binary wire format, or the seed's text + a readable trailer"
+                        " (MESSAGE_FORMAT)")
+
+
+def parse_args(argv=None):
+    """Read the command line into a Config."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if bool(a.curve_client_key) != bool(a.curve_server_public):
+        p.error("CURVE needs both --curve-client-key and --curve-server-public")
+    if a.format == "text" and a.confirm:
+        p.error("--format text cannot be used with --confirm (a resend needs the binary header)")
+    findmax.check_flags(p, a, FIND_MAX_START_RATE)
+    if a.size > a.max_size:
+        p.error(f"--size {a.size} is over --max-size {a.max_size}: every message would be"
+                " refused as too large")
+    delay = 0.0 if a.rate else a.delay
+    plan = instances.plan_from_args(p, a)
+    run_workers = plan.run_workers(a.workers)  # --rate and --duration are the whole run's
+    messages = a.messages
+    if a.duration is not None:
+        messages = schedule.messages_for_duration(a.duration, run_workers, a.rate, delay)
+        if messages < 1:
+            p.error("--duration needs a schedule (--rate, or --delay > 0) that holds at least"
+                    " one message per worker")
+    if run_workers * messages > cli.MAX_RUN_MESSAGES:
+        counted = f"--messages {messages}" if a.duration is None else \
+            f"the {messages} messages per worker of --duration"
+        workers = f"--workers {a.workers}" if run_workers == a.workers else \
+            f"{run_workers} workers in all"
+        p.error(f"{workers} x {counted} is more than the"
+                f" {cli.MAX_RUN_MESSAGES} messages a run can count")
+    cli.check_output_path(p, "--json", a.json)
+    cli.check_output_path(p, "--csv", a.csv)
+    cli.check_live_flags(p, a)
+    if a.confirm:
+        try:
+            for ep in getattr(a, "connect", SERVER_ENDPOINTS):
+                channel.confirm_endpoint(ep, a.confirm_port)
+        except ValueError as exc:
+            p.error(str(exc))
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config) if hasattr(a, f.name)}
+    return Config(**{**flags, "messages": messages, "delay": delay, "json_path": a.json,
+                     "csv_path": a.csv, "curve_keys": None, "plan": plan,
+                     "endpoints": tuple(getattr(a, "connect", SERVER_ENDPOINTS))})
 
 
 def main(argv=None):
