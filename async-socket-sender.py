@@ -501,7 +501,7 @@ class Config:
     report_timeout: float
     max_loss: "float | None"
     max_p99: "float | None"
-    curve_keys: "tuple | None"  # (public, secret, server public), loaded by main
+    curve_keys: "tuple | None"  # (public, secret, server public), loaded by with_client_keys
     curve_client_key: "str | None"
     curve_server_public: "str | None"
     generate_keys: "str | None"
@@ -706,18 +706,26 @@ def main(argv=None):
               f" process may open {allowed} (raise it with ulimit -n, or use fewer workers)",
               file=sys.stderr)
         return SenderExit.BAD_COMMAND_LINE
+    with metrics.start("async-socket-sender", "sender", config.metrics_port,
+                       config.metrics_bind) as exporter:  # exit 2 if its port is taken
+        run = functools.partial(send_run, exporter=exporter)
+        body = functools.partial(findmax.search, run) if config.find_max else run
+        return cli.run_script("async-socket-sender", config,
+                              functools.partial(with_client_keys, body),
+                              SenderExit.NOT_ALL_SENT, exit_on_second=True)
+
+
+def with_client_keys(body, config, signals, log):
+    """Load the CURVE keys into the Config, then run `body`; exit 1 if a key cannot be read.
+
+    Called by cli.run_script after it handled --generate-keys: a bad key path must not
+    block key generation."""
     try:
         keys = security.load_client_keys(config.curve_client_key, config.curve_server_public)
     except security.KeyFileError as exc:
         print(f"async-socket-sender: {exc}", file=sys.stderr)
         return SenderExit.NOT_ALL_SENT
-    config = dataclasses.replace(config, curve_keys=keys)
-    with metrics.start("async-socket-sender", "sender", config.metrics_port,
-                       config.metrics_bind) as exporter:  # exit 2 if its port is taken
-        run = functools.partial(send_run, exporter=exporter)
-        body = functools.partial(findmax.search, run) if config.find_max else run
-        return cli.run_script("async-socket-sender", config, body, SenderExit.NOT_ALL_SENT,
-                              exit_on_second=True)
+    return body(dataclasses.replace(config, curve_keys=keys), signals, log)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,22 @@ def test_receiver_generates_keys_whatever_its_key_flags_say(tmp_path):
     assert {p.name for p in target.iterdir()} == KEY_FILES
 
 
+def test_sender_generates_keys_whatever_its_key_flags_say(tmp_path):
+    """A bad --curve-client-key / --curve-server-public path does not block --generate-keys;
+    without it, the same flags still exit 1 with the path named (issue 21)."""
+    target, missing = tmp_path / "keys", tmp_path / "no-such"
+    key_flags = ["--curve-client-key", str(missing / "client.key_secret"),
+                 "--curve-server-public", str(missing / "server.key")]
+    done = subprocess.run([sys.executable, str(SENDER), "--generate-keys", str(target),
+                           *key_flags], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in target.iterdir()} == KEY_FILES
+    done = subprocess.run([sys.executable, str(SENDER), "--messages", "1", *key_flags],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "client.key_secret" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no POSIX file modes")
 def test_generate_keys_writes_secret_files_for_the_owner_only(tmp_path):
     """Secret key files get mode 0600, even over an old world-readable file."""
