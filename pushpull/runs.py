@@ -39,6 +39,15 @@ class Arrivals:
         self.current_ns = None  # ... of the batch being recorded (None: a spill file's)
         self.bytes = 0  # of the messages recorded
 
+    def recorded(self):
+        """Messages of the batch being recorded were recorded: the run's span reaches it.
+        An END frame's batch does not: the [RUN] line and the JSON give the same rate."""
+        received_ns = self.current_ns
+        if received_ns is not None:
+            if self.first_ns is None:
+                self.first_ns = received_ns
+            self.last_ns = received_ns
+
 
 class AheadBudget:
     """The ranges of tasks held beyond a missing one (TaskCoverage.ahead) over all runs."""
@@ -297,12 +306,7 @@ class RunState:
 
     @unrecorded_received_ns.setter
     def unrecorded_received_ns(self, received_ns):
-        arrivals = self.arrivals
-        arrivals.current_ns = received_ns
-        if received_ns is not None:
-            if arrivals.first_ns is None:
-                arrivals.first_ns = received_ns
-            arrivals.last_ns = received_ns
+        self.arrivals.current_ns = received_ns
 
     def record_times(self, sent_ns, intended_ns, resent):
         """Keep a recorded task's send times for the latency histograms; count a resend."""
@@ -688,6 +692,7 @@ class RunLedger:
             return
         run.record_times(sent_ns, intended_ns, resent)
         self.counters.processed += 1
+        run.arrivals.recorded()
         run.arrivals.bytes += len(msg[RAW])
         if info.confirm:
             confirms.add(info.run_id, worker, task)
@@ -735,6 +740,8 @@ class RunLedger:
             if recorded >= left:
                 break
         self.counters.processed += recorded
+        if recorded:
+            run.arrivals.recorded()
         run.arrivals.bytes += nbytes
         run.resent += resent_count
         if confirmed:

@@ -199,8 +199,10 @@ def test_a_gate_on_partial_reports_has_no_value(procs):
     heard = procs.receiver(*RECEIVER_ARGS, "--quiet")
     unheard = procs.receiver(*RECEIVER_ARGS, "--quiet", "--confirm-port", str(free_port()))
     sender = procs.sender("--workers", "2", "--messages", "50", "--delay", "0", "--quiet",
-                          "--max-p99", "100000", "--max-loss", "100", "--report-timeout", "1",
+                          "--max-p99", "100000", "--max-loss", "100", "--report-timeout", "5",
                           endpoints=[heard.endpoint, unheard.endpoint])
+    # The unheard one never reports, so the sender waits all 5 s: time for the heard one's
+    # report on a busy machine (1 s was too little at a load average of 4 on 2 cores).
     assert sender.wait() == 1, sender.output()[-3000:]
     result = sender.summary()
     assert result["receiver_report"]["receivers"] == 1, result["receiver_report"]

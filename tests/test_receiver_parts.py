@@ -402,3 +402,25 @@ def test_tasks_in_any_order_are_recorded_once_as_ranges(log):
     assert listed == missing
     feed(ledger, [encoders[w].data(t) for w, t in sorted(missing)], cache)
     assert run.tasks.complete and ledger.table.ahead_budget.used == 0
+
+
+@pytest.mark.parametrize("path", ["record_batch", "work_each"])
+def test_a_runs_rate_spans_its_messages_not_a_later_end_frame(log, path):
+    """The END frames of a run come in a later batch, after its [RUN] line: its rate, in
+    that line and in the JSON, spans its messages alone, so both say the same."""
+    encoders, cache = run_frames(1, 2), {}
+    data = [wire.decode(encoders[1].data(task), cache) for task in range(2)]
+    end = [wire.decode(encoders[1].end(2), cache)]
+    ledger, _ = ledger_for(log)
+    publisher = channel.ConfirmPublisher(None, 1)
+    first_ns = time.time_ns()
+    for batch, received_ns in ((data[:1], first_ns), (data[1:], first_ns + 10**9),
+                               (end, first_ns + 5 * 10**9)):
+        if path == "record_batch":
+            ledger.record_batch(batch, received_ns, publisher)
+        else:
+            work_each(ledger, batch, received_ns, lambda msg: True)
+    (run,) = ledger.table.runs.values()
+    assert run.rates()[0] == 2.0  # 2 messages over the 1 s between their batches
+    (line,) = [line for line in log.lines.messages if "rate " in line]
+    assert "rate 2.0 msg/s" in line and ledger.table.to_json()[0]["rate_msg_s"] == 2.0
