@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from pushpull import (channel, cli, hlog, links, logs, metrics, receiveflow, runs, security,
-                      spill, receiver_summary, threads, wire)
+from pushpull import (channel, cli, gatekeeper, hlog, links, logs, metrics, receiveflow, runs,
+                      security, spill, receiver_summary, threads, wire)
 from pushpull.threads import POLL_INTERVAL, POLL_S
 from pushpull.wire import TASK, TEXT
 
@@ -52,6 +52,7 @@ METRICS_HOLD = 5.0  # seconds at exit the final figures wait for a scrape (with 
 HLOG_FILE = None  # path of an HdrHistogram log: latency per stats interval and run, or None
 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
+HANDOVER_WAIT = 0.002  # seconds a batch put for an idle processor waits to be taken
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
@@ -155,7 +156,7 @@ class ReceiveThread(threads.ServiceThread):
         self.stops = stops
         self.overflow = overflow  # a spill.SpillWriter: the warm-stop drain's beyond the bound
         self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
-        self.peers = security.PeerWatch(counters, self.warnings, curve=bool(server_keys),
+        self.peers = gatekeeper.PeerWatch(counters, self.warnings, curve=bool(server_keys),
                                         settle=HANDSHAKE_TIMEOUT)
         self.run_cache = run_cache  # wire.decode()'s: a run's header bytes -> its RunInfo
         self.target = f"Server:{config.bind}:{config.port}"
@@ -164,7 +165,7 @@ class ReceiveThread(threads.ServiceThread):
         """Bind the PULL socket, then receive until a stop."""
         try:
             with open_pull_socket(self.ctx, self.config, self.server_keys) as sock:
-                monitor = sock.get_monitor_socket(security.PEER_EVENTS)
+                monitor = sock.get_monitor_socket(gatekeeper.PEER_EVENTS)
                 try:
                     self.started()
                     self.receive_until_stop(sock, monitor)
@@ -222,7 +223,7 @@ class ReceiveThread(threads.ServiceThread):
         """Queue a batch, waiting for room; once a stop has come, past the bound."""
         while not (self.stops.warm.is_set() or self.stops.cold.is_set()):
             try:
-                self.batches.put(batch, timeout=POLL_S)
+                self.batches.put_handing_over(batch, POLL_S, HANDOVER_WAIT)
                 return
             except queue.Full:
                 continue
@@ -404,7 +405,7 @@ def serve_with_spill_file(config, signals, log, counters, exporter):
         return ReceiverExit.FAILED
     counters.recovered = spill.count_data(recovered)
     curve = server_keys is not None
-    security.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
+    gatekeeper.security_warnings(log, config.bind, config.port, curve, config.curve_allow)
     return run_threads(config, signals, log, counters, recovered, server_keys, series, exporter)
 
 
@@ -417,14 +418,14 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
     run_cache = spill.known_runs(recovered)
     saved = spill.SpillWriter(config.spill_file)  # the receive thread's drain, then main
     ctx = zmq.Context()
-    gatekeeper = None
+    keeper = None
     latencies = hlog.NoLog()  # --hlog: each run's latency per stats interval
     try:
         try:
-            gatekeeper = security.start_gatekeeper(ctx, log, config.allow_ips,
-                                                   server_keys is not None,
-                                                   config.curve_allow, WARNING_INTERVAL)
-        except security.GatekeeperError as exc:  # its sockets closed: ctx.term() returns
+            keeper = gatekeeper.start_gatekeeper(ctx, log, config.allow_ips,
+                                                 server_keys is not None,
+                                                 config.curve_allow, WARNING_INTERVAL)
+        except gatekeeper.GatekeeperError as exc:  # its sockets closed: ctx.term() returns
             log.error(f"[ERROR] {exc}")
             return ReceiverExit.FAILED
         receiver = ReceiveThread(ctx, config, server_keys, batches, counters, stops, log,
@@ -452,8 +453,8 @@ def run_threads(config, signals, log, counters, recovered, server_keys, series, 
         stop_kind = shut_down(dead, signals, receiver, processor, saved, log)
     finally:
         stops.cold.set()  # after an unexpected error: threads let go of their sockets
-        if gatekeeper is not None:
-            gatekeeper.stop()
+        if keeper is not None:
+            keeper.stop()
         ctx.term()
         latencies.close(time.monotonic())  # its last interval: every run is reported
     status = report(counters, processor.runs, started, stop_kind, config, log, stats)

@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pushpull import (channel, cli, findmax, hlog, instances, latency, links, listener, logs,
                       metrics, processes, push, schedule, security, sendflow, sender_summary,
                       verdict, windows, wire)
-from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
+from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change, monitor_event,
                              set_heartbeats)
 from pushpull.push import Outcome
 from pushpull.sender_summary import SenderExit
@@ -274,7 +273,7 @@ class HeartbeatMonitor(ServiceThread):
         while not self.stop.is_set():
             for monitor, _ in poller.poll(POLL_INTERVAL):
                 endpoint = monitors[monitor]
-                change = link_change(recv_monitor_message(monitor)["event"],
+                change = link_change(monitor_event(monitor),
                                      self.health.states[endpoint], curve)
                 if change:
                     self.transition(endpoint, *change)

@@ -38,6 +38,7 @@ def scripts_at(revision, dest):
                              cwd=rb.ROOT, capture_output=True, check=True, timeout=30).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest)
+    rb.compile_package(dest)
     return rb.Scripts(dest / rb.SCRIPTS[0], dest / rb.SCRIPTS[1], revision)
 
 

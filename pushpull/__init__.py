@@ -11,7 +11,8 @@
 - health:   the sender's view of its receivers (link states, ZMTP heartbeats)
 - links:    a worker's connections kept in step with the heartbeat; TCP keepalive
 - schedule: when each message is due (--delay, --rate), and the schedule's clock
-- security: CURVE certificates and keys; the receiver's gatekeeper and peer watch
+- security: CURVE certificates and keys, the client's and the server's
+- gatekeeper: the receiver's ZAP gatekeeper and its watch over who connects
 - logs:     line formats and queue-based logging
 - sendflow:    the sender's turns to send, its flush deadline, the in-flight bound
 - receiveflow: the receiver's batch queue between its threads, its stops, the warm-stop drain
@@ -23,6 +24,7 @@
 - findmax:  --find-max: the capacity search, one run per step, and its table and answer
 - cli:      flag types, shared flags, JSON and table output
 - metrics:  --metrics-port: the Prometheus endpoint, read at scrape time (docs/metrics.md)
+- scrape:   --metrics-port: the HTTP server that answers the scrapes
 - hlog:     --hlog: the HdrHistogram interval log of latency per stats interval
 
 Standard library and pyzmq only, so both scripts run from a plain checkout

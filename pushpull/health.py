@@ -6,6 +6,7 @@ writes a ReceiverHealth; workers and main only read it.
 """
 
 import enum
+import struct
 import threading
 
 import zmq
@@ -29,6 +30,19 @@ VERDICT_MARGIN = 0.5  # seconds for a verdict to get from libzmq's timer to Rece
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+# A monitor message's first frame: the event (uint16), then its value (uint32), native order
+# (libzmq's zmq_socket_monitor; the parse zmq.utils.monitor makes).
+MONITOR_EVENT = struct.Struct("=H")
+
+
+def monitor_event(monitor):
+    """The event number of the next message on a socket monitor (its endpoint frame dropped)."""
+    # zmq.utils.monitor.recv_monitor_message parses the same, but importing it imports
+    # zmq.asyncio: asyncio was 26 ms of the sender's 0.21 s start, inside every
+    # end-to-end figure (2) (bench/README.md, "Profiles").
+    return MONITOR_EVENT.unpack_from(monitor.recv_multipart()[0])[0]
 
 
 def heartbeat_ms(interval):

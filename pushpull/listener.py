@@ -10,12 +10,11 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pushpull import verdict
 from pushpull.channel import (RECEIVER_ID_SIZE, Kind, RunSeal, confirm_endpoint,
                               decode_confirmations)
-from pushpull.health import MONITOR_EVENTS, set_heartbeats
+from pushpull.health import MONITOR_EVENTS, monitor_event, set_heartbeats
 from pushpull.links import set_link_options
 from pushpull.push import Outcome
 from pushpull.threads import POLL_INTERVAL, POLL_S, ServiceThread
@@ -292,6 +291,6 @@ class ConfirmListener(ServiceThread):
                 if sock in subs:
                     channel.on_message(subs[sock], sock.recv_multipart(), self.log)
                 else:
-                    event = recv_monitor_message(sock)["event"]
+                    event = monitor_event(sock)
                     channel.on_link(monitors[sock], event == zmq.EVENT_HANDSHAKE_SUCCEEDED)
             channel.check_silence(self.health, self.log)

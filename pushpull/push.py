@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pushpull.sendflow import TURN_MESSAGES, FlushDeadline, SendTurns, WorkerTurn
-from pushpull.health import ReceiverHealth
+from pushpull.health import ReceiverHealth, monitor_event
 from pushpull.threads import POLL_INTERVAL, POLL_S
 
 WAIT_LOG_AFTER = 1.0  # seconds of backpressure before a worker says it is waiting
@@ -150,7 +149,7 @@ def connect_all(links, stop, within):
             if handshakes >= len(links.health.awaited()):
                 return
             if monitor.poll(POLL_INTERVAL // 10):
-                recv_monitor_message(monitor)
+                monitor_event(monitor)
                 handshakes += 1
     finally:
         links.sock.disable_monitor()

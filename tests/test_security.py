@@ -17,7 +17,7 @@ import pytest
 import zmq.auth
 
 from conftest import RECEIVER, SENDER
-from pushpull import security
+from pushpull import gatekeeper, security
 
 KEY_FILES = {"server.key", "server.key_secret", "client.key", "client.key_secret"}
 QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-timeout", "1")
@@ -266,7 +266,7 @@ def test_bind_loopback_does_not_warn(procs):
 
 
 # ---------------------------------------------------------------------------
-# The gatekeeper's start (pushpull.security.Gatekeeper), in-process
+# The gatekeeper's start (pushpull.gatekeeper.Gatekeeper), in-process
 # ---------------------------------------------------------------------------
 TERM_LIMIT = 10.0  # seconds: ctx.term() with every socket closed returns at once; else never
 
@@ -282,18 +282,18 @@ def terminates(ctx):
 
 def test_gatekeeper_thread_is_named_and_stop_closes_its_sockets():
     ctx = zmq.Context()
-    gatekeeper = security.start_gatekeeper(ctx, logging.getLogger("test"), ("127.0.0.1",),
-                                           False, None, 1.0)
-    assert gatekeeper.thread.name == "gatekeeper"  # a thread dump names it
-    gatekeeper.stop()
+    keeper = gatekeeper.start_gatekeeper(ctx, logging.getLogger("test"), ("127.0.0.1",),
+                                         False, None, 1.0)
+    assert keeper.thread.name == "gatekeeper"  # a thread dump names it
+    keeper.stop()
     assert terminates(ctx)
 
 
 def test_gatekeeper_thread_ending_before_ready_fails_at_once_leaving_no_socket(monkeypatch):
     # pyzmq's own start() waited 10 s, then raised with its ZAP socket open: the
     # receiver's ctx.term() then hung for ever, silent before its first line.
-    monkeypatch.setattr(security.AuthenticationThread, "run", lambda thread: None)
+    monkeypatch.setattr(gatekeeper.AuthenticationThread, "run", lambda thread: None)
     ctx = zmq.Context()
-    with pytest.raises(security.GatekeeperError):
-        security.start_gatekeeper(ctx, logging.getLogger("test"), (), False, None, 1.0)
+    with pytest.raises(gatekeeper.GatekeeperError):
+        gatekeeper.start_gatekeeper(ctx, logging.getLogger("test"), (), False, None, 1.0)
     assert terminates(ctx)
