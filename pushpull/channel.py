@@ -9,13 +9,17 @@ The run id travels only in data frames, so a peer that binds the confirmation
 port sees a topic it cannot invert and cannot seal a message of its own.
 Kinds: CONFIRM, (worker, first task, count) triples processed since the last
 one; REPORT, the receiver's 8-byte instance id then its runs[] entry as JSON,
-published when the run's [RUN] line is logged (again when a run reported incomplete completes).
+published when the run's [RUN] line is logged (again when a run reported incomplete
+completes), then repeated every CONFIRM_INTERVAL for REPORT_REPEAT_S: PUB drops what
+no subscription has asked for yet, and a sender's subscription may reach the receiver
+after a short run ended. A sender counts each receiver instance's report once.
 
 Here: the frame format and the endpoint rule both ends share, then the receiver's
 publisher. The sender's side: pushpull/listener.py (the listener) and
 pushpull/windows.py (its unconfirmed windows, when to resend).
 """
 
+import collections
 import enum
 import hashlib
 import hmac
@@ -36,6 +40,11 @@ MAC_SIZE = 16  # bytes of the truncated HMAC-SHA256
 RECEIVER_ID_SIZE = 8  # bytes of a receiver's random instance id, in a REPORT
 TOPIC_LABEL = b"pushpull confirmation topic"
 SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
+# A run's report is repeated this long after its [RUN] line: twice the sender's default
+# --report-timeout, which starts about when the run ends.
+REPORT_REPEAT_S = 10.0  # seconds
+REPORTS_REPEATED = 16  # runs whose reports are repeated at once, the latest closed: at most
+# 16 x REPORT_MAX_BYTES held, 16 sends a CONFIRM_INTERVAL
 
 
 class Kind(enum.IntEnum):
@@ -43,6 +52,7 @@ class Kind(enum.IntEnum):
 
     CONFIRM = 1  # (worker, first task, count) triples processed
     REPORT = 2  # the receiver's runs[] entry for the run, when its [RUN] line is logged
+    # (then repeated for late subscribers: REPORT_REPEAT_S)
 
 
 class RunSeal:
@@ -141,7 +151,8 @@ def confirm_endpoint(endpoint, port=None):
 class ConfirmPublisher:
     """Publishes on the processor's PUB socket, sealed for each run: the tasks processed
     but not yet confirmed, at most every `interval` seconds (one CONFIRM per run), and a
-    run's report when its [RUN] line is logged."""
+    run's report when its [RUN] line is logged, repeated every `interval` for
+    REPORT_REPEAT_S (a subscription that came late still hears it)."""
 
     def __init__(self, sock, interval):
         self.sock = sock
@@ -149,6 +160,8 @@ class ConfirmPublisher:
         self.receiver_id = os.urandom(RECEIVER_ID_SIZE)  # tells a sender which reports match
         self._pending = {}  # run id -> [task_key(), ...] since the last publication
         self._seals = {}  # run id -> RunSeal: one key derivation per run, not per message
+        # run id -> (monotonic time its repeats end, its sealed REPORT), oldest first
+        self._repeats = collections.OrderedDict()
         self._next = 0.0
 
     def add(self, run_id, worker, task):
@@ -160,21 +173,36 @@ class ConfirmPublisher:
         self._pending.setdefault(run_id, []).extend(keys)
 
     def publish_if_due(self):
-        """Publish what is pending if `interval` has passed since the last publication."""
-        if self._pending and time.monotonic() >= self._next:
+        """Publish what is pending, and repeat the recent reports, if `interval` has passed
+        since the last publication."""
+        if (self._pending or self._repeats) and time.monotonic() >= self._next:
             self.publish()
 
     def publish(self):
-        """Publish what is pending now."""
-        self._next = time.monotonic() + self.interval
+        """Publish what is pending now, and repeat the reports of runs closed lately."""
+        now = time.monotonic()
+        self._next = now + self.interval
         pending, self._pending = self._pending, {}
         for run_id, tasks in pending.items():
             self._send(encode_confirmations(self._seal(run_id), tasks))
+        self._repeat_reports(now)
 
     def report(self, run_id, entry):
-        """Publish a run's runs[] entry (its report), cut to REPORT_MAX_BYTES."""
-        payload = self.receiver_id + report_json(entry)
-        self._send(self._seal(run_id).seal(Kind.REPORT, payload))
+        """Publish a run's runs[] entry (its report), cut to REPORT_MAX_BYTES; publish()
+        repeats it for REPORT_REPEAT_S."""
+        frames = self._seal(run_id).seal(Kind.REPORT, self.receiver_id + report_json(entry))
+        self._send(frames)
+        self._repeats.pop(run_id, None)  # a later report (the run healed) replaces it
+        self._repeats[run_id] = (time.monotonic() + REPORT_REPEAT_S, frames)
+        if len(self._repeats) > REPORTS_REPEATED:
+            self._repeats.popitem(last=False)
+
+    def _repeat_reports(self, now):
+        """Send again each report whose REPORT_REPEAT_S has not passed; forget the others."""
+        while self._repeats and next(iter(self._repeats.values()))[0] <= now:
+            self._repeats.popitem(last=False)  # the oldest first: each ends REPORT_REPEAT_S on
+        for _, frames in self._repeats.values():
+            self._send(frames)
 
     def _seal(self, run_id):
         seal = self._seals.get(run_id)

@@ -100,7 +100,8 @@ class ConfirmChannel:
     def wait_settled(self, within, stop):
         """Wait (at most `within` s) until each channel connected or was refused once.
 
-        A receiver publishes its report once; a subscription made after that hears nothing.
+        A subscription made before the run starts hears the run's report when it is first
+        published; one that reaches the receiver later hears a repeat (REPORT_REPEAT_S).
         """
         self._wait(lambda: all(s.settled for s in self.sources), within, stop)
 
@@ -168,22 +169,27 @@ class ConfirmChannel:
         kind, payload = opened
         with self.changed:
             source.authentic += 1
-            source.last_authentic = time.monotonic()
-            source.warnings = 0
+            if kind is Kind.REPORT and not self._on_report(source, payload, log):
+                return  # a report heard before (receivers repeat each one): no news
             if kind is Kind.CONFIRM and self.confirmations is not None:
                 for worker, first, count in decode_confirmations(payload):
                     self.confirmations.confirm(worker, first, count)
-            elif kind is Kind.REPORT:
-                self._on_report(source, payload, log)
+            source.last_authentic = time.monotonic()
+            source.warnings = 0
             self.changed.notify_all()
 
     def _on_report(self, source, payload, log):
+        """Keep a report (its instance's earlier one replaced); False for a repeat of the
+        instance's report kept, which changes nothing: not the count of receivers, not
+        reported_at (--find-max's drain), not the silence of confirmations."""
         receiver_id, entry = payload[:RECEIVER_ID_SIZE], verdict.parse_report(
             payload[RECEIVER_ID_SIZE:])
         if len(receiver_id) != RECEIVER_ID_SIZE or entry is None:
             log.warning(f"[CONFIRM] a report from {source.endpoint} is not a run report;"
                         " ignored")
-            return
+            return True
+        if source.reports.get(receiver_id) == entry:
+            return False
         if receiver_id not in source.reports:
             current = source.current()
             if current is not None:
@@ -196,6 +202,7 @@ class ConfirmChannel:
         # A later report of an instance (the run healed) supersedes its earlier one.
         source.reports[receiver_id] = entry
         source.reported_at = time.monotonic()
+        return True
 
     def on_link(self, source, connected):
         """The listener's socket monitor saw `source`'s channel connect, or fail to."""

@@ -2,11 +2,12 @@
 merging several receivers' reports, and the gates."""
 
 import json
+import logging
 
 from conftest import load_script
 
 load_script("async-socket-sender")  # puts the project root on sys.path
-from pushpull import channel, verdict, windows  # noqa: E402
+from pushpull import channel, listener, verdict, windows  # noqa: E402
 
 RUN_ID = 0x1234_5678_9ABC_DEF0
 
@@ -119,3 +120,34 @@ def test_at_risk_is_what_the_reports_lack_once_every_receiver_reported():
     assert verdict.reported_received(one_of_two) is None
     assert verdict.risk(2000, 600, one_of_two) == (600, False)
     assert verdict.risk(100, 600, {"receivers": 0, "reason": "not connected"}) == (100, False)
+
+
+def test_a_repeated_report_counts_once_and_a_later_one_replaces_it():
+    """Receivers repeat each report (channel.REPORT_REPEAT_S): a repeat of the report kept
+    changes nothing (one receiver, the same counts, the same arrival time for --find-max's
+    drain, no end to a silence); a later report of the same instance with other counts
+    (the run healed) replaces it, and another instance's report replaces the instance."""
+    log = logging.getLogger("test")
+    chan = listener.ConfirmChannel(RUN_ID, ["tcp://127.0.0.1:5560"], None, None, 1.0, 1)
+    source = chan.sources[0]
+    seal = channel.RunSeal(RUN_ID)
+
+    def report(instance, received):
+        entry = {"planned": 100, "received": received, "duplicates": 0}
+        return seal.seal(channel.Kind.REPORT, instance + channel.report_json(entry))
+
+    first = report(b"A" * 8, 60)
+    chan.on_message(source, first, log)
+    assert source.reported_at > 0 and source.last_authentic > 0
+    source.reported_at = source.last_authentic = 0.0  # marks: a repeat must leave them
+    for _ in range(50):
+        chan.on_message(source, list(first), log)
+    assert source.authentic == 51 and source.dropped == 0
+    assert source.reported_at == 0.0 and source.last_authentic == 0.0
+    assert list(source.reports) == [b"A" * 8] and chan._received() == 60
+    chan.on_message(source, report(b"A" * 8, 100), log)  # complete after all
+    assert list(source.reports) == [b"A" * 8] and chan._received() == 100
+    assert source.reported_at > 0 and source.last_authentic > 0
+    chan.on_message(source, report(b"B" * 8, 40), log)  # a restart
+    assert source.current() == (b"B" * 8, {"planned": 100, "received": 40, "duplicates": 0})
+    assert [instance for instance, _ in source.replaced()] == [b"A" * 8]
