@@ -4,6 +4,8 @@ merging several receivers' reports, and the gates."""
 import json
 import logging
 
+import zmq
+
 from conftest import load_script
 
 load_script("async-socket-sender")  # puts the project root on sys.path
@@ -151,3 +153,37 @@ def test_a_repeated_report_counts_once_and_a_later_one_replaces_it():
     chan.on_message(source, report(b"B" * 8, 40), log)  # a restart
     assert source.current() == (b"B" * 8, {"planned": 100, "received": 40, "duplicates": 0})
     assert [instance for instance, _ in source.replaced()] == [b"A" * 8]
+
+
+def received_reports(sub, count):
+    """(run id, received) of the next `count` REPORTs on `sub` (subscribed to everything),
+    in order; fails if one more is waiting."""
+    ids = []
+    for _ in range(count):
+        assert sub.poll(5000), ids  # inproc: sent is there at once; 5 s only bounds a failure
+        frames = sub.recv_multipart()
+        ids += [(run_id, json.loads(opened[1][channel.RECEIVER_ID_SIZE:])["received"])
+                for run_id in RUN_IDS if (opened := channel.RunSeal(run_id).open(frames))]
+    assert not sub.poll(0), "more reports than expected"
+    return ids
+
+
+RUN_IDS = [RUN_ID + n for n in range(channel.REPORTS_REPEATED + 4)]
+
+
+def test_a_publisher_repeats_the_latest_reports_and_no_more():
+    """Each report goes out at once; publish() repeats the latest REPORTS_REPEATED runs'
+    (a run reported again moves to the latest, its newer report replacing the older)."""
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as pub, ctx.socket(zmq.SUB) as sub:
+        pub.bind("inproc://reports")
+        sub.connect("inproc://reports")
+        sub.subscribe(b"")
+        publisher = channel.ConfirmPublisher(pub, interval=0.05)
+        for run_id in RUN_IDS:
+            publisher.report(run_id, {"planned": 1, "received": 0, "duplicates": 0})
+        assert received_reports(sub, len(RUN_IDS)) == [(run_id, 0) for run_id in RUN_IDS]
+        publisher.report(RUN_IDS[0], {"planned": 1, "received": 1, "duplicates": 0})
+        assert received_reports(sub, 1) == [(RUN_IDS[0], 1)]
+        publisher.publish()
+        latest = [(run_id, 0) for run_id in RUN_IDS[-channel.REPORTS_REPEATED + 1:]]
+        assert received_reports(sub, channel.REPORTS_REPEATED) == latest + [(RUN_IDS[0], 1)]
