@@ -43,8 +43,8 @@ SEAL_CACHE_SIZE = 1024  # runs whose keys a receiver keeps derived
 # A run's report is repeated this long after its [RUN] line: twice the sender's default
 # --report-timeout, which starts about when the run ends.
 REPORT_REPEAT_S = 10.0  # seconds
-REPORTS_REPEATED = 16  # runs whose reports are repeated at once, the latest closed: at most
-# 16 x REPORT_MAX_BYTES held, 16 sends a CONFIRM_INTERVAL
+REPORTS_REPEATED = 16  # runs whose reports are repeated at once (the latest reported): at most
+# 16 x REPORT_MAX_BYTES held, and 16 sends every CONFIRM_INTERVAL (the receiver's, 50 ms)
 
 
 class Kind(enum.IntEnum):
