@@ -53,6 +53,7 @@ HLOG_FILE = None  # path of an HdrHistogram log: latency per stats interval and 
 
 BATCH_MAX = 1000  # messages moved through the queue in one batch
 HANDOVER_WAIT = 0.002  # seconds a batch put for an idle processor waits to be taken
+HANDOVER_BATCH_MIN = 100  # messages in a batch before it waits to be taken (a flood's)
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to complete its ZeroMQ handshake
 SOCKET_BUFFER = 65536  # bytes of kernel buffer per connection: keeps backpressure prompt
 CONFIRM_INTERVAL = 0.05  # seconds between confirmation messages to --confirm senders
@@ -221,9 +222,12 @@ class ReceiveThread(threads.ServiceThread):
 
     def hand_over(self, batch):
         """Queue a batch, waiting for room; once a stop has come, past the bound."""
+        # A small batch (a trickle, not a flood) is not held up: its processor has
+        # little to contend with, and the latency of what arrives meanwhile counts.
+        handover = HANDOVER_WAIT if len(batch.items) >= HANDOVER_BATCH_MIN else 0
         while not (self.stops.warm.is_set() or self.stops.cold.is_set()):
             try:
-                self.batches.put_handing_over(batch, POLL_S, HANDOVER_WAIT)
+                self.batches.put_handing_over(batch, POLL_S, handover)
                 return
             except queue.Full:
                 continue

@@ -65,7 +65,7 @@ class BatchQueue(queue.Queue):
         # of the receive thread's samples in the GIL's futex calls, bench/README.md,
         # "Profiles"). Waiting here for the take instead, the processor runs its batch
         # while this thread sleeps, then sleeps on the queue while this thread receives.
-        idle = not self.queue  # unlocked: a hint; a wrong one costs at most `handover`
+        idle = handover > 0 and not self.queue  # unlocked: a hint; wrong, it costs `handover`
         self.put(batch, timeout=timeout)
         if idle:
             with self.not_full:
