@@ -158,7 +158,7 @@ class ReceiveThread(threads.ServiceThread):
         self.overflow = overflow  # a spill.SpillWriter: the warm-stop drain's beyond the bound
         self.warnings = logs.RateLimitedLog(log, WARNING_INTERVAL)
         self.peers = gatekeeper.PeerWatch(counters, self.warnings, curve=bool(server_keys),
-                                        settle=HANDSHAKE_TIMEOUT)
+                                          settle=HANDSHAKE_TIMEOUT)
         self.run_cache = run_cache  # wire.decode()'s: a run's header bytes -> its RunInfo
         self.target = f"Server:{config.bind}:{config.port}"
 

@@ -22,8 +22,8 @@ import zmq
 from pushpull import (channel, cli, findmax, hlog, instances, latency, links, listener, logs,
                       metrics, processes, push, schedule, security, sendflow, sender_summary,
                       verdict, windows, wire)
-from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change, monitor_event,
-                             set_heartbeats)
+from pushpull.health import (MONITOR_EVENTS, LinkState, ReceiverHealth, link_change,
+                             monitor_event, set_heartbeats)
 from pushpull.push import Outcome
 from pushpull.sender_summary import SenderExit
 from pushpull.threads import POLL_INTERVAL, ServiceThread, join_stopped

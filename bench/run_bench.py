@@ -174,7 +174,7 @@ def code_files(root):
 def compile_package(dest):
     """Write the bytecode of the copied package, as a user's first run leaves it.
 
-    Without it every start of a copy compiles each module again (about 60 ms of the
+    Without it every start of a copy compiles each module again (25 ms and more of the
     sender's start, inside every end-to-end figure) where a user's checkout has its
     __pycache__ after the first run; PYTHONDONTWRITEBYTECODE, set on some machines,
     would keep it so. py_compile writes the files whatever that variable says. The

@@ -16,8 +16,8 @@ from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
 from pushpull.health import monitor_event
 from pushpull.security import ZAP_DOMAIN
 
-# The monitor events PeerWatch reads.
 REFUSED_REMEMBERED = 10000  # (address, reason) pairs the [AUTH] log remembers at most
+# The monitor events PeerWatch reads.
 PEER_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)

@@ -2,12 +2,12 @@
 Prometheus text format at /metrics, read at scrape time.
 
 Nothing here runs on the per-message path. A scrape runs on a thread of the small
-HTTP server (pushpull/scrape.py) and reads what the script's threads write: plain ints (each has one
-writer; a read sees the last value, or the one before) and histograms copied whole
-(dict.copy() runs in C under the GIL, so the copy is one histogram as it was at one
-moment). A scrape's figures may be a moment old; they are never wrongly shaped: the
-cumulative buckets are built from one copy, so they are monotone and _count is the
-+Inf bucket.
+HTTP server (pushpull/scrape.py) and reads what the script's threads write: plain
+ints (each has one writer; a read sees the last value, or the one before) and
+histograms copied whole (dict.copy() runs in C under the GIL, so the copy is one
+histogram as it was at one moment). A scrape's figures may be a moment old; they are
+never wrongly shaped: the cumulative buckets are built from one copy, so they are
+monotone and _count is the +Inf bucket.
 
 prometheus-client is imported only when --metrics-port is given (cli.check_live_flags()),
 and so is the HTTP server (http.server is 10 ms of a start, inside figure (2)).
