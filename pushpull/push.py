@@ -276,9 +276,13 @@ class PushSender:
     def send_end(self, end, receivers):
         """An END frame (None: --format text sends none), uncounted, once per receiver: PUSH
         deals consecutive frames in turn, but skips a connection at its high-water mark,
-        so with several receivers repeat_end() repeats it until each reported the run."""
+        so with several receivers repeat_end() repeats it until each reported the run.
+
+        Not when every receiver is known down or refused: a receiver not judged yet (a
+        short run can end before the heartbeat's first verdict) took the data, and is told.
+        """
         if (end is None or not self.tally.sent or self.tally.gave_up() or self.stop.is_set()
-                or not self.health.is_up()):
+                or not self.health.awaited()):
             return
         for _ in range(receivers):
             if self.deliver(end):

@@ -28,7 +28,7 @@ class ScrapeHandler(http.server.BaseHTTPRequestHandler):
             return
         exporter = self.server.exporter
         try:
-            body = exporter.render()
+            body, final = exporter.render()
         except Exception:  # a scrape's edge: the run goes on, the scraper gets a 500
             if exporter.log is not None:
                 exporter.log.exception("[METRICS] a scrape failed")
@@ -38,7 +38,8 @@ class ScrapeHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", exporter.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body)  # unbuffered: in the kernel's hands once it returns
+        exporter.served(final)
 
     def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
         """No access log."""
