@@ -288,13 +288,19 @@ def free_port():
     """
     while True:
         port = random.choice(FREE_PORTS)
-        try:
-            with socket.socket() as probe, socket.socket() as confirm:
-                probe.bind(("127.0.0.1", port))
-                confirm.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
+        if pair_is_free(port):
+            return port
+
+
+def pair_is_free(port):
+    """True when `port` and its successor can both be bound on 127.0.0.1 now."""
+    try:
+        with socket.socket() as probe, socket.socket() as confirm:
+            probe.bind(("127.0.0.1", port))
+            confirm.bind(("127.0.0.1", port + 1))
+    except OSError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -16,10 +17,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pushpull.cli import free_port  # noqa: E402  (re-exported for the tests)
+from pushpull.cli import FREE_PORTS, pair_is_free  # noqa: E402
 RECEIVER = ROOT / "async-socket-receiver.py"
 SENDER = ROOT / "async-socket-sender.py"
 READY_LINE = "Server is running"
+
+
+class WorkerPorts:
+    """Port pairs for this pytest process alone: its share of cli.FREE_PORTS, each once.
+
+    cli.free_port() picks at random and checks the pair is free, but two xdist workers
+    could pick the same pair before either bound it (a receiver then exited "port in
+    use", once in four loaded runs of the suite). Each worker takes every n-th pair.
+    """
+
+    def __init__(self):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        share = list(FREE_PORTS[int(worker.removeprefix("gw")) % workers::workers])
+        random.shuffle(share)  # a second suite beside this one starts elsewhere
+        self._pairs = iter(share)
+
+    def free_port(self):
+        """A free port whose successor is free too, never handed out before in this process."""
+        for port in self._pairs:
+            if pair_is_free(port):
+                return port
+        raise RuntimeError("this worker has used every port pair of its share")
+
+
+free_port = WorkerPorts().free_port  # re-exported for the tests
 
 
 def wait_until(predicate, timeout, what="condition"):

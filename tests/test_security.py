@@ -28,6 +28,12 @@ QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-t
 TIMEOUT = 5.0
 FAST_FAIL = ("--timeout", f"{TIMEOUT:g}", "--retries", "1", "--heartbeat-interval", "1")
 GIVE_UP_WINDOW = TIMEOUT * (1 + 1)
+# A sender without a key learns that the receiver wants CURVE from the receiver's
+# greeting alone, and libzmq's receiver may close the connection before its greeting is
+# out (a race: the sender sees a dropped connection, HANDSHAKE_FAILED_NO_DETAIL, EPIPE).
+# On a loaded machine such drops went on for 5-7 s of reconnections before a handshake
+# named the mismatch (2 in 24 runs), so that test waits NO_KEY_TIMEOUT before a retry.
+NO_KEY_TIMEOUT = 30.0
 
 
 def generate(directory):
@@ -56,15 +62,15 @@ def curve_receiver(procs, keys):
                           "--curve-allow", str(keys["allow"]))
 
 
-def timed_exit(proc):
+def timed_exit(proc, window=GIVE_UP_WINDOW):
     """Wait for `proc` to exit; returns (exit status, seconds since it was started)."""
-    status = proc.wait(timeout=GIVE_UP_WINDOW + 10)
+    status = proc.wait(timeout=window + 10)
     return status, time.monotonic() - proc.started
 
 
-def assert_refused_in_time(sender, planned):
+def assert_refused_in_time(sender, planned, window=GIVE_UP_WINDOW):
     """The sender exits non-zero, every task `rejected`, before any retry; returns its JSON."""
-    status, _ = timed_exit(sender)
+    status, _ = timed_exit(sender, window)
     assert status != 0
     result = sender.summary()
     assert result["sent"] == 0
@@ -201,8 +207,9 @@ def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
     line; the receiver counts the refused peer once, not each of its handshakes."""
     receiver = curve_receiver(procs, keys)
     sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
-                          "--delay", "0", *FAST_FAIL)
-    assert_refused_in_time(sender, 20)
+                          "--delay", "0", "--timeout", f"{NO_KEY_TIMEOUT:g}", "--retries", "1",
+                          "--heartbeat-interval", "1")
+    assert_refused_in_time(sender, 20, NO_KEY_TIMEOUT * (1 + 1))
     assert len(sender.lines(r"\[HEARTBEAT\].* rejected")) == 1, sender.output()[-2000:]
     summary = stopped_summary(receiver)
     assert summary["received"] == 0
