@@ -26,8 +26,21 @@ QUIET_RECEIVER = ("--processing-time", "0", "--quiet", "--no-file-log", "--run-t
 # on: timeout 5 s x (1 + 1 retry) = 10 s. Every task counted `rejected`, and no [RETRY]
 # line, say the refusal came first (not a wall-clock bound, which a busy machine breaks).
 TIMEOUT = 5.0
-FAST_FAIL = ("--timeout", f"{TIMEOUT:g}", "--retries", "1", "--heartbeat-interval", "1")
-GIVE_UP_WINDOW = TIMEOUT * (1 + 1)
+RETRIES = 1
+
+
+def fast_fail(timeout):
+    """The sender's flags for a quick verdict: `timeout` s a wait, RETRIES, 1 s heartbeat."""
+    return ("--timeout", f"{timeout:g}", "--retries", str(RETRIES), "--heartbeat-interval", "1")
+
+
+def give_up_window(timeout):
+    """Seconds before a sender of fast_fail(timeout) gives an absent receiver up."""
+    return timeout * (1 + RETRIES)
+
+
+FAST_FAIL = fast_fail(TIMEOUT)
+GIVE_UP_WINDOW = give_up_window(TIMEOUT)
 # A sender without a key learns that the receiver wants CURVE from the receiver's
 # greeting alone, and libzmq's receiver may close the connection before its greeting is
 # out (a race: the sender sees a dropped connection, HANDSHAKE_FAILED_NO_DETAIL, EPIPE).
@@ -207,9 +220,8 @@ def test_client_without_key_is_refused_by_curve_receiver(procs, keys):
     line; the receiver counts the refused peer once, not each of its handshakes."""
     receiver = curve_receiver(procs, keys)
     sender = start_sender(procs, receiver, "--workers", "2", "--messages", "10",
-                          "--delay", "0", "--timeout", f"{NO_KEY_TIMEOUT:g}", "--retries", "1",
-                          "--heartbeat-interval", "1")
-    assert_refused_in_time(sender, 20, NO_KEY_TIMEOUT * (1 + 1))
+                          "--delay", "0", *fast_fail(NO_KEY_TIMEOUT))
+    assert_refused_in_time(sender, 20, give_up_window(NO_KEY_TIMEOUT))
     assert len(sender.lines(r"\[HEARTBEAT\].* rejected")) == 1, sender.output()[-2000:]
     summary = stopped_summary(receiver)
     assert summary["received"] == 0
